@@ -1,0 +1,3 @@
+from cdcfeed.cli import main
+
+main()

@@ -1,0 +1,264 @@
+"""The batch protocol (PRODUCT.md), top to bottom.
+
+1. Take a batch id and a block of order ids; generate the rows.
+2. Write the feed file (temporary name, then rename).
+3. Insert the IN_PROGRESS row, reading start_lsn in the same statement; it commits.
+4. One transaction: record pg_current_xact_id(), COPY the file with copy_to_table; commit.
+5. Mark COMPLETED with end_lsn = pg_current_wal_insert_lsn(), read after the commit.
+6. A COPY that failed on the server rolled back: FAILED with the error. When the outcome is
+   unknown (the connection dropped, or shutdown cut the batch off) the batch is *settled*
+   from what the database holds, once it answers again (`ledger.settle`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import asyncpg
+from loguru import logger
+
+from cdcfeed import ledger
+from cdcfeed.db import RetryPolicy, describe_error, is_unavailable, with_connection
+from cdcfeed.errors import DatabaseUnavailable, FeedError
+from cdcfeed.feed import FeedDirectory
+from cdcfeed.generate import batch_rng, orders_csv
+from cdcfeed.metrics import Metrics
+from cdcfeed.sql import ORDER_COLUMNS, Names
+
+if TYPE_CHECKING:
+    from loguru import Logger
+
+
+def settle_reserve(grace_period: float) -> float:
+    """The part of the grace period kept for settling batches that shutdown cut off."""
+    return min(2.0, grace_period / 2)
+
+
+@dataclass(frozen=True)
+class BatchEnvironment:
+    """What every batch shares for the life of the daemon."""
+
+    pool: asyncpg.Pool
+    names: Names
+    feed: FeedDirectory
+    metrics: Metrics
+    instance: str
+    batch_size: int
+    seed: int | None
+    stopping: asyncio.Event
+    on_database_down: asyncio.Event
+    grace_period: float
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}ms"
+
+
+async def run_batch(env: BatchEnvironment, sequence: int) -> None:
+    """Runs one batch through the protocol; never raises except on cancellation."""
+    rows = env.batch_size
+    names = env.names
+    started = time.perf_counter()
+
+    # 1. Ids, then the rows.
+    try:
+        allocation = await with_connection(
+            env.pool, lambda conn: ledger.allocate(conn, names, rows)
+        )
+    except DatabaseUnavailable as exc:
+        # Nothing was written: the run simply could not start.
+        env.on_database_down.set()
+        env.metrics.skipped.labels("database_down").inc()
+        logger.warning(f"batch run skipped: database unavailable ({exc})")
+        return
+    batch_id = allocation.batch_id
+    log = logger.bind(batch_id=batch_id)
+    data = orders_csv(batch_id, allocation.first_order_id, rows, batch_rng(env.seed, sequence))
+    generated = time.perf_counter()
+    env.metrics.duration.labels("generate").observe(generated - started)
+
+    # 2. The feed file.
+    try:
+        path = await env.feed.write(batch_id, data)
+    except FeedError as exc:
+        await _record_unstarted_failure(env, allocation, rows, str(exc))
+        return
+    written = time.perf_counter()
+    env.metrics.duration.labels("write").observe(written - generated)
+
+    unsettled = ledger.Unsettled(batch_id, allocation.first_order_id, rows, None)
+    try:
+        await _load(env, allocation, path, rows, started, generated, written, unsettled, log)
+    finally:
+        env.feed.release(path, len(data))
+
+
+async def _load(
+    env: BatchEnvironment,
+    allocation: ledger.Allocation,
+    path: Path,
+    rows: int,
+    started: float,
+    generated: float,
+    written: float,
+    unsettled: ledger.Unsettled,
+    log: Logger,
+) -> None:
+    names = env.names
+    batch_id = allocation.batch_id
+    copy_started: float | None = None
+    committed = False
+    try:
+        # 3. IN_PROGRESS, committed before the COPY, with the WAL position before it.
+        start_lsn = await with_connection(
+            env.pool,
+            lambda conn: ledger.open_batch(
+                conn, names, allocation, env.instance, rows, path.name,
+                generated - started, written - generated,
+            ),
+        )
+
+        # 4. The COPY and its transaction id, in one transaction.
+        copy_started = time.perf_counter()
+        async with env.pool.acquire() as conn, conn.transaction():
+            xid: str = await conn.fetchval(names.q.current_xid)
+            unsettled = ledger.Unsettled(batch_id, allocation.first_order_id, rows, xid)
+            await conn.copy_to_table(
+                names.orders,
+                source=path,
+                schema_name=names.schema,
+                columns=ORDER_COLUMNS,
+                format="csv",
+                header=True,
+            )
+        committed = True
+        copied = time.perf_counter()
+
+        # 5. COMPLETED, with end_lsn read after the commit.
+        end_lsn = await with_connection(
+            env.pool,
+            lambda conn: ledger.complete_batch(
+                conn, names, batch_id, xid, rows, copied - copy_started
+            ),
+        )
+    except asyncio.CancelledError:
+        # Shutdown cut the batch off; whether its COPY committed is for the database to say.
+        settle = asyncio.ensure_future(
+            _settle_until_known(env, unsettled, "cut off by shutdown", deadline=True)
+        )
+        try:
+            await asyncio.shield(settle)
+        finally:
+            raise
+    except Exception as exc:
+        if is_unavailable(exc) or isinstance(exc, DatabaseUnavailable) or committed:
+            # The outcome is not known here (connection lost), or the COPY committed and only
+            # the mark failed: either way the database decides, never a guess.
+            if not committed:
+                env.on_database_down.set()
+            reason = describe_error(exc)
+            if is_unavailable(exc) or isinstance(exc, DatabaseUnavailable):
+                reason = f"database unavailable: {reason}"
+            log.warning(f"batch {batch_id}: {reason}; settling from the database")
+            await _settle_until_known(env, unsettled, reason, deadline=False)
+            return
+        # The server refused the COPY (or timed out): the transaction rolled back whole.
+        elapsed = time.perf_counter() - copy_started if copy_started else None
+        error = describe_error(exc)
+        try:
+            await with_connection(
+                env.pool, lambda conn: ledger.fail_batch(conn, names, batch_id, error, elapsed)
+            )
+        except DatabaseUnavailable:
+            await _settle_until_known(env, unsettled, error, deadline=False)
+            return
+        env.metrics.batches.labels("failed").inc()
+        log.error(f"batch {batch_id} FAILED rows=0 error={error}")
+        return
+
+    finished = time.perf_counter()
+    copy_seconds = copied - copy_started
+    total = finished - started
+    env.metrics.duration.labels("copy").observe(copy_seconds)
+    env.metrics.duration.labels("total").observe(total)
+    if end_lsn is None:
+        log.warning(f"batch {batch_id} was settled by another process before it was marked")
+        return
+    env.metrics.batches.labels("completed").inc()
+    env.metrics.rows.inc(rows)
+    env.metrics.batch_rows.observe(rows)
+    env.metrics.last_end_lsn.set(ledger.lsn_to_int(end_lsn))
+    log.bind(rows=rows, start_lsn=start_lsn, end_lsn=end_lsn, xid=xid).info(
+        f"batch {batch_id} COMPLETED rows={rows} start_lsn={start_lsn} end_lsn={end_lsn} "
+        f"xid={xid} generate={_ms(generated - started)} write={_ms(written - generated)} "
+        f"copy={_ms(copy_seconds)} total={_ms(total)}"
+    )
+
+
+async def _record_unstarted_failure(
+    env: BatchEnvironment, allocation: ledger.Allocation, rows: int, error: str
+) -> None:
+    """A batch that failed before its COPY could start: in the ledger as FAILED, no rows."""
+    names = env.names
+    batch_id = allocation.batch_id
+
+    async def record(conn: asyncpg.Connection) -> None:
+        async with conn.transaction():
+            await ledger.open_batch(conn, names, allocation, env.instance, rows, "", 0.0, 0.0)
+            await ledger.fail_batch(conn, names, batch_id, error, None)
+
+    try:
+        await with_connection(env.pool, record)
+    except DatabaseUnavailable:
+        env.on_database_down.set()
+    env.metrics.batches.labels("failed").inc()
+    logger.bind(batch_id=batch_id).error(f"batch {batch_id} FAILED rows=0 error={error}")
+
+
+async def _settle_until_known(
+    env: BatchEnvironment, batch: ledger.Unsettled, reason: str, deadline: bool
+) -> None:
+    """Settles a batch whose outcome is unknown, retrying while the database is away.
+
+    With `deadline`, gives up after a few seconds (shutdown); the batch then stays
+    IN_PROGRESS for reconciliation at the next start. Otherwise retries until settled or the
+    daemon stops.
+    """
+    policy = RetryPolicy(initial_delay=0.05, max_delay=10.0)
+    give_up = time.monotonic() + settle_reserve(env.grace_period) if deadline else None
+    log = logger.bind(batch_id=batch.batch_id)
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            settlement = await with_connection(
+                env.pool, lambda conn: ledger.settle(conn, env.names, batch, reason)
+            )
+        except DatabaseUnavailable:
+            settlement = None
+        if settlement is not None and settlement.status != "IN_PROGRESS":
+            if settlement.status == "COMPLETED":
+                env.metrics.batches.labels("completed").inc()
+                env.metrics.rows.inc(batch.row_count)
+                log.warning(
+                    f"batch {batch.batch_id} COMPLETED (recovered) rows={batch.row_count} "
+                    f"end_lsn={settlement.end_lsn}"
+                )
+            else:
+                env.metrics.batches.labels("failed").inc()
+                log.error(f"batch {batch.batch_id} FAILED rows=0 error={reason}")
+            return
+        if give_up is not None and time.monotonic() >= give_up:
+            log.warning(f"batch {batch.batch_id} left IN_PROGRESS for reconciliation ({reason})")
+            return
+        if give_up is None and env.stopping.is_set() and settlement is None:
+            log.warning(f"batch {batch.batch_id} left IN_PROGRESS for reconciliation ({reason})")
+            return
+        pause = policy.delay(min(attempt, 10))
+        if give_up is not None:
+            pause = min(pause, max(0.0, give_up - time.monotonic()))
+        await asyncio.sleep(pause)

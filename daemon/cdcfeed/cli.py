@@ -1,0 +1,253 @@
+"""The command line: the one place that reads the environment, configures logging, and turns
+every user mistake into one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from loguru import logger
+
+from cdcfeed import __version__, ledger, logs
+from cdcfeed.app import names_of, resolved_database, run_daemon
+from cdcfeed.config import (
+    DEFAULT_CONFIG_PATH,
+    Settings,
+    dsn_password,
+    effective_view,
+    load_settings,
+)
+from cdcfeed.db import connect
+from cdcfeed.errors import UserError
+
+T = TypeVar("T")
+
+config_option = click.option(
+    "--config", "-c", "config", type=click.Path(dir_okay=False, path_type=Path),
+    help=f"TOML settings file (default: $CDCFEED_CONFIG, then {DEFAULT_CONFIG_PATH} when "
+    "present). Every key is documented in config/cdcfeed.toml.",
+)
+dsn_option = click.option(
+    "--dsn", help="postgresql:// URI. Default: $CDCFEED_DATABASE__DSN, $DATABASE_URL, "
+    "[database].dsn, libpq PG… variables, else an embedded server.",
+)
+log_format_option = click.option(
+    "--log-format", type=click.Choice(["text", "json"]), help="text, or JSON lines."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cdcfeed")
+def app() -> None:
+    """Rate-controlled synthetic order load for PostgreSQL, with an LSN ledger that proves a
+    CDC pipeline delivered every batch."""
+
+
+def _config_path(option: Path | None) -> Path | None:
+    if option is not None:
+        return option
+    if os.environ.get("CDCFEED_CONFIG"):
+        return Path(os.environ["CDCFEED_CONFIG"])
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def _settings(
+    config: Path | None, overrides: dict[str, dict[str, Any]], log_format: str | None = None
+) -> Settings:
+    if log_format is not None:
+        overrides.setdefault("log", {})["format"] = log_format
+    settings = load_settings(_config_path(config), overrides)
+    logs.configure(
+        settings.log.level,
+        json=settings.log.format == "json",
+        secrets=(
+            dsn_password(settings.database.dsn.get_secret_value()),
+            os.environ.get("PGPASSWORD", ""),
+        ),
+    )
+    return settings
+
+
+def _run_async(main: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(main())  # type: ignore[arg-type]
+
+
+@app.command()
+@config_option
+@dsn_option
+@click.option("--rate", type=float, help="Batches per second; fractions allowed (0.1 = one per 10 s).")
+@click.option("--batch-size", type=int, help="Orders per batch.")
+@click.option("--concurrency", type=int, help="Batches allowed in flight at once.")
+@click.option("--max-batches", type=int, help="Stop after starting this many batches (0 = never).")
+@click.option("--duration", type=float, help="Stop after this many seconds (0 = never).")
+@click.option("--feed-dir", type=click.Path(path_type=Path), help="Directory for CSV feed files.")
+@click.option("--metrics-address", help="host:port for /metrics, /healthz, /readyz; port 0 = any.")
+@click.option("--seed", type=int, help="Seed for reproducible order values.")
+@log_format_option
+@click.option("--instance", help="Instance name in the ledger (default: the host name).")
+@click.option("--grace-period", type=float, help="Seconds in-flight batches get after SIGTERM.")
+@click.option("--init-schema/--no-init-schema", default=None,
+              help="Create or upgrade the schema before loading (default: on).")
+def run(
+    config: Path | None, dsn: str | None, rate: float | None, batch_size: int | None,
+    concurrency: int | None, max_batches: int | None, duration: float | None,
+    feed_dir: Path | None, metrics_address: str | None, seed: int | None,
+    log_format: str | None, instance: str | None, grace_period: float | None,
+    init_schema: bool | None,
+) -> None:
+    """Run the daemon: load batches at the configured rate until stopped."""
+    settings = _settings(
+        config,
+        {
+            "database": {"dsn": dsn, "init_schema": init_schema},
+            "load": {
+                "rate": rate, "batch_size": batch_size, "concurrency": concurrency,
+                "max_batches": max_batches, "duration": duration, "seed": seed,
+            },
+            "feed": {"dir": feed_dir},
+            "metrics": {"address": metrics_address},
+            "daemon": {"instance": instance, "grace_period": grace_period},
+        },
+        log_format,
+    )
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, _on_signal, stop, signum)
+        return await run_daemon(settings, stop, dict(os.environ))
+
+    code = _run_async(main)
+    if code:
+        raise click.exceptions.Exit(code)
+
+
+def _on_signal(stop: asyncio.Event, signum: int) -> None:
+    if not stop.is_set():
+        logger.info(f"received {signal.Signals(signum).name}: stopping")
+    stop.set()
+
+
+@app.command("init-db")
+@config_option
+@dsn_option
+def init_db(config: Path | None, dsn: str | None) -> None:
+    """Create or upgrade the schema (idempotent; safe from several instances at once)."""
+    settings = _settings(config, {"database": {"dsn": dsn}})
+
+    async def main() -> None:
+        async with resolved_database(settings, dict(os.environ)) as database:
+            conn = await connect(database, "cdcfeed init-db")
+            try:
+                await ledger.init_schema(conn, names_of(settings))
+            finally:
+                await conn.close()
+        names = names_of(settings)
+        logger.info(f"schema ready: {names.schema}.{names.orders}, {names.schema}.{names.batches}")
+
+    _run_async(main)
+
+
+@app.command()
+@config_option
+@dsn_option
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help="How many recent batches.")
+@click.option("--format", "output", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+def status(config: Path | None, dsn: str | None, limit: int, output: str) -> None:
+    """Show recent batches from the ledger: status, rows, LSNs, durations."""
+    settings = _settings(config, {"database": {"dsn": dsn}})
+
+    async def main() -> list[dict[str, Any]]:
+        async with resolved_database(settings, dict(os.environ)) as database:
+            conn = await connect(database, "cdcfeed status")
+            try:
+                return await ledger.recent_batches(conn, names_of(settings), limit)
+            finally:
+                await conn.close()
+
+    batches = _run_async(main)
+    if output == "json":
+        click.echo(json.dumps(batches, default=_json_default, indent=2))
+        return
+    click.echo(_status_table(batches))
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def _status_table(batches: list[dict[str, Any]]) -> str:
+    header = ("batch", "status", "rows", "start_lsn", "end_lsn", "gen_ms", "write_ms",
+              "copy_ms", "total_ms", "note")
+    rows = [header]
+    for batch in batches:
+        total = ledger.seconds_between(batch["started_at"], batch["completed_at"])
+        note = "recovered" if batch["recovered"] else (batch["error"] or "")[:60]
+        rows.append((
+            str(batch["batch_id"]), batch["status"], str(batch["row_count"]),
+            batch["start_lsn"] or "-", batch["end_lsn"] or "-",
+            _ms(batch["generate_seconds"]), _ms(batch["write_seconds"]),
+            _ms(batch["copy_seconds"]), _ms(total), note,
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+@app.command("config")
+@config_option
+@dsn_option
+@log_format_option
+def show_config(config: Path | None, dsn: str | None, log_format: str | None) -> None:
+    """Validate the configuration and print the effective settings, secrets redacted."""
+    settings = _settings(config, {"database": {"dsn": dsn}}, log_format)
+    click.echo(to_toml(effective_view(settings)))
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Settings as TOML that `--config` accepts back (None values are left as comments)."""
+    lines: list[str] = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if value is None:
+                lines.append(f"# {key} = (unset)")
+            else:
+                lines.append(f"{key} = {json.dumps(value)}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> None:
+    """Entry point: user mistakes become `cdcfeed: <setting>: <what to do>` and exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except UserError as exc:
+        print(f"cdcfeed: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except click.UsageError as exc:
+        print(f"cdcfeed: {exc.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except click.ClickException as exc:
+        print(f"cdcfeed: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

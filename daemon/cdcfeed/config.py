@@ -1,0 +1,291 @@
+"""Settings: one immutable object, built once at the edge (the CLI) and passed down.
+
+Precedence, lowest first: defaults < TOML file < ``CDCFEED_<SECTION>__<KEY>`` environment
+< command-line flags. The connection string has its own chain, resolved by the CLI:
+``--dsn`` < ``CDCFEED_DATABASE__DSN`` < ``DATABASE_URL`` < ``[database].dsn`` < libpq's ``PG…``
+variables < the embedded server. Every key is documented in ``config/cdcfeed.toml``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import SplitResult, urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from cdcfeed.errors import UserError
+
+ENV_PREFIX = "CDCFEED_"
+DEFAULT_CONFIG_PATH = Path("/etc/cdcfeed/cdcfeed.toml")
+
+Identifier = Annotated[str, Field(min_length=1, max_length=63)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseSettings(_Section):
+    dsn: SecretStr = SecretStr("")
+    schema_name: Identifier = "public"
+    orders_table: Identifier = "orders"
+    batch_table: Identifier = "batch_control"
+    connect_timeout: float = Field(10.0, gt=0)
+    statement_timeout: float = Field(30.0, ge=0)
+    connect_attempts: int = Field(5, ge=1, le=100)
+    init_schema: bool = True
+    sslmode: Literal["", "disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = ""
+    sslrootcert: str = ""
+    sslcert: str = ""
+    sslkey: str = ""
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_is_a_uri(cls, value: SecretStr) -> SecretStr:
+        raw = value.get_secret_value()
+        if raw:
+            parse_dsn(raw)
+        return value
+
+
+class LoadSettings(_Section):
+    rate: float = Field(1.0, gt=0, le=100_000)
+    batch_size: int = Field(100, ge=1, le=10_000_000)
+    concurrency: int = Field(2, ge=1, le=256)
+    max_batches: int = Field(0, ge=0)
+    duration: float = Field(0.0, ge=0)
+    seed: int | None = None
+
+
+class FeedSettings(_Section):
+    dir: Path = Path("./feed_files")
+    keep_files: int = Field(100, ge=0)
+    max_bytes: int = Field(1 << 30, ge=0)
+    min_free_bytes: int = Field(100 << 20, ge=0)
+
+
+class MetricsSettings(_Section):
+    address: str = "127.0.0.1:9651"
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        split_address(value)
+        return value
+
+
+class LogSettings(_Section):
+    format: Literal["text", "json"] = "text"
+    level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
+
+
+class DaemonSettings(_Section):
+    instance: str = ""
+    grace_period: float = Field(10.0, ge=0, le=3600)
+
+
+class EmbeddedSettings(_Section):
+    data_dir: Path | None = None
+
+
+class CdcSettings(_Section):
+    slots: tuple[str, ...] = ()
+    poll_interval: float = Field(1.0, gt=0)
+    verify: bool = False
+    verify_slot: Identifier = "cdcfeed_verify"
+    publication: Identifier = "cdcfeed"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    database: DatabaseSettings = DatabaseSettings()
+    load: LoadSettings = LoadSettings()
+    feed: FeedSettings = FeedSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    log: LogSettings = LogSettings()
+    daemon: DaemonSettings = DaemonSettings()
+    embedded: EmbeddedSettings = EmbeddedSettings()
+    cdc: CdcSettings = CdcSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file is merged into init values by `load_settings`, under the environment;
+        # command-line flags are applied after, so the order here is env over init.
+        return (env_settings, init_settings)
+
+    @property
+    def instance_name(self) -> str:
+        return self.daemon.instance or socket.gethostname()
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise UserError("--config", f"file {path} does not exist; pass an existing TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError("--config", f"{path} is not valid TOML ({exc}); fix the syntax") from None
+    except OSError as exc:
+        raise UserError("--config", f"cannot read {path} ({exc.strerror})") from None
+
+
+def _describe(error: dict[str, Any], from_file: Path | None) -> UserError:
+    location = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        where = f" in {from_file}" if from_file else ""
+        return UserError(
+            location,
+            f"unknown setting{where}; the keys are listed in config/cdcfeed.toml",
+        )
+    if location == "database.dsn":
+        # Never echo the input: it may hold a password.
+        return UserError(location, str(error["msg"]).removeprefix("Value error, "))
+    got = error.get("input")
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return UserError(location, f"{message} (got {got!r})")
+
+
+def load_settings(
+    config_file: Path | None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Builds the settings from file, environment and flag overrides; raises UserError."""
+    environ = dict(os.environ if environ is None else environ)
+    file_values = _read_toml(config_file) if config_file else {}
+    flag_values = {
+        section: {k: v for k, v in values.items() if v is not None}
+        for section, values in (overrides or {}).items()
+    }
+    flag_values = {section: values for section, values in flag_values.items() if values}
+    try:
+        # Environment over file: build once with the file as init values (env wins inside
+        # pydantic-settings), then lay the flags over the result.
+        from_env_and_file = Settings(**file_values)
+        merged = _deep_merge(from_env_and_file.model_dump(), flag_values)
+        merged["database"]["dsn"] = _resolve_dsn(
+            flag_dsn=flag_values.get("database", {}).get("dsn"),
+            environ=environ,
+            file_dsn=from_env_and_file.database.dsn.get_secret_value(),
+        )
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise _describe(exc.errors()[0], config_file) from None
+
+
+def _resolve_dsn(flag_dsn: str | None, environ: dict[str, str], file_dsn: str) -> str:
+    if flag_dsn:
+        return flag_dsn
+    if environ.get(f"{ENV_PREFIX}DATABASE__DSN"):
+        return environ[f"{ENV_PREFIX}DATABASE__DSN"]
+    if environ.get("DATABASE_URL"):
+        return environ["DATABASE_URL"]
+    return file_dsn
+
+
+LIBPQ_ENV = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")
+
+
+def uses_libpq_environment(environ: dict[str, str]) -> bool:
+    """True when libpq's PG… variables name a server (asyncpg reads them itself)."""
+    return any(environ.get(name) for name in LIBPQ_ENV)
+
+
+def parse_dsn(dsn: str) -> SplitResult:
+    """Checks that a DSN is a URI asyncpg understands; raises ValueError naming the problem."""
+    parts = urlsplit(dsn)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ValueError(
+            "expected a URI like postgresql://user:password@host:5432/dbname "
+            "(keyword=value strings are not supported)"
+        )
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise ValueError("the port in the URI is not a number from 0 to 65535") from None
+    return parts
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with its password replaced, safe for logs, errors and `cdcfeed config`."""
+    if not dsn:
+        return dsn
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "<unparseable DSN>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{hostinfo}" if ":" in userinfo else f"{user}@{hostinfo}"
+    query = "&".join(
+        f"{key}=***" if key.lower() == "password" else f"{key}={value}"
+        for key, _, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def dsn_password(dsn: str) -> str:
+    """The password a DSN carries, so the log filter can scrub it wherever it turns up."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return ""
+    for item in parts.query.split("&"):
+        key, _, value = item.partition("=")
+        if key.lower() == "password" and value:
+            return value
+    return parts.password or ""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' → (host, port); raises ValueError with the allowed form."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError("expected host:port, e.g. 127.0.0.1:9651 (port 0 picks a free port)")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not host.replace("-", "").replace(".", "").isalnum():
+            raise ValueError(f"{host!r} is not a host name or IP address") from None
+    return host, int(port_text)
+
+
+def effective_view(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data with every secret redacted, for `cdcfeed config`."""
+    data = settings.model_dump(mode="json")
+    data["database"]["dsn"] = redact_dsn(settings.database.dsn.get_secret_value())
+    data["daemon"]["instance"] = settings.instance_name
+    return data

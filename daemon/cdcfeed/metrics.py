@@ -1,0 +1,138 @@
+"""Prometheus metrics in their own registry, so tests and the HTTP endpoint read the same data.
+
+Every labelled series is created at zero up front: dashboards and alerts have data before the
+first failure, and `rate()` sees the first increment.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from cdcfeed import __version__
+
+PHASES = ("generate", "write", "copy", "total")
+BATCH_STATUSES = ("completed", "failed")
+SKIP_REASONS = ("busy", "database_down", "disk_full", "shutdown")
+VERIFY_RESULTS = ("ok", "violation")
+
+_DURATION_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+)
+_ROW_BUCKETS = (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+_LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
+_RATE_WINDOW = 10.0
+_CONFIRM_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.batches = Counter(
+            "cdcfeed_batches", "Batches finished, by ledger status.", ["status"],
+            registry=registry,
+        )
+        self.rows = Counter("cdcfeed_rows", "Order rows committed.", registry=registry)
+        self.duration = Histogram(
+            "cdcfeed_batch_duration_seconds", "Batch duration by phase.", ["phase"],
+            buckets=_DURATION_BUCKETS, registry=registry,
+        )
+        self.batch_rows = Histogram(
+            "cdcfeed_batch_rows", "Rows per committed batch.", buckets=_ROW_BUCKETS,
+            registry=registry,
+        )
+        self.skipped = Counter(
+            "cdcfeed_batches_skipped", "Scheduled runs that could not start, by reason.",
+            ["reason"], registry=registry,
+        )
+        self.in_flight = Gauge(
+            "cdcfeed_batches_in_flight", "Batches running now.", registry=registry
+        )
+        self.target_rate = Gauge(
+            "cdcfeed_target_batches_per_second", "The rate the load profile asks for now.",
+            registry=registry,
+        )
+        self.achieved_rate = Gauge(
+            "cdcfeed_achieved_batches_per_second",
+            "Batches started per second over the last ten seconds.", registry=registry,
+        )
+        self.schedule_lag = Histogram(
+            "cdcfeed_schedule_lag_seconds", "How late each scheduled run started.",
+            buckets=_LAG_BUCKETS, registry=registry,
+        )
+        self.last_end_lsn = Gauge(
+            "cdcfeed_last_end_lsn_bytes", "End LSN of the last completed batch, as bytes.",
+            registry=registry,
+        )
+        self.database_up = Gauge(
+            "cdcfeed_database_up", "1 when the source database answers.", registry=registry
+        )
+        self.build = Info("cdcfeed_build", "cdcfeed build.", registry=registry)
+        self.build.info({"version": __version__})
+
+        # Per replication slot (filled by the slot monitor) and continuous verification.
+        self.slot_lag = Gauge(
+            "cdcfeed_replication_slot_lag_bytes",
+            "Current WAL insert LSN minus the slot's confirmed_flush_lsn.", ["slot"],
+            registry=registry,
+        )
+        self.slot_retained = Gauge(
+            "cdcfeed_replication_slot_retained_wal_bytes",
+            "Current WAL insert LSN minus the slot's restart_lsn.", ["slot"], registry=registry,
+        )
+        self.slot_active = Gauge(
+            "cdcfeed_replication_slot_active", "1 when a consumer is attached to the slot.",
+            ["slot"], registry=registry,
+        )
+        self.slot_safe_wal = Gauge(
+            "cdcfeed_replication_slot_safe_wal_size_bytes",
+            "WAL the slot may still retain before it is invalidated.", ["slot"],
+            registry=registry,
+        )
+        self.unconfirmed = Gauge(
+            "cdcfeed_unconfirmed_batches",
+            "COMPLETED batches whose end LSN the slot has not confirmed.", ["slot"],
+            registry=registry,
+        )
+        self.confirm_seconds = Histogram(
+            "cdcfeed_batch_confirm_seconds",
+            "From a batch's completion to the poll that saw the slot confirm it.", ["slot"],
+            buckets=_CONFIRM_BUCKETS, registry=registry,
+        )
+        self.verified = Counter(
+            "cdcfeed_verified_batches", "Batches checked against the change stream.",
+            ["result"], registry=registry,
+        )
+        self.verify_lag = Gauge(
+            "cdcfeed_verify_lag_bytes", "WAL not yet read by continuous verification.",
+            registry=registry,
+        )
+
+        for status in BATCH_STATUSES:
+            self.batches.labels(status)
+        for phase in PHASES:
+            self.duration.labels(phase)
+        for reason in SKIP_REASONS:
+            self.skipped.labels(reason)
+        for result in VERIFY_RESULTS:
+            self.verified.labels(result)
+
+        # Achieved rate is computed when scraped, so it falls to zero when the load stops.
+        self._starts: deque[float] = deque()
+        self._created = time.monotonic()
+        self.achieved_rate.set_function(self._achieved_rate)
+
+    def batch_started(self) -> None:
+        self._starts.append(time.monotonic())
+        self._forget_before(time.monotonic() - _RATE_WINDOW)
+
+    def _forget_before(self, cutoff: float) -> None:
+        while self._starts and self._starts[0] < cutoff:
+            self._starts.popleft()
+
+    def _achieved_rate(self) -> float:
+        now = time.monotonic()
+        self._forget_before(now - _RATE_WINDOW)
+        return len(self._starts) / min(_RATE_WINDOW, max(now - self._created, 1e-3))

@@ -1,0 +1,100 @@
+"""Real PostgreSQL servers for the suite: Debian's PostgreSQL 15 and the embedded wheel's 18.
+
+Each server starts once per session, as an unprivileged user, on a free loopback port with
+wal_level=logical (and default durability: logical decoding only sees flushed WAL). Each test
+gets a database of its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from cdcfeed.embedded import PostgresCluster, wheel_bin_dir
+
+DEBIAN_PG15 = Path("/usr/lib/postgresql/15/bin")
+SERVERS = ("pg15", "pg18")
+_database_numbers = itertools.count(1)
+
+
+def _bin_dir(name: str) -> Path | None:
+    if name == "pg18":
+        return wheel_bin_dir()
+    return DEBIAN_PG15 if (DEBIAN_PG15 / "postgres").exists() else None
+
+
+@pytest.fixture(scope="session")
+def scratch() -> Iterator[Path]:
+    # Under /tmp, not the work tree: the server user must be able to traverse the path.
+    root = Path(tempfile.mkdtemp(prefix="cdcfeed-tests-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def clusters(scratch: Path) -> Iterator[dict[str, PostgresCluster]]:
+    started: dict[str, PostgresCluster] = {}
+    yield started
+    for cluster in started.values():
+        cluster.stop("immediate")
+
+
+def _cluster(name: str, clusters: dict[str, PostgresCluster], scratch: Path) -> PostgresCluster:
+    if name not in clusters:
+        bin_dir = _bin_dir(name)
+        if bin_dir is None:
+            if os.environ.get("CI"):
+                pytest.fail(f"{name} binaries missing; .ci/run installs postgresql-15")
+            pytest.skip(f"{name} binaries not installed")
+        cluster = PostgresCluster(bin_dir, scratch / name)
+        cluster.start()
+        clusters[name] = cluster
+    return clusters[name]
+
+
+@pytest.fixture
+def server(
+    request: pytest.FixtureRequest, clusters: dict[str, PostgresCluster], scratch: Path
+) -> PostgresCluster:
+    """The server of a test: PostgreSQL 15 unless parametrized (indirect) with 'pg18'."""
+    name = getattr(request, "param", "pg15")
+    cluster = _cluster(name, clusters, scratch)
+    if cluster.running_port() is None:  # a fault test stopped it
+        cluster.start()
+    return cluster
+
+
+@pytest.fixture
+async def dsn(server: PostgresCluster) -> AsyncIterator[str]:
+    """A fresh, empty database on the test's server."""
+    name = f"t{os.getpid()}_{next(_database_numbers)}"
+    admin = await asyncpg.connect(server.dsn())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield server.dsn(name)
+    if server.running_port() is None:
+        server.start()
+    admin = await asyncpg.connect(server.dsn())
+    try:
+        for slot in await admin.fetch(
+            "SELECT slot_name FROM pg_replication_slots WHERE database = $1", name
+        ):
+            await admin.execute("SELECT pg_drop_replication_slot($1)", slot[0])
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def feed_dir(tmp_path: Path) -> Path:
+    return tmp_path / "feed"

@@ -1,0 +1,356 @@
+"""Shared helpers for the deployment-artifact tests (Dockerfile, compose, k8s, Prometheus, Grafana).
+
+External tools (hadolint, kubernetes-validate, promtool, prometheus) are looked up next to the
+running interpreter first (the venv's bin/), then on PATH. A missing tool skips its test on a
+developer machine but fails it under CI, where `.ci/run` installs every tool.
+
+The dashboard helpers here are also what the live integration test uses: start Prometheus
+with `prometheus_server`, point it at a running cdcfeed, then call `dashboard_query_checker`
+with the base URL to evaluate every dashboard query through the HTTP API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "cdcfeed.json"
+CONTRACTS = REPO / "docs" / "CONTRACTS.md"
+
+# What each Grafana variable becomes when a dashboard query is sent to Prometheus directly.
+GRAFANA_VARIABLES = {
+    "slot": ".*",  # the variable's "All" value (allValue) is a regex
+    "__rate_interval": "1m",
+    "__interval": "1m",
+    "__range": "5m",
+    "datasource": "prometheus",
+}
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def find_tool(name: str) -> str | None:
+    beside_python = Path(sys.executable).parent / name
+    if beside_python.is_file() and os.access(beside_python, os.X_OK):
+        return str(beside_python)
+    return shutil.which(name)
+
+
+@pytest.fixture
+def tool() -> Callable[[str, str], str]:
+    """tool(name, how_to_install) -> path; skips (fails under CI) when the tool is missing."""
+
+    def lookup(name: str, how_to_install: str) -> str:
+        path = find_tool(name)
+        if path is None:
+            message = f"{name} not found ({how_to_install})"
+            if in_ci():
+                pytest.fail(f"{message}; CI must provide it")
+            pytest.skip(message)
+        return path
+
+    return lookup
+
+
+def run(argv: list[str], cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+# --- The metric contract ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContractMetric:
+    name: str
+    histogram: bool
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def series_names(self) -> set[str]:
+        if self.histogram:
+            return {f"{self.name}_bucket", f"{self.name}_sum", f"{self.name}_count"}
+        return {self.name}
+
+
+def contract_metrics() -> dict[str, ContractMetric]:
+    """The metrics listed under '## Metrics' in docs/CONTRACTS.md, keyed by full name."""
+    text = CONTRACTS.read_text(encoding="utf-8")
+    section = text.split("## Metrics", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    body = section.split("\n", 1)[1]  # drop the heading line, which names the prefix
+    metrics: dict[str, ContractMetric] = {}
+    # name, optional {labels}, optional (histogram)
+    entry = re.compile(r"([a-z][a-z0-9_]*)\s*(\{[^}]*\})?\s*(\(histogram\))?")
+    for item in re.split(r",\s*", body.replace("\n", " ")):
+        item = item.strip().rstrip(".")
+        if not item:
+            continue
+        match = entry.fullmatch(item)
+        if match is None:
+            raise AssertionError(f"cannot read metric entry {item!r} in {CONTRACTS}")
+        labels: dict[str, tuple[str, ...]] = {}
+        if match.group(2):
+            for part in match.group(2).strip("{}").split(","):
+                label, _, values = part.partition("=")
+                labels[label.strip()] = tuple(v for v in values.strip('"').split("|") if v)
+        name = "cdcfeed_" + match.group(1)
+        metrics[name] = ContractMetric(name, bool(match.group(3)), labels)
+    if not metrics:
+        raise AssertionError(f"no metrics found under '## Metrics' in {CONTRACTS}")
+    return metrics
+
+
+def allowed_series_names() -> set[str]:
+    names = {"up"}
+    for metric in contract_metrics().values():
+        names |= metric.series_names()
+    return names
+
+
+# --- PromQL ------------------------------------------------------------------------------------
+
+_PROMQL_KEYWORDS = {
+    "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
+    "bool", "offset", "inf", "nan", "atan2",
+}
+
+
+def metric_names_in(expr: str) -> set[str]:
+    """Metric names an expression selects (best effort, enough for our own expressions)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    text = re.sub(r"\$\{?\w+(?::\w+)?\}?", "", text)  # Grafana variables
+    text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)  # range selectors, subqueries
+    text = re.sub(
+        r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text
+    )  # grouping label lists
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
+        name = match.group(0)
+        following = text[match.end():].lstrip()
+        if following.startswith("(") or name.lower() in _PROMQL_KEYWORDS:
+            continue  # a function call or an operator keyword
+        if match.start() and (text[match.start() - 1].isdigit() or text[match.start() - 1] == "."):
+            continue  # the exponent of a number such as 1e6
+        names.add(name)
+    return names
+
+
+def grafana_to_promql(expr: str, variables: dict[str, str] | None = None) -> str:
+    """Replaces Grafana's $var / ${var} / ${var:format} with concrete values."""
+    values = {**GRAFANA_VARIABLES, **(variables or {})}
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in values:
+            raise KeyError(f"dashboard variable ${name} has no test value")
+        return values[name]
+
+    return re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)", substitute, expr)
+
+
+# --- The dashboard -----------------------------------------------------------------------------
+
+
+def load_dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text(encoding="utf-8"))
+
+
+def dashboard_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel, including those nested in collapsed rows, rows themselves excluded."""
+    panels: list[dict[str, Any]] = []
+    for panel in dashboard.get("panels", []):
+        if panel.get("type") == "row":
+            panels.extend(panel.get("panels", []))
+        else:
+            panels.append(panel)
+    return panels
+
+
+@dataclass(frozen=True)
+class DashboardQuery:
+    panel: str
+    ref_id: str
+    expr: str  # as written in the dashboard, Grafana variables included
+
+    def promql(self, variables: dict[str, str] | None = None) -> str:
+        return grafana_to_promql(self.expr, variables)
+
+
+def dashboard_queries(dashboard: dict[str, Any] | None = None) -> list[DashboardQuery]:
+    dashboard = dashboard if dashboard is not None else load_dashboard()
+    return [
+        DashboardQuery(panel.get("title", "?"), target.get("refId", "?"), target["expr"])
+        for panel in dashboard_panels(dashboard)
+        for target in panel.get("targets", [])
+        if target.get("expr")
+    ]
+
+
+def label_values_queries(dashboard: dict[str, Any] | None = None) -> list[tuple[str, str, str]]:
+    """(variable, metric, label) for each `label_values(metric, label)` variable."""
+    dashboard = dashboard if dashboard is not None else load_dashboard()
+    found = []
+    for variable in dashboard.get("templating", {}).get("list", []):
+        if variable.get("type") != "query":
+            continue
+        query = variable.get("query")
+        text = query.get("query", "") if isinstance(query, dict) else str(query or "")
+        match = re.fullmatch(r"\s*label_values\(\s*([^,]+?)\s*,\s*(\w+)\s*\)\s*", text)
+        if match:
+            found.append((variable["name"], match.group(1), match.group(2)))
+    return found
+
+
+# --- Prometheus --------------------------------------------------------------------------------
+
+
+def prometheus_get(base_url: str, path: str, params: dict[str, str]) -> dict[str, Any]:
+    url = f"{base_url.rstrip('/')}{path}?{urllib.parse.urlencode(params)}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())  # type: ignore[no-any-return]
+    except urllib.error.HTTPError as exc:  # 400/422 carry the PromQL error as JSON
+        with exc:
+            return json.loads(exc.read())  # type: ignore[no-any-return]
+
+
+def check_dashboard_queries(base_url: str, variables: dict[str, str] | None = None) -> list[str]:
+    """Evaluates every dashboard query (and label_values variable) against a Prometheus.
+
+    Returns one line per problem: a query that errors or that returns no series. An empty
+    list means every panel would show data.
+    """
+    problems = []
+    for query in dashboard_queries():
+        promql = query.promql(variables)
+        answer = prometheus_get(base_url, "/api/v1/query", {"query": promql})
+        where = f"{query.panel!r} {query.ref_id}: {promql}"
+        if answer.get("status") != "success":
+            problems.append(f"{where} -> error: {answer.get('error')}")
+        elif not answer["data"]["result"]:
+            problems.append(f"{where} -> no series")
+    for variable, metric, label in label_values_queries():
+        answer = prometheus_get(
+            base_url, f"/api/v1/label/{label}/values", {"match[]": metric}
+        )
+        if answer.get("status") != "success" or not answer.get("data"):
+            problems.append(f"variable ${variable}: label_values({metric}, {label}) is empty")
+    return problems
+
+
+@pytest.fixture
+def dashboard_query_checker() -> Callable[..., list[str]]:
+    return check_dashboard_queries
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture
+def prometheus_server(
+    tool: Callable[[str, str], str], tmp_path: Path
+) -> Iterator[Callable[..., str]]:
+    """start(targets, job="cdcfeed", scrape_interval="1s") -> base URL of a real Prometheus.
+
+    Listens on 127.0.0.1 only, stores its TSDB under tmp_path, and is stopped at teardown.
+    """
+    binary = tool("prometheus", "apt-get install prometheus")
+    processes: list[subprocess.Popen[bytes]] = []
+    logs = []
+
+    def start(targets: list[str], job: str = "cdcfeed", scrape_interval: str = "1s") -> str:
+        home = tmp_path / f"prometheus-{len(processes)}"
+        home.mkdir()
+        config = home / "prometheus.yml"
+        config.write_text(
+            json.dumps(  # JSON is YAML; no quoting surprises
+                {
+                    "global": {
+                        "scrape_interval": scrape_interval,
+                        "evaluation_interval": scrape_interval,
+                    },
+                    "scrape_configs": [
+                        {"job_name": job, "static_configs": [{"targets": targets}]}
+                    ],
+                }
+            ),
+            encoding="utf-8",
+        )
+        port = free_port()
+        log = (home / "prometheus.log").open("wb")
+        logs.append(log)
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={home / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--web.enable-lifecycle",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        processes.append(process)
+        base_url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"prometheus exited with {process.returncode}:\n"
+                    + (home / "prometheus.log").read_text(errors="replace")[-3000:]
+                )
+            try:
+                with urllib.request.urlopen(f"{base_url}/-/ready", timeout=2) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                return False
+
+        wait_for(ready, 60, "prometheus to become ready")
+        return base_url
+
+    try:
+        yield start
+    finally:
+        for process in processes:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for log in logs:
+            log.close()

@@ -1,0 +1,76 @@
+"""The batch protocol end to end on real servers: the ledger and the change stream agree."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.support import check_invariant, prepare_slot, read_stream, run_in_process, settings_for
+
+
+@pytest.mark.parametrize("server", ["pg15", "pg18"], indirect=True)
+async def test_every_batch_lands_whole_in_its_own_transaction(dsn: str, feed_dir: Path) -> None:
+    await prepare_slot(dsn)
+    settings = settings_for(dsn, feed_dir, rate=20, batch_size=500, max_batches=100)
+
+    assert await run_in_process(settings) == 0
+
+    stream = await read_stream(dsn)
+    counts = await check_invariant(dsn, stream)
+    assert counts == {"COMPLETED": 100}
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM orders") == 100 * 500
+    finally:
+        await conn.close()
+    assert len(list(feed_dir.glob("orders_batch_*.csv"))) == 100
+
+
+async def test_a_failed_copy_leaves_no_rows_and_the_load_goes_on(
+    dsn: str, feed_dir: Path
+) -> None:
+    # A row squatting in the third batch's order-id block makes that COPY violate the key.
+    await prepare_slot(dsn, before_slot="""
+        INSERT INTO orders VALUES (250, -1, 1, 10.00, now());
+        UPDATE cdcfeed_order_ids SET next_order_id = 1;
+    """)
+    settings = settings_for(dsn, feed_dir, rate=20, batch_size=100, max_batches=8, concurrency=1)
+
+    assert await run_in_process(settings) == 0
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("DELETE FROM orders WHERE batch_id = -1")  # the trap, not a batch
+        failed = await conn.fetchrow(
+            "SELECT batch_id, error FROM batch_control WHERE status = 'FAILED'"
+        )
+    finally:
+        await conn.close()
+    counts = await check_invariant(dsn, await read_stream(dsn))
+    assert counts == {"COMPLETED": 7, "FAILED": 1}
+    assert failed["batch_id"] == 3
+    assert "UniqueViolation" in failed["error"]
+
+
+async def test_two_instances_on_one_database_never_collide(dsn: str, tmp_path: Path) -> None:
+    await prepare_slot(dsn)
+    first = settings_for(dsn, tmp_path / "a", rate=40, batch_size=200, max_batches=40,
+                         daemon={"instance": "alpha"})
+    second = settings_for(dsn, tmp_path / "b", rate=40, batch_size=300, max_batches=40,
+                          daemon={"instance": "beta"})
+
+    codes = await asyncio.gather(run_in_process(first), run_in_process(second))
+
+    assert codes == [0, 0]
+    assert await check_invariant(dsn, await read_stream(dsn)) == {"COMPLETED": 80}
+    conn = await asyncpg.connect(dsn)
+    try:
+        per_instance = dict(await conn.fetch(
+            "SELECT instance, count(*) FROM batch_control GROUP BY 1"))
+        assert per_instance == {"alpha": 40, "beta": 40}
+        assert await conn.fetchval("SELECT count(*) FROM orders") == 40 * 200 + 40 * 300
+    finally:
+        await conn.close()
