@@ -70,7 +70,9 @@ async def read_stream(dsn: str, slot: str = "test_slot") -> list[Transaction]:
     try:
         rows = await conn.fetch(
             "SELECT data FROM pg_logical_slot_get_binary_changes($1, NULL, NULL, "
-            "'proto_version', '1', 'publication_names', $2)", slot, PUBLICATION,
+            "'proto_version', '1', 'publication_names', $2)",
+            slot,
+            PUBLICATION,
         )
     finally:
         await conn.close()
@@ -119,8 +121,10 @@ async def check_invariant(dsn: str, stream: list[Transaction] | None = None) -> 
     ledger = await ledger_rows(dsn)
     conn = await asyncpg.connect(dsn)
     try:
-        counts = {r[0]: r[1] for r in await conn.fetch(
-            "SELECT batch_id, count(*) FROM orders GROUP BY batch_id")}
+        counts = {
+            r[0]: r[1]
+            for r in await conn.fetch("SELECT batch_id, count(*) FROM orders GROUP BY batch_id")
+        }
     finally:
         await conn.close()
     by_status: dict[str, int] = defaultdict(int)
@@ -165,7 +169,8 @@ def cdcfeed_command(*args: str) -> list[str]:
 def clean_environment(**extra: str) -> dict[str, str]:
     """The environment without any database settings, so nothing leaks in from the shell."""
     env = {
-        key: value for key, value in os.environ.items()
+        key: value
+        for key, value in os.environ.items()
         if not key.startswith(("PG", "CDCFEED_")) and key != "DATABASE_URL"
     }
     env.update(extra)
@@ -174,6 +179,10 @@ def clean_environment(**extra: str) -> dict[str, str]:
 
 def run_cli(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        cdcfeed_command(*args), capture_output=True, text=True, timeout=timeout,
-        env=clean_environment(**env), check=False,
+        cdcfeed_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=clean_environment(**env),
+        check=False,
     )

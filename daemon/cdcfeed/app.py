@@ -47,8 +47,8 @@ async def resolved_database(
     if settings.database.dsn.get_secret_value() or uses_libpq_environment(environ):
         yield settings.database
         return
-    data_dir = settings.embedded.data_dir or default_data_dir(environ)
-    cluster = PostgresCluster(wheel_bin_dir(), Path(data_dir).expanduser().resolve())
+    data_dir = Path(settings.embedded.data_dir or default_data_dir(environ))
+    cluster = PostgresCluster(wheel_bin_dir(), data_dir)
     await asyncio.to_thread(cluster.start)
     try:
         conn = await asyncpg.connect(cluster.dsn(), timeout=30)

@@ -22,7 +22,7 @@ import asyncpg
 from loguru import logger
 
 from cdcfeed import ledger
-from cdcfeed.db import RetryPolicy, describe_error, is_unavailable, with_connection
+from cdcfeed.db import Connection, RetryPolicy, describe_error, is_unavailable, with_connection
 from cdcfeed.errors import DatabaseUnavailable, FeedError
 from cdcfeed.feed import FeedDirectory
 from cdcfeed.generate import batch_rng, orders_csv
@@ -117,8 +117,14 @@ async def _load(
         start_lsn = await with_connection(
             env.pool,
             lambda conn: ledger.open_batch(
-                conn, names, allocation, env.instance, rows, path.name,
-                generated - started, written - generated,
+                conn,
+                names,
+                allocation,
+                env.instance,
+                rows,
+                path.name,
+                generated - started,
+                written - generated,
             ),
         )
 
@@ -206,7 +212,7 @@ async def _record_unstarted_failure(
     names = env.names
     batch_id = allocation.batch_id
 
-    async def record(conn: asyncpg.Connection) -> None:
+    async def record(conn: Connection) -> None:
         async with conn.transaction():
             await ledger.open_batch(conn, names, allocation, env.instance, rows, "", 0.0, 0.0)
             await ledger.fail_batch(conn, names, batch_id, error, None)

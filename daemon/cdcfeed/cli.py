@@ -31,12 +31,16 @@ from cdcfeed.errors import UserError
 T = TypeVar("T")
 
 config_option = click.option(
-    "--config", "-c", "config", type=click.Path(dir_okay=False, path_type=Path),
+    "--config",
+    "-c",
+    "config",
+    type=click.Path(dir_okay=False, path_type=Path),
     help=f"TOML settings file (default: $CDCFEED_CONFIG, then {DEFAULT_CONFIG_PATH} when "
     "present). Every key is documented in config/cdcfeed.toml.",
 )
 dsn_option = click.option(
-    "--dsn", help="postgresql:// URI. Default: $CDCFEED_DATABASE__DSN, $DATABASE_URL, "
+    "--dsn",
+    help="postgresql:// URI. Default: $CDCFEED_DATABASE__DSN, $DATABASE_URL, "
     "[database].dsn, libpq PG… variables, else an embedded server.",
 )
 log_format_option = click.option(
@@ -83,7 +87,9 @@ def _run_async(main: Callable[[], Awaitable[T]]) -> T:
 @app.command()
 @config_option
 @dsn_option
-@click.option("--rate", type=float, help="Batches per second; fractions allowed (0.1 = one per 10 s).")
+@click.option(
+    "--rate", type=float, help="Batches per second; fractions allowed (0.1 = one per 10 s)."
+)
 @click.option("--batch-size", type=int, help="Orders per batch.")
 @click.option("--concurrency", type=int, help="Batches allowed in flight at once.")
 @click.option("--max-batches", type=int, help="Stop after starting this many batches (0 = never).")
@@ -94,13 +100,25 @@ def _run_async(main: Callable[[], Awaitable[T]]) -> T:
 @log_format_option
 @click.option("--instance", help="Instance name in the ledger (default: the host name).")
 @click.option("--grace-period", type=float, help="Seconds in-flight batches get after SIGTERM.")
-@click.option("--init-schema/--no-init-schema", default=None,
-              help="Create or upgrade the schema before loading (default: on).")
+@click.option(
+    "--init-schema/--no-init-schema",
+    default=None,
+    help="Create or upgrade the schema before loading (default: on).",
+)
 def run(
-    config: Path | None, dsn: str | None, rate: float | None, batch_size: int | None,
-    concurrency: int | None, max_batches: int | None, duration: float | None,
-    feed_dir: Path | None, metrics_address: str | None, seed: int | None,
-    log_format: str | None, instance: str | None, grace_period: float | None,
+    config: Path | None,
+    dsn: str | None,
+    rate: float | None,
+    batch_size: int | None,
+    concurrency: int | None,
+    max_batches: int | None,
+    duration: float | None,
+    feed_dir: Path | None,
+    metrics_address: str | None,
+    seed: int | None,
+    log_format: str | None,
+    instance: str | None,
+    grace_period: float | None,
     init_schema: bool | None,
 ) -> None:
     """Run the daemon: load batches at the configured rate until stopped."""
@@ -109,8 +127,12 @@ def run(
         {
             "database": {"dsn": dsn, "init_schema": init_schema},
             "load": {
-                "rate": rate, "batch_size": batch_size, "concurrency": concurrency,
-                "max_batches": max_batches, "duration": duration, "seed": seed,
+                "rate": rate,
+                "batch_size": batch_size,
+                "concurrency": concurrency,
+                "max_batches": max_batches,
+                "duration": duration,
+                "seed": seed,
             },
             "feed": {"dir": feed_dir},
             "metrics": {"address": metrics_address},
@@ -160,10 +182,16 @@ def init_db(config: Path | None, dsn: str | None) -> None:
 @app.command()
 @config_option
 @dsn_option
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
-              help="How many recent batches.")
-@click.option("--format", "output", type=click.Choice(["text", "json"]), default="text",
-              show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="How many recent batches.",
+)
+@click.option(
+    "--format", "output", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
 def status(config: Path | None, dsn: str | None, limit: int, output: str) -> None:
     """Show recent batches from the ledger: status, rows, LSNs, durations."""
     settings = _settings(config, {"database": {"dsn": dsn}})
@@ -190,21 +218,41 @@ def _json_default(value: object) -> str:
 
 
 def _status_table(batches: list[dict[str, Any]]) -> str:
-    header = ("batch", "status", "rows", "start_lsn", "end_lsn", "gen_ms", "write_ms",
-              "copy_ms", "total_ms", "note")
+    header = (
+        "batch",
+        "status",
+        "rows",
+        "start_lsn",
+        "end_lsn",
+        "gen_ms",
+        "write_ms",
+        "copy_ms",
+        "total_ms",
+        "note",
+    )
     rows = [header]
     for batch in batches:
         total = ledger.seconds_between(batch["started_at"], batch["completed_at"])
         note = "recovered" if batch["recovered"] else (batch["error"] or "")[:60]
-        rows.append((
-            str(batch["batch_id"]), batch["status"], str(batch["row_count"]),
-            batch["start_lsn"] or "-", batch["end_lsn"] or "-",
-            _ms(batch["generate_seconds"]), _ms(batch["write_seconds"]),
-            _ms(batch["copy_seconds"]), _ms(total), note,
-        ))
+        rows.append(
+            (
+                str(batch["batch_id"]),
+                batch["status"],
+                str(batch["row_count"]),
+                batch["start_lsn"] or "-",
+                batch["end_lsn"] or "-",
+                _ms(batch["generate_seconds"]),
+                _ms(batch["write_seconds"]),
+                _ms(batch["copy_seconds"]),
+                _ms(total),
+                note,
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-                     for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
 
 
 def _ms(seconds: float | None) -> str:

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cdcfeed.errors import UserError
@@ -94,14 +95,6 @@ class EmbeddedSettings(_Section):
     data_dir: Path | None = None
 
 
-class CdcSettings(_Section):
-    slots: tuple[str, ...] = ()
-    poll_interval: float = Field(1.0, gt=0)
-    verify: bool = False
-    verify_slot: Identifier = "cdcfeed_verify"
-    publication: Identifier = "cdcfeed"
-
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -117,7 +110,6 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     daemon: DaemonSettings = DaemonSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
-    cdc: CdcSettings = CdcSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -152,14 +144,16 @@ def _read_toml(path: Path) -> dict[str, Any]:
         with path.open("rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:
-        raise UserError("--config", f"file {path} does not exist; pass an existing TOML file") from None
+        raise UserError(
+            "--config", f"file {path} does not exist; pass an existing TOML file"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError("--config", f"{path} is not valid TOML ({exc}); fix the syntax") from None
     except OSError as exc:
         raise UserError("--config", f"cannot read {path} ({exc.strerror})") from None
 
 
-def _describe(error: dict[str, Any], from_file: Path | None) -> UserError:
+def _describe(error: ErrorDetails, from_file: Path | None) -> UserError:
     location = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         where = f" in {from_file}" if from_file else ""
@@ -279,7 +273,9 @@ def split_address(address: str) -> tuple[str, int]:
         ipaddress.ip_address(host)
     except ValueError:
         if not host.replace("-", "").replace(".", "").isalnum():
-            raise ValueError(f"{host!r} is not a host name or IP address") from None
+            raise ValueError(
+                f"{host!r} is not a host name or IP address; expected host:port"
+            ) from None
     return host, int(port_text)
 
 

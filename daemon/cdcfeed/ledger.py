@@ -10,15 +10,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import asyncpg
-
+from cdcfeed.db import Connection
 from cdcfeed.pgoutput import lsn_to_int
 from cdcfeed.sql import SCHEMA_LOCK_KEY, Names
 
 __all__ = ["lsn_to_int"]
 
 
-async def init_schema(conn: asyncpg.Connection, names: Names) -> None:
+async def init_schema(conn: Connection, names: Names) -> None:
     """Creates or upgrades the schema; idempotent and safe from several instances at once."""
     async with conn.transaction():
         await conn.execute(names.q.lock_schema, SCHEMA_LOCK_KEY)
@@ -32,17 +31,15 @@ class Allocation:
     first_order_id: int
 
 
-async def allocate(conn: asyncpg.Connection, names: Names, rows: int) -> Allocation:
-    record = await conn.fetchrow(
-        names.q.allocate, names.orders, rows, names.q.sequence_regclass
-    )
+async def allocate(conn: Connection, names: Names, rows: int) -> Allocation:
+    record = await conn.fetchrow(names.q.allocate, names.orders, rows, names.q.sequence_regclass)
     if record is None:
         raise RuntimeError("order id allocation row is missing; run `cdcfeed init-db`")
     return Allocation(batch_id=record[0], first_order_id=record[1])
 
 
 async def open_batch(
-    conn: asyncpg.Connection,
+    conn: Connection,
     names: Names,
     allocation: Allocation,
     instance: str,
@@ -66,7 +63,7 @@ async def open_batch(
 
 
 async def complete_batch(
-    conn: asyncpg.Connection, names: Names, batch_id: int, xid: str, rows: int, copy_seconds: float
+    conn: Connection, names: Names, batch_id: int, xid: str, rows: int, copy_seconds: float
 ) -> str | None:
     """Marks the batch COMPLETED and returns its end LSN (None if it was settled already)."""
     end_lsn: str | None = await conn.fetchval(
@@ -76,7 +73,7 @@ async def complete_batch(
 
 
 async def fail_batch(
-    conn: asyncpg.Connection, names: Names, batch_id: int, error: str, copy_seconds: float | None
+    conn: Connection, names: Names, batch_id: int, error: str, copy_seconds: float | None
 ) -> None:
     await conn.execute(names.q.fail_batch, batch_id, error[:2000], copy_seconds)
 
@@ -95,9 +92,7 @@ class Settlement:
     end_lsn: str | None = None
 
 
-async def settle(
-    conn: asyncpg.Connection, names: Names, batch: Unsettled, reason: str
-) -> Settlement:
+async def settle(conn: Connection, names: Names, batch: Unsettled, reason: str) -> Settlement:
     """Decides a batch whose COPY outcome was not recorded, from what the database holds.
 
     With the COPY's xid known, `pg_xact_status` is definitive (and tells a transaction that
@@ -124,16 +119,12 @@ async def settle(
     return Settlement("FAILED")
 
 
-async def unsettled_of_instance(
-    conn: asyncpg.Connection, names: Names, instance: str
-) -> list[Unsettled]:
+async def unsettled_of_instance(conn: Connection, names: Names, instance: str) -> list[Unsettled]:
     records = await conn.fetch(names.q.in_progress_of_instance, instance)
     return [Unsettled(r[0], r[1], r[2], r[3]) for r in records]
 
 
-async def recent_batches(
-    conn: asyncpg.Connection, names: Names, limit: int
-) -> list[dict[str, Any]]:
+async def recent_batches(conn: Connection, names: Names, limit: int) -> list[dict[str, Any]]:
     records = await conn.fetch(names.q.recent_batches, limit)
     return [dict(record) for record in records]
 

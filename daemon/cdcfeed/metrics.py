@@ -19,7 +19,22 @@ SKIP_REASONS = ("busy", "database_down", "disk_full", "shutdown")
 VERIFY_RESULTS = ("ok", "violation")
 
 _DURATION_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
 )
 _ROW_BUCKETS = (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
 _LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
@@ -31,39 +46,53 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.batches = Counter(
-            "cdcfeed_batches", "Batches finished, by ledger status.", ["status"],
+            "cdcfeed_batches",
+            "Batches finished, by ledger status.",
+            ["status"],
             registry=registry,
         )
         self.rows = Counter("cdcfeed_rows", "Order rows committed.", registry=registry)
         self.duration = Histogram(
-            "cdcfeed_batch_duration_seconds", "Batch duration by phase.", ["phase"],
-            buckets=_DURATION_BUCKETS, registry=registry,
+            "cdcfeed_batch_duration_seconds",
+            "Batch duration by phase.",
+            ["phase"],
+            buckets=_DURATION_BUCKETS,
+            registry=registry,
         )
         self.batch_rows = Histogram(
-            "cdcfeed_batch_rows", "Rows per committed batch.", buckets=_ROW_BUCKETS,
+            "cdcfeed_batch_rows",
+            "Rows per committed batch.",
+            buckets=_ROW_BUCKETS,
             registry=registry,
         )
         self.skipped = Counter(
-            "cdcfeed_batches_skipped", "Scheduled runs that could not start, by reason.",
-            ["reason"], registry=registry,
+            "cdcfeed_batches_skipped",
+            "Scheduled runs that could not start, by reason.",
+            ["reason"],
+            registry=registry,
         )
         self.in_flight = Gauge(
             "cdcfeed_batches_in_flight", "Batches running now.", registry=registry
         )
         self.target_rate = Gauge(
-            "cdcfeed_target_batches_per_second", "The rate the load profile asks for now.",
+            "cdcfeed_target_batches_per_second",
+            "The rate the load profile asks for now.",
             registry=registry,
         )
         self.achieved_rate = Gauge(
             "cdcfeed_achieved_batches_per_second",
-            "Batches started per second over the last ten seconds.", registry=registry,
+            "Batches started per second over the last ten seconds.",
+            registry=registry,
         )
         self.schedule_lag = Histogram(
-            "cdcfeed_schedule_lag_seconds", "How late each scheduled run started.",
-            buckets=_LAG_BUCKETS, registry=registry,
+            "cdcfeed_schedule_lag_seconds",
+            "How late each scheduled run started.",
+            buckets=_LAG_BUCKETS,
+            registry=registry,
         )
         self.last_end_lsn = Gauge(
-            "cdcfeed_last_end_lsn_bytes", "End LSN of the last completed batch, as bytes.",
+            "cdcfeed_last_end_lsn_bytes",
+            "End LSN of the last completed batch, as bytes.",
             registry=registry,
         )
         self.database_up = Gauge(
@@ -75,38 +104,50 @@ class Metrics:
         # Per replication slot (filled by the slot monitor) and continuous verification.
         self.slot_lag = Gauge(
             "cdcfeed_replication_slot_lag_bytes",
-            "Current WAL insert LSN minus the slot's confirmed_flush_lsn.", ["slot"],
+            "Current WAL insert LSN minus the slot's confirmed_flush_lsn.",
+            ["slot"],
             registry=registry,
         )
         self.slot_retained = Gauge(
             "cdcfeed_replication_slot_retained_wal_bytes",
-            "Current WAL insert LSN minus the slot's restart_lsn.", ["slot"], registry=registry,
+            "Current WAL insert LSN minus the slot's restart_lsn.",
+            ["slot"],
+            registry=registry,
         )
         self.slot_active = Gauge(
-            "cdcfeed_replication_slot_active", "1 when a consumer is attached to the slot.",
-            ["slot"], registry=registry,
+            "cdcfeed_replication_slot_active",
+            "1 when a consumer is attached to the slot.",
+            ["slot"],
+            registry=registry,
         )
         self.slot_safe_wal = Gauge(
             "cdcfeed_replication_slot_safe_wal_size_bytes",
-            "WAL the slot may still retain before it is invalidated.", ["slot"],
+            "WAL the slot may still retain before it is invalidated.",
+            ["slot"],
             registry=registry,
         )
         self.unconfirmed = Gauge(
             "cdcfeed_unconfirmed_batches",
-            "COMPLETED batches whose end LSN the slot has not confirmed.", ["slot"],
+            "COMPLETED batches whose end LSN the slot has not confirmed.",
+            ["slot"],
             registry=registry,
         )
         self.confirm_seconds = Histogram(
             "cdcfeed_batch_confirm_seconds",
-            "From a batch's completion to the poll that saw the slot confirm it.", ["slot"],
-            buckets=_CONFIRM_BUCKETS, registry=registry,
+            "From a batch's completion to the poll that saw the slot confirm it.",
+            ["slot"],
+            buckets=_CONFIRM_BUCKETS,
+            registry=registry,
         )
         self.verified = Counter(
-            "cdcfeed_verified_batches", "Batches checked against the change stream.",
-            ["result"], registry=registry,
+            "cdcfeed_verified_batches",
+            "Batches checked against the change stream.",
+            ["result"],
+            registry=registry,
         )
         self.verify_lag = Gauge(
-            "cdcfeed_verify_lag_bytes", "WAL not yet read by continuous verification.",
+            "cdcfeed_verify_lag_bytes",
+            "WAL not yet read by continuous verification.",
             registry=registry,
         )
 

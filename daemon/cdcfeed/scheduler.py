@@ -181,8 +181,10 @@ class LoadScheduler:
         scheduler.start()
         self._readiness.scheduler_running = True
         try:
-            waits = [asyncio.ensure_future(self._stop.wait()),
-                     asyncio.ensure_future(self._enough.wait())]
+            waits = [
+                asyncio.ensure_future(self._stop.wait()),
+                asyncio.ensure_future(self._enough.wait()),
+            ]
             timeout = self._duration or None
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waits:

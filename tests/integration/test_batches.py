@@ -7,7 +7,6 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-
 from tests.support import check_invariant, prepare_slot, read_stream, run_in_process, settings_for
 
 
@@ -29,14 +28,15 @@ async def test_every_batch_lands_whole_in_its_own_transaction(dsn: str, feed_dir
     assert len(list(feed_dir.glob("orders_batch_*.csv"))) == 100
 
 
-async def test_a_failed_copy_leaves_no_rows_and_the_load_goes_on(
-    dsn: str, feed_dir: Path
-) -> None:
+async def test_a_failed_copy_leaves_no_rows_and_the_load_goes_on(dsn: str, feed_dir: Path) -> None:
     # A row squatting in the third batch's order-id block makes that COPY violate the key.
-    await prepare_slot(dsn, before_slot="""
+    await prepare_slot(
+        dsn,
+        before_slot="""
         INSERT INTO orders VALUES (250, -1, 1, 10.00, now());
         UPDATE cdcfeed_order_ids SET next_order_id = 1;
-    """)
+    """,
+    )
     settings = settings_for(dsn, feed_dir, rate=20, batch_size=100, max_batches=8, concurrency=1)
 
     assert await run_in_process(settings) == 0
@@ -57,10 +57,12 @@ async def test_a_failed_copy_leaves_no_rows_and_the_load_goes_on(
 
 async def test_two_instances_on_one_database_never_collide(dsn: str, tmp_path: Path) -> None:
     await prepare_slot(dsn)
-    first = settings_for(dsn, tmp_path / "a", rate=40, batch_size=200, max_batches=40,
-                         daemon={"instance": "alpha"})
-    second = settings_for(dsn, tmp_path / "b", rate=40, batch_size=300, max_batches=40,
-                          daemon={"instance": "beta"})
+    first = settings_for(
+        dsn, tmp_path / "a", rate=40, batch_size=200, max_batches=40, daemon={"instance": "alpha"}
+    )
+    second = settings_for(
+        dsn, tmp_path / "b", rate=40, batch_size=300, max_batches=40, daemon={"instance": "beta"}
+    )
 
     codes = await asyncio.gather(run_in_process(first), run_in_process(second))
 
@@ -68,8 +70,9 @@ async def test_two_instances_on_one_database_never_collide(dsn: str, tmp_path: P
     assert await check_invariant(dsn, await read_stream(dsn)) == {"COMPLETED": 80}
     conn = await asyncpg.connect(dsn)
     try:
-        per_instance = dict(await conn.fetch(
-            "SELECT instance, count(*) FROM batch_control GROUP BY 1"))
+        per_instance = dict(
+            await conn.fetch("SELECT instance, count(*) FROM batch_control GROUP BY 1")
+        )
         assert per_instance == {"alpha": 40, "beta": 40}
         assert await conn.fetchval("SELECT count(*) FROM orders") == 40 * 200 + 40 * 300
     finally:

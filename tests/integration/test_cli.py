@@ -1,0 +1,355 @@
+"""The command line as a user meets it: one line and exit 2 for mistakes, signals, first run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import asyncpg
+import pytest
+from tests.support import (
+    cdcfeed_command,
+    check_invariant,
+    clean_environment,
+    run_cli,
+)
+
+from cdcfeed.embedded import PostgresCluster, free_port
+
+
+def spawn(log: Path, *args: str) -> subprocess.Popen[str]:
+    """The daemon as a child process, its stderr in `log` (a pipe could fill and block it)."""
+    with log.open("w") as handle:
+        return subprocess.Popen(
+            cdcfeed_command(*args), env=clean_environment(), stderr=handle, text=True
+        )
+
+
+def _one_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    # Log lines (each connection retry, say) may come first; the error is one line, last.
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("cdcfeed: ")]
+    assert errors == lines[-1:], result.stderr
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["--rate", "0"], "load.rate"),
+        (["--rate", "-1"], "load.rate"),
+        (["--batch-size", "0"], "load.batch_size"),
+        (["--concurrency", "0"], "load.concurrency"),
+        (["--metrics-address", "nowhere"], "metrics.address"),
+        (["--dsn", "host=db user=x"], "database.dsn"),
+        (["--dsn", "postgresql://u:pw@localhost:notaport/db"], "database.dsn"),
+        (["--rate", "fast"], "--rate"),
+    ],
+)
+def test_bad_values_are_one_line_and_exit_2(args: list[str], names: str) -> None:
+    line = _one_line(run_cli("run", *args))
+    assert names in line
+    assert "pw" not in line
+
+
+def test_unknown_key_in_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "cdcfeed.toml"
+    config.write_text("[load]\nrate = 2\nbatchsize = 10\n")
+    line = _one_line(run_cli("config", "--config", str(config)))
+    assert "load.batchsize" in line and "unknown setting" in line
+
+
+def test_environment_overrides_the_file_and_flags_override_both(tmp_path: Path) -> None:
+    config = tmp_path / "cdcfeed.toml"
+    config.write_text("[load]\nrate = 2\nbatch_size = 10\nconcurrency = 3\n")
+    result = run_cli(
+        "config",
+        "--config",
+        str(config),
+        "--dsn",
+        "postgresql://u:s3cret@h/db",
+        CDCFEED_LOAD__BATCH_SIZE="20",
+        CDCFEED_LOAD__RATE="5",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "rate = 5.0" in result.stdout
+    assert "batch_size = 20" in result.stdout
+    assert "concurrency = 3" in result.stdout
+    assert 'dsn = "postgresql://u:***@h/db"' in result.stdout
+    assert "s3cret" not in result.stdout + result.stderr
+
+
+def test_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "c.toml"
+    config.write_text("[database]\nconnect_attempts = 2\nconnect_timeout = 2\n")
+    line = _one_line(
+        run_cli(
+            "run",
+            "--config",
+            str(config),
+            "--dsn",
+            f"postgresql://u:hunter2@127.0.0.1:{port}/db",
+            "--feed-dir",
+            str(tmp_path / "feed"),
+            "--metrics-address",
+            "127.0.0.1:0",
+        )
+    )
+    assert line.startswith("cdcfeed: database.dsn: cannot connect to postgresql://u:***@127.0.0.1")
+    assert "hunter2" not in line
+
+
+def test_an_unwritable_feed_dir_is_one_line(tmp_path: Path, dsn: str) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    line = _one_line(
+        run_cli(
+            "run",
+            "--dsn",
+            dsn,
+            "--feed-dir",
+            str(blocker / "feed"),
+            "--metrics-address",
+            "127.0.0.1:0",
+        )
+    )
+    assert line.startswith("cdcfeed: feed.dir: cannot create or write")
+
+
+async def test_sigterm_stops_inside_the_grace_period_with_nothing_in_progress(
+    dsn: str, tmp_path: Path
+) -> None:
+    grace = 4.0
+    log = tmp_path / "stderr.log"
+    process = spawn(
+        log,
+        "run",
+        "--dsn",
+        dsn,
+        "--rate",
+        "8",
+        "--batch-size",
+        "60000",
+        "--concurrency",
+        "3",
+        "--feed-dir",
+        str(tmp_path / "feed"),
+        "--metrics-address",
+        "127.0.0.1:0",
+        "--grace-period",
+        str(grace),
+    )
+    try:
+        await _wait_for_batches(dsn, at_least=3)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(process.wait, grace + 10)
+        took = time.monotonic() - signalled
+    finally:
+        process.kill()
+        process.wait()
+        stderr = log.read_text()
+    assert code == 0, stderr
+    assert took < grace, f"stopped {took:.1f}s after SIGTERM, grace {grace}s"
+    assert "received SIGTERM" in stderr
+    counts = await check_invariant(dsn)
+    assert counts.get("COMPLETED", 0) >= 3
+
+
+async def test_a_batch_cut_off_by_shutdown_is_failed_not_left_in_progress(
+    dsn: str, tmp_path: Path
+) -> None:
+    # Batches far longer than the grace period: shutdown must cut them off and settle them.
+    log = tmp_path / "stderr.log"
+    process = spawn(
+        log,
+        "run",
+        "--dsn",
+        dsn,
+        "--rate",
+        "2",
+        "--batch-size",
+        "1500000",
+        "--concurrency",
+        "1",
+        "--feed-dir",
+        str(tmp_path / "feed"),
+        "--metrics-address",
+        "127.0.0.1:0",
+        "--grace-period",
+        "1",
+    )
+    try:
+        await _wait_for_in_progress(dsn)
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(process.wait, 15)
+    finally:
+        process.kill()
+        process.wait()
+        stderr = log.read_text()
+    assert code == 0, stderr
+    counts = await check_invariant(dsn)
+    assert counts.get("FAILED", 0) >= 1, (counts, stderr)
+    assert "cutting off" in stderr
+
+
+async def _wait_for_batches(dsn: str, at_least: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = await asyncpg.connect(dsn)
+            try:
+                done = await conn.fetchval(
+                    "SELECT count(*) FROM batch_control WHERE status = 'COMPLETED'"
+                )
+            finally:
+                await conn.close()
+            if done >= at_least:
+                return
+        except asyncpg.UndefinedTableError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError("the daemon completed no batches")
+
+
+async def _wait_for_in_progress(dsn: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = await asyncpg.connect(dsn)
+            try:
+                if await conn.fetchval(
+                    "SELECT count(*) FROM batch_control WHERE status = 'IN_PROGRESS'"
+                ):
+                    return
+            finally:
+                await conn.close()
+        except asyncpg.UndefinedTableError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError("no batch was ever IN_PROGRESS")
+
+
+def test_first_run_starts_an_embedded_server_and_stops_it(tmp_path: Path, scratch: Path) -> None:
+    # In the suite's scratch folder: as root, the server user must traverse every parent.
+    data_dir = scratch / "first-run-pgdata"
+    result = run_cli(
+        "run",
+        "--max-batches",
+        "5",
+        "--rate",
+        "20",
+        "--feed-dir",
+        str(tmp_path / "feed"),
+        "--metrics-address",
+        "127.0.0.1:0",
+        timeout=120,
+        CDCFEED_EMBEDDED__DATA_DIR=str(data_dir),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "embedded PostgreSQL started in" in result.stderr
+    assert "psql postgresql://postgres@127.0.0.1:" in result.stderr
+    assert result.stderr.count("COMPLETED") == 5
+    assert "embedded PostgreSQL stopped" in result.stderr
+    assert not (data_dir / "postmaster.pid").exists()
+
+    # The data stays: a second run finds the first run's ledger.
+    cluster = PostgresCluster(Path("/nonexistent"), data_dir)
+    assert cluster.initialized()
+    status = run_cli(
+        "status", "--format", "json", timeout=120, CDCFEED_EMBEDDED__DATA_DIR=str(data_dir)
+    )
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.count('"COMPLETED"') == 5
+
+
+async def test_metrics_and_health_during_a_run(dsn: str, tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "stderr.log"
+    process = spawn(
+        log,
+        "run",
+        "--dsn",
+        dsn,
+        "--rate",
+        "20",
+        "--batch-size",
+        "100",
+        "--duration",
+        "30",
+        "--feed-dir",
+        str(tmp_path / "feed"),
+        "--metrics-address",
+        f"127.0.0.1:{port}",
+    )
+    try:
+        await _wait_for_batches(dsn, at_least=5)
+        base = f"http://127.0.0.1:{port}"
+        assert _get(f"{base}/healthz") == (200, "ok\n")
+        assert _get(f"{base}/readyz")[0] == 200
+        status, body = _get(f"{base}/metrics")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(15)
+        process.kill()
+    assert status == 200
+    for series in (
+        'cdcfeed_batches_total{status="completed"}',
+        'cdcfeed_batches_total{status="failed"} 0.0',
+        'cdcfeed_batches_skipped_total{reason="busy"}',
+        'cdcfeed_batch_duration_seconds_bucket{le="0.01",phase="copy"}',
+        'cdcfeed_batch_duration_seconds_count{phase="generate"}',
+        "cdcfeed_batch_rows_bucket",
+        "cdcfeed_rows_total",
+        "cdcfeed_batches_in_flight",
+        "cdcfeed_target_batches_per_second 20.0",
+        "cdcfeed_achieved_batches_per_second",
+        "cdcfeed_last_end_lsn_bytes",
+        "cdcfeed_database_up 1.0",
+        'cdcfeed_build_info{version="',
+        "cdcfeed_schedule_lag_seconds_bucket",
+    ):
+        assert series in body, series
+    completed = _sample(body, 'cdcfeed_batches_total{status="completed"}')
+    assert completed >= 5
+    assert _sample(body, "cdcfeed_rows_total") == completed * 100
+    _promtool_accepts(body)
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _sample(body: str, series: str) -> float:
+    for line in body.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{series} not exposed")
+
+
+def _promtool_accepts(body: str) -> None:
+    try:
+        result = subprocess.run(
+            ["promtool", "check", "metrics"],
+            input=body,
+            text=True,
+            capture_output=True,
+            check=False,
+        )
+    except FileNotFoundError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    assert result.returncode == 0, result.stdout + result.stderr
