@@ -23,10 +23,11 @@ PUBLICATION = "cdcfeed_test"
 
 def settings_for(dsn: str, feed_dir: Path, **load: Any) -> Settings:
     daemon = load.pop("daemon", {})
+    feed = load.pop("feed", {})
     overrides: dict[str, dict[str, Any]] = {
         "database": {"dsn": dsn, "connect_attempts": 2},
         "load": {"rate": 50.0, "batch_size": 100, "concurrency": 2, **load},
-        "feed": {"dir": feed_dir},
+        "feed": {"dir": feed_dir, **feed},
         "metrics": {"address": "127.0.0.1:0"},
         "daemon": {"grace_period": 5.0, **daemon},
     }

@@ -118,6 +118,15 @@ async def watch_database(
             await asyncio.wait_for(suspect.wait(), timeout=pause)
 
 
+def blocked_reason(readiness: Readiness, feed: FeedDirectory) -> str | None:
+    """Why a batch must not start now, as a skip reason; None when it may."""
+    if not readiness.database_up:
+        return "database_down"
+    if not feed.has_room():
+        return "disk_full"
+    return None
+
+
 def supervise(task: asyncio.Task[None], stop: asyncio.Event, failures: list[str]) -> None:
     def on_done(done: asyncio.Task[None]) -> None:
         if done.cancelled() or done.exception() is None:
@@ -196,7 +205,7 @@ async def run_daemon(
                     grace_period=settings.daemon.grace_period,
                     metrics=metrics,
                     start_batch=lambda sequence: run_batch(environment, sequence),
-                    database_up=lambda: readiness.database_up,
+                    blocked=lambda: blocked_reason(readiness, feed),
                     stop=stop,
                     readiness=readiness,
                 )

@@ -96,7 +96,7 @@ class LoadScheduler:
         grace_period: float,
         metrics: Metrics,
         start_batch: BatchFactory,
-        database_up: Callable[[], bool],
+        blocked: Callable[[], str | None],
         stop: asyncio.Event,
         readiness: Readiness,
     ) -> None:
@@ -107,7 +107,7 @@ class LoadScheduler:
         self._grace = grace_period
         self._metrics = metrics
         self._start_batch = start_batch
-        self._database_up = database_up
+        self._blocked = blocked
         self._stop = stop
         self._enough = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -126,8 +126,9 @@ class LoadScheduler:
         if len(self._in_flight) >= self._concurrency:
             self._skips.skipped("busy")
             return
-        if not self._database_up():
-            self._skips.skipped("database_down")
+        reason = self._blocked()
+        if reason is not None:
+            self._skips.skipped(reason)
             return
         sequence = self._started
         self._started += 1

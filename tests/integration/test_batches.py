@@ -7,7 +7,19 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from tests.support import check_invariant, prepare_slot, read_stream, run_in_process, settings_for
+from loguru import logger
+
+from cdcfeed.app import names_of
+from cdcfeed.config import load_settings
+from cdcfeed.ledger import init_schema
+from tests.support import (
+    check_invariant,
+    ledger_rows,
+    prepare_slot,
+    read_stream,
+    run_in_process,
+    settings_for,
+)
 
 
 @pytest.mark.parametrize("server", ["pg15", "pg18"], indirect=True)
@@ -75,5 +87,61 @@ async def test_two_instances_on_one_database_never_collide(dsn: str, tmp_path: P
         )
         assert per_instance == {"alpha": 40, "beta": 40}
         assert await conn.fetchval("SELECT count(*) FROM orders") == 40 * 200 + 40 * 300
+    finally:
+        await conn.close()
+
+
+async def test_runs_are_skipped_while_the_feed_disk_is_short_of_space(
+    dsn: str, feed_dir: Path
+) -> None:
+    messages: list[str] = []
+    sink = logger.add(messages.append, level="WARNING", format="{message}")
+    try:
+        settings = settings_for(
+            dsn, feed_dir, rate=20, duration=1.0, feed={"min_free_bytes": 10**18}
+        )
+        assert await run_in_process(settings) == 0
+    finally:
+        logger.remove(sink)
+    assert await ledger_rows(dsn) == []
+    assert any("disk_full=" in message for message in messages), messages
+
+
+async def test_init_db_twice_and_from_several_clients_at_once(dsn: str) -> None:
+    names = names_of(settings_for(dsn, Path("/nonexistent")))
+    connections = [await asyncpg.connect(dsn) for _ in range(4)]
+    try:
+        await asyncio.gather(*(init_schema(conn, names) for conn in connections))
+        await init_schema(connections[0], names)
+        tables = await connections[0].fetchval(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        )
+        next_id = await connections[0].fetchval("SELECT next_order_id FROM cdcfeed_order_ids")
+    finally:
+        for conn in connections:
+            await conn.close()
+    assert tables == 4  # orders, batch_control, cdcfeed_order_ids, cdcfeed_instances
+    assert next_id == 1
+
+
+async def test_configured_names_are_quoted_identifiers(dsn: str, feed_dir: Path) -> None:
+    settings = load_settings(
+        None,
+        {
+            "database": {"dsn": dsn, "schema_name": "Load Test", "orders_table": 'Or"ders',
+                         "batch_table": "batch ledger"},
+            "load": {"rate": 20, "max_batches": 3},
+            "feed": {"dir": feed_dir},
+            "metrics": {"address": "127.0.0.1:0"},
+        },
+        environ={},
+    )
+    assert await run_in_process(settings) == 0
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await conn.fetchval('SELECT count(*) FROM "Load Test"."Or""ders"') == 300
+        assert await conn.fetchval(
+            """SELECT count(*) FROM "Load Test"."batch ledger" WHERE status = 'COMPLETED'"""
+        ) == 3
     finally:
         await conn.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -353,3 +354,18 @@ def _promtool_accepts(body: str) -> None:
             raise
         pytest.skip("promtool not installed (Debian package prometheus)")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_json_logs_carry_the_batch_fields(dsn: str, tmp_path: Path) -> None:
+    result = run_cli(
+        "run", "--dsn", dsn, "--rate", "20", "--max-batches", "3", "--log-format", "json",
+        "--feed-dir", str(tmp_path / "feed"), "--metrics-address", "127.0.0.1:0",
+    )
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line)["record"] for line in result.stderr.splitlines()]
+    batches = [r for r in records if "COMPLETED" in r["message"]]
+    assert len(batches) == 3
+    for record in batches:
+        extra = record["extra"]
+        assert {"batch_id", "rows", "start_lsn", "end_lsn", "xid"} <= set(extra)
+        assert extra["rows"] == 100
