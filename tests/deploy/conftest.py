@@ -1,4 +1,7 @@
-"""Shared helpers for the deployment-artifact tests (Dockerfile, compose, k8s, Prometheus, Grafana).
+"""Fixtures for the deployment-artifact tests: Dockerfile, compose, k8s, Prometheus, Grafana.
+
+Everything is offered as a fixture, never imported from this file, so the tests work under
+any pytest import mode and beside other conftest.py files.
 
 External tools (hadolint, kubernetes-validate, promtool, prometheus) are looked up next to the
 running interpreter first (the venv's bin/), then on PATH. A missing tool skips its test on a
@@ -71,12 +74,6 @@ def tool() -> Callable[[str, str], str]:
     return lookup
 
 
-def run(argv: list[str], cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
 # --- The metric contract ---------------------------------------------------------------------
 
 
@@ -120,19 +117,25 @@ def contract_metrics() -> dict[str, ContractMetric]:
     return metrics
 
 
-def allowed_series_names() -> set[str]:
+@pytest.fixture(scope="session")
+def contract() -> dict[str, ContractMetric]:
+    return contract_metrics()
+
+
+@pytest.fixture(scope="session")
+def allowed_series_names(contract: dict[str, ContractMetric]) -> set[str]:
+    """Every series name a query may select: the contract's metrics (with a histogram's
+    _bucket/_sum/_count) and Prometheus' own `up`."""
     names = {"up"}
-    for metric in contract_metrics().values():
+    for metric in contract.values():
         names |= metric.series_names()
     return names
 
 
 # --- PromQL ------------------------------------------------------------------------------------
 
-_PROMQL_KEYWORDS = {
-    "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
-    "bool", "offset", "inf", "nan", "atan2",
-}
+# Words that look like metric names in PromQL but are operators or modifiers.
+_PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan", "atan2"}
 
 
 def metric_names_in(expr: str) -> set[str]:
@@ -147,13 +150,18 @@ def metric_names_in(expr: str) -> set[str]:
     names = set()
     for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
         name = match.group(0)
-        following = text[match.end():].lstrip()
+        following = text[match.end() :].lstrip()
         if following.startswith("(") or name.lower() in _PROMQL_KEYWORDS:
             continue  # a function call or an operator keyword
         if match.start() and (text[match.start() - 1].isdigit() or text[match.start() - 1] == "."):
             continue  # the exponent of a number such as 1e6
         names.add(name)
     return names
+
+
+@pytest.fixture(scope="session")
+def promql_metric_names() -> Callable[[str], set[str]]:
+    return metric_names_in
 
 
 def grafana_to_promql(expr: str, variables: dict[str, str] | None = None) -> str:
@@ -173,7 +181,8 @@ def grafana_to_promql(expr: str, variables: dict[str, str] | None = None) -> str
 
 
 def load_dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    dashboard: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return dashboard
 
 
 def dashboard_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
@@ -251,16 +260,26 @@ def check_dashboard_queries(base_url: str, variables: dict[str, str] | None = No
         elif not answer["data"]["result"]:
             problems.append(f"{where} -> no series")
     for variable, metric, label in label_values_queries():
-        answer = prometheus_get(
-            base_url, f"/api/v1/label/{label}/values", {"match[]": metric}
-        )
+        answer = prometheus_get(base_url, f"/api/v1/label/{label}/values", {"match[]": metric})
         if answer.get("status") != "success" or not answer.get("data"):
             problems.append(f"variable ${variable}: label_values({metric}, {label}) is empty")
     return problems
 
 
 @pytest.fixture
+def dashboard() -> dict[str, Any]:
+    return load_dashboard()
+
+
+@pytest.fixture(name="dashboard_queries")
+def dashboard_queries_fixture(dashboard: dict[str, Any]) -> list[DashboardQuery]:
+    """Every panel query; `.expr` as written, `.promql(variables)` ready for Prometheus."""
+    return dashboard_queries(dashboard)
+
+
+@pytest.fixture
 def dashboard_query_checker() -> Callable[..., list[str]]:
+    """check(base_url, variables=None) -> problems; see check_dashboard_queries."""
     return check_dashboard_queries
 
 
@@ -302,9 +321,7 @@ def prometheus_server(
                         "scrape_interval": scrape_interval,
                         "evaluation_interval": scrape_interval,
                     },
-                    "scrape_configs": [
-                        {"job_name": job, "static_configs": [{"targets": targets}]}
-                    ],
+                    "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}]}],
                 }
             ),
             encoding="utf-8",
@@ -318,7 +335,6 @@ def prometheus_server(
                 f"--config.file={config}",
                 f"--storage.tsdb.path={home / 'data'}",
                 f"--web.listen-address=127.0.0.1:{port}",
-                "--web.enable-lifecycle",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -354,3 +370,52 @@ def prometheus_server(
                 process.wait()
         for log in logs:
             log.close()
+
+
+@pytest.fixture
+def cdcfeed_config_checker(
+    tool: Callable[[str, str], str], tmp_path: Path
+) -> Callable[[str], subprocess.CompletedProcess[str]]:
+    """check(toml_text) -> the result of `cdcfeed config --config FILE` in a clean environment.
+
+    cdcfeed itself is the judge of its settings: unknown keys and bad values exit 2.
+    """
+    cdcfeed = tool("cdcfeed", "pip install -e . into the test environment")
+
+    def check(toml_text: str) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / f"cdcfeed-{len(list(tmp_path.glob('cdcfeed-*.toml')))}.toml"
+        path.write_text(toml_text, encoding="utf-8")
+        # Only the file speaks: no CDCFEED_*, PG* or DATABASE_URL from the caller's shell.
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
+        return subprocess.run(
+            [cdcfeed, "config", "--config", str(path)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    return check
+
+
+def wait_for_scrapes(
+    base_url: str, job: str = "cdcfeed", scrapes: int = 4, timeout: float = 60
+) -> None:
+    """Waits until Prometheus holds `scrapes` successful samples of `job` in the last minute,
+    enough for rate() and deriv() over a 1m window."""
+    query = f'sum(count_over_time(up{{job="{job}"}}[1m]) and on() (min(up{{job="{job}"}}) == 1))'
+
+    def enough() -> bool:
+        result = prometheus_get(base_url, "/api/v1/query", {"query": query})
+        samples = result.get("data", {}).get("result", [])
+        return bool(samples) and float(samples[0]["value"][1]) >= scrapes
+
+    wait_for(enough, timeout, f"{scrapes} successful scrapes of job {job!r}")
+
+
+@pytest.fixture
+def prometheus_scrapes() -> Callable[..., None]:
+    """wait(base_url, job="cdcfeed", scrapes=4, timeout=60): see wait_for_scrapes."""
+    return wait_for_scrapes
