@@ -178,6 +178,14 @@ def clean_environment(**extra: str) -> dict[str, str]:
     return env
 
 
+def spawn(log: Path, *args: str, **env: str) -> subprocess.Popen[str]:
+    """The daemon as a child process, its stderr in `log` (a pipe could fill and block it)."""
+    with log.open("w") as handle:
+        return subprocess.Popen(
+            cdcfeed_command(*args), env=clean_environment(**env), stderr=handle, text=True
+        )
+
+
 def run_cli(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         cdcfeed_command(*args),

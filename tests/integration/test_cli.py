@@ -13,22 +13,13 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from tests.support import (
-    cdcfeed_command,
-    check_invariant,
-    clean_environment,
-    run_cli,
-)
 
 from cdcfeed.embedded import PostgresCluster, free_port
-
-
-def spawn(log: Path, *args: str) -> subprocess.Popen[str]:
-    """The daemon as a child process, its stderr in `log` (a pipe could fill and block it)."""
-    with log.open("w") as handle:
-        return subprocess.Popen(
-            cdcfeed_command(*args), env=clean_environment(), stderr=handle, text=True
-        )
+from tests.support import (
+    check_invariant,
+    run_cli,
+    spawn,
+)
 
 
 def _one_line(result: subprocess.CompletedProcess[str]) -> str:
