@@ -178,6 +178,17 @@ def clean_environment(**extra: str) -> dict[str, str]:
     return env
 
 
+def daemon_args(dsn: str | None, tmp_path: Path, **options: object) -> list[str]:
+    """`run` arguments for a test: its own feed dir, any free metrics port, then `options`
+    as flags (batch_size=5 → --batch-size 5)."""
+    args = ["run", "--feed-dir", str(tmp_path / "feed"), "--metrics-address", "127.0.0.1:0"]
+    if dsn is not None:
+        args += ["--dsn", dsn]
+    for name, value in options.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    return args
+
+
 def spawn(log: Path, *args: str, **env: str) -> subprocess.Popen[str]:
     """The daemon as a child process, its stderr in `log` (a pipe could fill and block it)."""
     with log.open("w") as handle:

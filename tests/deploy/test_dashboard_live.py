@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cdcfeed.embedded import free_port
-from tests.support import prepare_slot, spawn
+from tests.support import daemon_args, prepare_slot, spawn
 
 
 def _ready(url: str) -> bool:
@@ -33,8 +33,10 @@ async def test_every_dashboard_query_returns_series_from_a_live_cdcfeed(
     port = free_port()
     log = tmp_path / "cdcfeed.log"
     daemon = spawn(
-        log, "run", "--dsn", dsn, "--rate", "10", "--batch-size", "50",
-        "--feed-dir", str(tmp_path / "feed"), "--metrics-address", f"127.0.0.1:{port}",
+        log,
+        *daemon_args(dsn, tmp_path, rate=10, batch_size=50),
+        "--metrics-address",
+        f"127.0.0.1:{port}",
         CDCFEED_CDC__VERIFY="true",
     )
     try:

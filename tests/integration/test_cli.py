@@ -17,6 +17,7 @@ import pytest
 from cdcfeed.embedded import PostgresCluster, free_port
 from tests.support import (
     check_invariant,
+    daemon_args,
     run_cli,
     spawn,
 )
@@ -82,19 +83,8 @@ def test_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
     port = free_port()
     config = tmp_path / "c.toml"
     config.write_text("[database]\nconnect_attempts = 2\nconnect_timeout = 2\n")
-    line = _one_line(
-        run_cli(
-            "run",
-            "--config",
-            str(config),
-            "--dsn",
-            f"postgresql://u:hunter2@127.0.0.1:{port}/db",
-            "--feed-dir",
-            str(tmp_path / "feed"),
-            "--metrics-address",
-            "127.0.0.1:0",
-        )
-    )
+    dsn = f"postgresql://u:hunter2@127.0.0.1:{port}/db"
+    line = _one_line(run_cli(*daemon_args(dsn, tmp_path), "--config", str(config)))
     assert line.startswith("cdcfeed: database.dsn: cannot connect to postgresql://u:***@127.0.0.1")
     assert "hunter2" not in line
 
@@ -102,17 +92,7 @@ def test_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
 def test_an_unwritable_feed_dir_is_one_line(tmp_path: Path, dsn: str) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    line = _one_line(
-        run_cli(
-            "run",
-            "--dsn",
-            dsn,
-            "--feed-dir",
-            str(blocker / "feed"),
-            "--metrics-address",
-            "127.0.0.1:0",
-        )
-    )
+    line = _one_line(run_cli(*daemon_args(dsn, tmp_path), "--feed-dir", str(blocker / "feed")))
     assert line.startswith("cdcfeed: feed.dir: cannot create or write")
 
 
@@ -123,21 +103,7 @@ async def test_sigterm_stops_inside_the_grace_period_with_nothing_in_progress(
     log = tmp_path / "stderr.log"
     process = spawn(
         log,
-        "run",
-        "--dsn",
-        dsn,
-        "--rate",
-        "8",
-        "--batch-size",
-        "60000",
-        "--concurrency",
-        "3",
-        "--feed-dir",
-        str(tmp_path / "feed"),
-        "--metrics-address",
-        "127.0.0.1:0",
-        "--grace-period",
-        str(grace),
+        *daemon_args(dsn, tmp_path, rate=8, batch_size=60000, concurrency=3, grace_period=grace),
     )
     try:
         await _wait_for_batches(dsn, at_least=3)
@@ -162,22 +128,7 @@ async def test_a_batch_cut_off_by_shutdown_is_failed_not_left_in_progress(
     # Batches far longer than the grace period: shutdown must cut them off and settle them.
     log = tmp_path / "stderr.log"
     process = spawn(
-        log,
-        "run",
-        "--dsn",
-        dsn,
-        "--rate",
-        "2",
-        "--batch-size",
-        "1500000",
-        "--concurrency",
-        "1",
-        "--feed-dir",
-        str(tmp_path / "feed"),
-        "--metrics-address",
-        "127.0.0.1:0",
-        "--grace-period",
-        "1",
+        log, *daemon_args(dsn, tmp_path, rate=2, batch_size=1500000, concurrency=1, grace_period=1)
     )
     try:
         await _wait_for_in_progress(dsn)
@@ -234,15 +185,7 @@ def test_first_run_starts_an_embedded_server_and_stops_it(tmp_path: Path, scratc
     # In the suite's scratch folder: as root, the server user must traverse every parent.
     data_dir = scratch / "first-run-pgdata"
     result = run_cli(
-        "run",
-        "--max-batches",
-        "5",
-        "--rate",
-        "20",
-        "--feed-dir",
-        str(tmp_path / "feed"),
-        "--metrics-address",
-        "127.0.0.1:0",
+        *daemon_args(None, tmp_path, max_batches=5, rate=20),
         timeout=120,
         CDCFEED_EMBEDDED__DATA_DIR=str(data_dir),
     )
@@ -268,17 +211,7 @@ async def test_metrics_and_health_during_a_run(dsn: str, tmp_path: Path) -> None
     log = tmp_path / "stderr.log"
     process = spawn(
         log,
-        "run",
-        "--dsn",
-        dsn,
-        "--rate",
-        "20",
-        "--batch-size",
-        "100",
-        "--duration",
-        "30",
-        "--feed-dir",
-        str(tmp_path / "feed"),
+        *daemon_args(dsn, tmp_path, rate=20, batch_size=100, duration=30),
         "--metrics-address",
         f"127.0.0.1:{port}",
     )
@@ -348,10 +281,7 @@ def _promtool_accepts(body: str) -> None:
 
 
 def test_json_logs_carry_the_batch_fields(dsn: str, tmp_path: Path) -> None:
-    result = run_cli(
-        "run", "--dsn", dsn, "--rate", "20", "--max-batches", "3", "--log-format", "json",
-        "--feed-dir", str(tmp_path / "feed"), "--metrics-address", "127.0.0.1:0",
-    )
+    result = run_cli(*daemon_args(dsn, tmp_path, rate=20, max_batches=3, log_format="json"))
     assert result.returncode == 0, result.stderr
     records = [json.loads(line)["record"] for line in result.stderr.splitlines()]
     batches = [r for r in records if "COMPLETED" in r["message"]]
