@@ -24,12 +24,14 @@ PUBLICATION = "cdcfeed_test"
 def settings_for(dsn: str, feed_dir: Path, **load: Any) -> Settings:
     daemon = load.pop("daemon", {})
     feed = load.pop("feed", {})
+    cdc = load.pop("cdc", {})
     overrides: dict[str, dict[str, Any]] = {
         "database": {"dsn": dsn, "connect_attempts": 2},
         "load": {"rate": 50.0, "batch_size": 100, "concurrency": 2, **load},
         "feed": {"dir": feed_dir, **feed},
         "metrics": {"address": "127.0.0.1:0"},
         "daemon": {"grace_period": 5.0, **daemon},
+        "cdc": cdc,
     }
     return load_settings(None, overrides, environ={})
 

@@ -18,12 +18,15 @@ from pydantic import SecretStr
 
 from cdcfeed import __version__, ledger
 from cdcfeed.batch import BatchEnvironment, run_batch
+from cdcfeed.cdc import start_cdc_tasks
 from cdcfeed.config import DatabaseSettings, Settings, redact_dsn, uses_libpq_environment
 from cdcfeed.db import RetryPolicy, describe_error, is_unavailable, open_pool
 from cdcfeed.embedded import PostgresCluster, default_data_dir, wheel_bin_dir
 from cdcfeed.endpoint import Endpoint, Readiness
 from cdcfeed.feed import FeedDirectory
 from cdcfeed.metrics import Metrics
+from cdcfeed.profiles import arrivals_of, describe_load
+from cdcfeed.reconcile import Lease
 from cdcfeed.scheduler import LoadScheduler
 from cdcfeed.sql import Names, quote_ident
 
@@ -74,17 +77,6 @@ async def resolved_database(
             logger.info("embedded PostgreSQL stopped")
 
 
-async def reconcile_own(pool: asyncpg.Pool, names: Names, instance: str) -> None:
-    """Settles the batches an earlier run of this instance left IN_PROGRESS."""
-    async with pool.acquire() as conn:
-        for batch in await ledger.unsettled_of_instance(conn, names, instance):
-            settlement = await ledger.settle(conn, names, batch, "interrupted")
-            logger.bind(batch_id=batch.batch_id).warning(
-                f"batch {batch.batch_id} left IN_PROGRESS by an earlier run: "
-                f"settled {settlement.status}"
-            )
-
-
 async def watch_database(
     pool: asyncpg.Pool,
     metrics: Metrics,
@@ -108,6 +100,10 @@ async def watch_database(
         else:
             if failures:
                 logger.info("database reachable again; load resumes")
+                # Idle connections opened before the outage may point at a server that is
+                # gone without having said so (failover, partition): replace them all now
+                # rather than fail one batch per stale connection.
+                await pool.expire_connections()
             failures = 0
         up = failures == 0
         metrics.database_up.set(1 if up else 0)
@@ -165,16 +161,17 @@ async def run_daemon(
         async with resolved_database(settings, environ) as database:
             logger.info(
                 f"loading into {redact_dsn(database.dsn.get_secret_value()) or 'PG… env'}: "
-                f"{load.rate:g} batches/s x {load.batch_size} rows, "
-                f"concurrency {load.concurrency}"
+                f"{describe_load(load)}"
             )
-            # Batches plus one connection each for the monitor and settling.
-            async with open_pool(database, load.concurrency + 2, "cdcfeed") as pool:
+            # Batches plus one connection each for the monitor, the slot monitor and settling.
+            async with open_pool(database, load.concurrency + 3, "cdcfeed") as pool:
                 names = names_of(settings)
                 if settings.database.init_schema:
                     async with pool.acquire() as conn:
                         await ledger.init_schema(conn, names)
-                await reconcile_own(pool, names, settings.instance_name)
+                # The lease first, and with it the batches earlier runs left IN_PROGRESS.
+                lease = Lease(pool, names, settings.instance_name, settings.daemon)
+                await lease.acquire()
                 readiness.database_up = True
                 metrics.database_up.set(1)
                 suspect = asyncio.Event()
@@ -185,6 +182,11 @@ async def run_daemon(
                     name="database-monitor",
                 )
                 supervise(monitor, stop, failures)
+                heartbeat = asyncio.create_task(lease.keep(), name="lease-heartbeat")
+                supervise(heartbeat, stop, failures)
+                cdc_tasks = start_cdc_tasks(pool, database, names, settings.cdc, metrics)
+                for task in cdc_tasks:
+                    supervise(task, stop, failures)
                 environment = BatchEnvironment(
                     pool=pool,
                     names=names,
@@ -198,7 +200,7 @@ async def run_daemon(
                     grace_period=settings.daemon.grace_period,
                 )
                 scheduler = LoadScheduler(
-                    rate=lambda _elapsed: load.rate,
+                    arrivals=arrivals_of(load),
                     concurrency=load.concurrency,
                     max_batches=load.max_batches,
                     duration=load.duration,
@@ -212,9 +214,12 @@ async def run_daemon(
                 try:
                     await scheduler.run()
                 finally:
-                    monitor.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await monitor
+                    for task in (monitor, heartbeat, *cdc_tasks):
+                        task.cancel()
+                        # A task that died was reported by `supervise` already.
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await task
+                    await lease.release()
                 logger.info(f"stopped after {scheduler.started} batch(es)")
     finally:
         endpoint.stop()

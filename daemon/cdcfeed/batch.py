@@ -23,7 +23,7 @@ from loguru import logger
 
 from cdcfeed import ledger
 from cdcfeed.db import Connection, RetryPolicy, describe_error, is_unavailable, with_connection
-from cdcfeed.errors import DatabaseUnavailable, FeedError
+from cdcfeed.errors import BatchAborted, DatabaseUnavailable, FeedError
 from cdcfeed.feed import FeedDirectory
 from cdcfeed.generate import batch_rng, orders_csv
 from cdcfeed.metrics import Metrics
@@ -92,7 +92,7 @@ async def run_batch(env: BatchEnvironment, sequence: int) -> None:
 
     unsettled = ledger.Unsettled(batch_id, allocation.first_order_id, rows, None)
     try:
-        await _load(env, allocation, path, rows, started, generated, written, unsettled, log)
+        await _load(env, allocation, path, data, rows, started, generated, written, unsettled, log)
     finally:
         env.feed.release(path, len(data))
 
@@ -101,6 +101,7 @@ async def _load(
     env: BatchEnvironment,
     allocation: ledger.Allocation,
     path: Path,
+    data: bytes,
     rows: int,
     started: float,
     generated: float,
@@ -131,11 +132,22 @@ async def _load(
         # 4. The COPY and its transaction id, in one transaction.
         copy_started = time.perf_counter()
         async with env.pool.acquire() as conn, conn.transaction():
-            xid: str = await conn.fetchval(names.q.current_xid)
+            # Locks the batch row until commit (see reconcile.py); None: already settled.
+            claimed: str | None = await conn.fetchval(names.q.claim_batch, batch_id)
+            if claimed is None:
+                raise BatchAborted(
+                    "settled by another instance before its COPY (was this instance's lease "
+                    "lapsing?)"
+                )
+            xid = claimed
             unsettled = ledger.Unsettled(batch_id, allocation.first_order_id, rows, xid)
             await conn.copy_to_table(
                 names.orders,
-                source=path,
+                # The bytes just written whole to `path`: the COPY loads the feed file's
+                # content without reading it back through a thread hop per call. A
+                # memoryview, because asyncpg takes plain bytes for a file name (buffers
+                # are documented sources; the stubs only list paths, files and iterables).
+                source=memoryview(data),  # type: ignore[arg-type]
                 schema_name=names.schema,
                 columns=ORDER_COLUMNS,
                 format="csv",

@@ -25,8 +25,20 @@ from cdcfeed.config import (
     effective_view,
     load_settings,
 )
-from cdcfeed.db import connect
+from cdcfeed.db import connect, describe_error, is_unavailable
 from cdcfeed.errors import UserError
+from cdcfeed.memory import pin_mmap_threshold
+from cdcfeed.pgoutput import lsn_to_int
+from cdcfeed.slots import confirmations
+from cdcfeed.verify import (
+    Report,
+    StreamError,
+    Verifier,
+    Violation,
+    ensure_publication,
+    open_verifier,
+    run_passes,
+)
 
 T = TypeVar("T")
 
@@ -148,6 +160,7 @@ def run(
             loop.add_signal_handler(signum, _on_signal, stop, signum)
         return await run_daemon(settings, stop, dict(os.environ))
 
+    pin_mmap_threshold()  # a long run's heap would otherwise fragment and grow (memory.py)
     code = _run_async(main)
     if code:
         raise click.exceptions.Exit(code)
@@ -162,19 +175,28 @@ def _on_signal(stop: asyncio.Event, signum: int) -> None:
 @app.command("init-db")
 @config_option
 @dsn_option
-def init_db(config: Path | None, dsn: str | None) -> None:
+@click.option(
+    "--publication",
+    help="Also create this publication over orders and the ledger, for Debezium or "
+    "`cdcfeed verify` (create it before their slots; idempotent).",
+)
+def init_db(config: Path | None, dsn: str | None, publication: str | None) -> None:
     """Create or upgrade the schema (idempotent; safe from several instances at once)."""
-    settings = _settings(config, {"database": {"dsn": dsn}})
+    settings = _settings(config, {"database": {"dsn": dsn}, "cdc": {"publication": publication}})
 
     async def main() -> None:
         async with resolved_database(settings, dict(os.environ)) as database:
             conn = await connect(database, "cdcfeed init-db")
             try:
                 await ledger.init_schema(conn, names_of(settings))
+                if publication:
+                    await ensure_publication(conn, names_of(settings), settings.cdc.publication)
             finally:
                 await conn.close()
         names = names_of(settings)
         logger.info(f"schema ready: {names.schema}.{names.orders}, {names.schema}.{names.batches}")
+        if publication:
+            logger.info(f"publication {settings.cdc.publication} covers both tables")
 
     _run_async(main)
 
@@ -193,22 +215,42 @@ def init_db(config: Path | None, dsn: str | None) -> None:
     "--format", "output", type=click.Choice(["text", "json"]), default="text", show_default=True
 )
 def status(config: Path | None, dsn: str | None, limit: int, output: str) -> None:
-    """Show recent batches from the ledger: status, rows, LSNs, durations."""
+    """Show recent batches from the ledger: status, rows, LSNs, durations, and which watched
+    replication slots ([cdc] slots; empty = all logical slots) have confirmed each."""
     settings = _settings(config, {"database": {"dsn": dsn}})
 
     async def main() -> list[dict[str, Any]]:
         async with resolved_database(settings, dict(os.environ)) as database:
             conn = await connect(database, "cdcfeed status")
             try:
-                return await ledger.recent_batches(conn, names_of(settings), limit)
+                names = names_of(settings)
+                batches = await ledger.recent_batches(conn, names, limit)
+                slots = await confirmations(conn, names, settings.cdc.slots)
             finally:
                 await conn.close()
+        return _with_confirmations(batches, slots)
 
     batches = _run_async(main)
     if output == "json":
         click.echo(json.dumps(batches, default=_json_default, indent=2))
         return
     click.echo(_status_table(batches))
+
+
+def _with_confirmations(
+    batches: list[dict[str, Any]], slots: dict[str, int | None]
+) -> list[dict[str, Any]]:
+    """Adds `confirmed_by`: per slot, whether its confirmed_flush_lsn reached the end_lsn
+    (None for a batch that is not COMPLETED: there is nothing to confirm)."""
+    for batch in batches:
+        end = lsn_to_int(batch["end_lsn"]) if batch["end_lsn"] else None
+        batch["confirmed_by"] = {
+            slot: None
+            if end is None or batch["status"] != "COMPLETED"
+            else confirmed is not None and confirmed >= end
+            for slot, confirmed in slots.items()
+        }
+    return batches
 
 
 def _json_default(value: object) -> str:
@@ -218,6 +260,8 @@ def _json_default(value: object) -> str:
 
 
 def _status_table(batches: list[dict[str, Any]]) -> str:
+    # One column per watched slot: has it confirmed the batch (CDC-confirmed)?
+    slots = list(batches[0]["confirmed_by"]) if batches else []
     header = (
         "batch",
         "status",
@@ -228,6 +272,7 @@ def _status_table(batches: list[dict[str, Any]]) -> str:
         "write_ms",
         "copy_ms",
         "total_ms",
+        *slots,
         "note",
     )
     rows = [header]
@@ -245,6 +290,7 @@ def _status_table(batches: list[dict[str, Any]]) -> str:
                 _ms(batch["write_seconds"]),
                 _ms(batch["copy_seconds"]),
                 _ms(total),
+                *(_yes_no(batch["confirmed_by"][slot]) for slot in slots),
                 note,
             )
         )
@@ -257,6 +303,118 @@ def _status_table(batches: list[dict[str, Any]]) -> str:
 
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
+@app.command()
+@config_option
+@dsn_option
+@click.option(
+    "--slot",
+    help="Logical replication slot (pgoutput) to read; default [cdc] verify_slot. Give verify "
+    "a slot of its own: reading consumes it.",
+)
+@click.option(
+    "--create-slot",
+    is_flag=True,
+    help="Create the slot when it does not exist; a new slot proves batches from now on.",
+)
+@click.option("--publication", help="Publication to decode with; default [cdc] publication.")
+@click.option(
+    "--follow",
+    is_flag=True,
+    help="Keep verifying every [cdc] poll_interval until SIGINT/SIGTERM, then report.",
+)
+@click.option(
+    "--format", "output", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@log_format_option
+def verify(
+    config: Path | None,
+    dsn: str | None,
+    slot: str | None,
+    create_slot: bool,
+    publication: str | None,
+    follow: bool,
+    output: str,
+    log_format: str | None,
+) -> None:
+    """Prove from a replication slot that every settled batch reached the change stream whole.
+
+    Reads the slot with pgoutput (as Debezium does) and checks each batch the ledger settled:
+    exactly its rows and order ids, in one transaction with the ledger's xid, committed inside
+    (start_lsn, end_lsn]; no rows for FAILED batches or batches the ledger lacks; no UPDATE,
+    DELETE or TRUNCATE of orders. Progress is kept in the database, so runs continue where
+    the last one stopped. Exit 0 when everything holds, 1 on any violation, 2 on a mistake.
+    """
+    settings = _settings(
+        config,
+        {"database": {"dsn": dsn}, "cdc": {"verify_slot": slot, "publication": publication}},
+        log_format,
+    )
+    cdc = settings.cdc
+
+    async def main() -> Report:
+        async with resolved_database(settings, dict(os.environ)) as database:
+            names = names_of(settings)
+            conn = await connect(database, "cdcfeed verify")  # bounded retries, one-line errors
+            verifier = Verifier(
+                conn, names, cdc.verify_slot, cdc.publication, on_violation=_log_violation
+            )
+            try:
+                await verifier.prepare(create_slot=create_slot)
+            except BaseException:
+                await verifier.close()
+                raise
+            if not follow:
+                try:
+                    await verifier.run_pass()
+                    return await verifier.report()
+                finally:
+                    await verifier.close()
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, _on_signal, stop, signum)
+
+            async def reopen() -> Verifier:
+                return await open_verifier(
+                    database,
+                    names,
+                    cdc.verify_slot,
+                    cdc.publication,
+                    create_slot=create_slot,
+                    on_violation=_log_violation,
+                    run=verifier.run,
+                )
+
+            return await run_passes(verifier, reopen, cdc.poll_interval, stop)
+
+    try:
+        report = _run_async(main)
+    except StreamError as exc:
+        raise UserError("cdc.verify_slot", f"the slot's stream cannot be decoded: {exc}") from None
+    except Exception as exc:
+        if not is_unavailable(exc):
+            raise
+        raise UserError(
+            "database.dsn",
+            f"lost the database while verifying ({describe_error(exc)}); run verify again: "
+            "it resumes where it stopped",
+        ) from None
+    if output == "json":
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        click.echo(report.as_text())
+    if not report.holds:
+        raise click.exceptions.Exit(1)
+
+
+def _log_violation(violation: Violation) -> None:
+    logger.bind(batch_id=violation.batch_id).warning(f"violation: {violation.line()}")
 
 
 @app.command("config")
@@ -278,9 +436,19 @@ def to_toml(data: dict[str, Any]) -> str:
             if value is None:
                 lines.append(f"# {key} = (unset)")
             else:
-                lines.append(f"{key} = {json.dumps(value)}")
+                lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    """JSON spells scalars and arrays as TOML does; a table needs TOML's `{key = value}`."""
+    if isinstance(value, dict):
+        items = ", ".join(f"{key} = {_toml_value(item)}" for key, item in value.items())
+        return "{" + items + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return json.dumps(value)
 
 
 def main() -> None:

@@ -10,14 +10,24 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_core import ErrorDetails
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cdcfeed.errors import UserError
@@ -55,13 +65,71 @@ class DatabaseSettings(_Section):
         return value
 
 
+Rate = Annotated[float, Field(ge=0, le=100_000)]
+
+
+class Step(_Section):
+    rate: Rate
+    seconds: float = Field(gt=0)
+
+
 class LoadSettings(_Section):
-    rate: float = Field(1.0, gt=0, le=100_000)
+    # The shape's base: the constant rate, the start of a ramp, the mean of a sine, the rate
+    # between bursts. 0 is allowed where the shape has other rates (a ramp up, bursts only).
+    rate: Rate = 1.0
+    profile: Literal["constant", "ramp", "steps", "sine", "bursts"] = "constant"
+    arrivals: Literal["even", "poisson"] = "even"
     batch_size: int = Field(100, ge=1, le=10_000_000)
     concurrency: int = Field(2, ge=1, le=256)
     max_batches: int = Field(0, ge=0)
     duration: float = Field(0.0, ge=0)
     seed: int | None = None
+    ramp_to: Rate = 10.0
+    ramp_seconds: float = Field(60.0, gt=0)
+    steps: tuple[Step, ...] = ()
+    steps_repeat: bool = False
+    sine_amplitude: Rate = 0.0
+    sine_period: float = Field(86_400.0, gt=0)
+    burst_rate: Rate = 10.0
+    burst_seconds: float = Field(10.0, gt=0)
+    burst_every: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _shape_has_arrivals(self) -> LoadSettings:
+        """Each profile's own keys must make a shape that loads at all."""
+        if self.profile == "constant" and self.rate <= 0:
+            raise _bad("rate", "must be above 0 for the constant profile")
+        if self.profile == "ramp" and self.rate <= 0 and self.ramp_to <= 0:
+            raise _bad("ramp_to", "the ramp needs rate (its start) or ramp_to above 0")
+        if self.profile == "steps" and not any(step.rate > 0 for step in self.steps):
+            raise _bad(
+                "steps",
+                "the steps profile needs steps with a rate above 0, e.g. "
+                "steps = [{rate = 10, seconds = 60}, {rate = 100, seconds = 60}]",
+            )
+        if self.profile == "sine" and self.rate <= 0:
+            raise _bad("rate", "must be above 0: it is the sine's mean")
+        if self.profile == "sine" and self.sine_amplitude > self.rate:
+            raise _bad(
+                "sine_amplitude",
+                f"{self.sine_amplitude:g} is more than rate ({self.rate:g}), the sine's mean: "
+                "the rate would go below 0",
+            )
+        if self.profile == "bursts" and self.burst_rate <= 0:
+            raise _bad("burst_rate", "must be above 0 for the bursts profile")
+        if self.profile == "bursts" and self.burst_seconds >= self.burst_every:
+            raise _bad(
+                "burst_seconds",
+                f"{self.burst_seconds:g} must be shorter than burst_every ({self.burst_every:g})",
+            )
+        return self
+
+
+def _bad(setting: str, message: str) -> PydanticCustomError:
+    """A section check's error naming the key to fix (`_describe` puts it in the location)."""
+    return PydanticCustomError(
+        "cdcfeed_setting", "{message}", {"setting": setting, "message": message}
+    )
 
 
 class FeedSettings(_Section):
@@ -89,10 +157,41 @@ class LogSettings(_Section):
 class DaemonSettings(_Section):
     instance: str = ""
     grace_period: float = Field(10.0, ge=0, le=3600)
+    heartbeat_interval: float = Field(5.0, gt=0, le=3600)
+    lease_duration: float = Field(15.0, gt=0, le=86400)
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> DaemonSettings:
+        # A lease no longer than one heartbeat would lapse between two renewals of a healthy
+        # instance, and others would settle its batches under it.
+        if self.lease_duration <= self.heartbeat_interval:
+            raise ValueError(
+                "lease_duration must be longer than heartbeat_interval (3x is a good choice)"
+            )
+        return self
 
 
 class EmbeddedSettings(_Section):
     data_dir: Path | None = None
+
+
+def _slot_name(value: str) -> str:
+    # What PostgreSQL accepts as a replication slot name; checked here so a typo is one line
+    # at start, not an error from a background task.
+    if not re.fullmatch(r"[a-z0-9_]{1,63}", value):
+        raise ValueError("a slot name is 1 to 63 lowercase letters, digits and underscores")
+    return value
+
+
+SlotName = Annotated[str, AfterValidator(_slot_name)]
+
+
+class CdcSettings(_Section):
+    slots: tuple[SlotName, ...] = ()
+    poll_interval: float = Field(1.0, gt=0, le=3600)
+    verify: bool = False
+    verify_slot: SlotName = "cdcfeed_verify"
+    publication: Identifier = "cdcfeed"
 
 
 class Settings(BaseSettings):
@@ -110,6 +209,7 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     daemon: DaemonSettings = DaemonSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
+    cdc: CdcSettings = CdcSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -166,6 +266,9 @@ def _describe(error: ErrorDetails, from_file: Path | None) -> UserError:
         return UserError(location, str(error["msg"]).removeprefix("Value error, "))
     got = error.get("input")
     message = str(error["msg"]).removeprefix("Value error, ")
+    setting = (error.get("ctx") or {}).get("setting")
+    if setting:
+        return UserError(f"{location}.{setting}", message)
     return UserError(location, f"{message} (got {got!r})")
 
 

@@ -32,10 +32,15 @@ _UNAVAILABLE = (
     asyncpg.exceptions.TooManyConnectionsError,  # 53300
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.InterfaceError,  # e.g. "connection is closed"
+    # A server shutting down sends FATAL to idle connections; one handed out before asyncpg
+    # saw the socket close is still in the error state and refuses the next query with this.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
 def is_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return False  # a local file (the feed file a COPY reads), not the network
     return isinstance(exc, _UNAVAILABLE)
 
 
@@ -86,7 +91,11 @@ def connect_kwargs(settings: DatabaseSettings, application_name: str) -> dict[st
         "server_settings": server_settings,
     }
     if settings.sslmode:
-        kwargs["ssl"] = _ssl_context(settings) if settings.sslrootcert else settings.sslmode
+        # The certificate files need a context of our own (asyncpg reads them only from the DSN
+        # or PGSSL… variables); a context means TLS is required, so only for modes that do.
+        files = settings.sslrootcert or settings.sslcert
+        required = settings.sslmode in ("require", "verify-ca", "verify-full")
+        kwargs["ssl"] = _ssl_context(settings) if files and required else settings.sslmode
     return kwargs
 
 
@@ -134,6 +143,16 @@ async def connect(settings: DatabaseSettings, application_name: str) -> asyncpg.
     return await _with_retries(settings, lambda: asyncpg.connect(**kwargs))
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Replaces the pool's reset query (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL).
+
+    That query is one more round trip on every release, four per batch: a large part of a
+    small batch's cost. Pooled connections never carry session state (no SET, LISTEN,
+    session advisory locks or cursors; code that needs one opens a connection of its own, as
+    verify does), and asyncpg still rolls back a transaction left open before this is called.
+    """
+
+
 @asynccontextmanager
 async def open_pool(
     settings: DatabaseSettings, size: int, application_name: str
@@ -142,7 +161,7 @@ async def open_pool(
     kwargs = connect_kwargs(settings, application_name)
 
     async def create() -> asyncpg.Pool:
-        return await asyncpg.create_pool(min_size=1, max_size=size, **kwargs)
+        return await asyncpg.create_pool(min_size=1, max_size=size, reset=_keep_session, **kwargs)
 
     pool = await _with_retries(settings, create)
     try:

@@ -28,4 +28,5 @@ class FeedError(CdcfeedError):
 
 
 class BatchAborted(CdcfeedError):
-    """A batch was cut off by shutdown before its COPY committed."""
+    """A batch was given up before its COPY committed: cut off by shutdown, or settled by
+    another instance first (this one's lease had lapsed)."""

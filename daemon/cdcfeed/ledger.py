@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from cdcfeed.cdc_sql import CdcStatements
 from cdcfeed.db import Connection
 from cdcfeed.pgoutput import lsn_to_int
 from cdcfeed.sql import SCHEMA_LOCK_KEY, Names
@@ -22,6 +23,7 @@ async def init_schema(conn: Connection, names: Names) -> None:
     async with conn.transaction():
         await conn.execute(names.q.lock_schema, SCHEMA_LOCK_KEY)
         await conn.execute(names.q.schema_ddl)
+        await conn.execute(CdcStatements(names).ledger_indexes_ddl)  # for the slot metrics
         await conn.execute(names.q.seed_order_ids, names.orders)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,28 @@ if TYPE_CHECKING:
 TEXT_FORMAT = (
     "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> | <level>{level: <7}</level> | {message}"
 )
+
+
+class _LibraryLogs(logging.Handler):
+    """Routes the libraries' stdlib logging (asyncpg's pool, APScheduler) through loguru.
+
+    Otherwise Python's last-resort handler prints them raw: outside the JSON lines, past the
+    secret scrubber, and with a full traceback for every reconnect attempt asyncpg's pool makes
+    by itself during an outage, which the database monitor already reports in one line.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            message = f"{message} ({type(error).__name__}: {error})"
+        logger.log(
+            record.levelname if record.levelno in _LEVELS else "WARNING",
+            f"{record.name}: {message}",
+        )
+
+
+_LEVELS = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
 
 
 def configure(level: str, json: bool, secrets: tuple[str, ...] = ()) -> None:
@@ -35,3 +58,5 @@ def configure(level: str, json: bool, secrets: tuple[str, ...] = ()) -> None:
         backtrace=False,
         diagnose=False,  # diagnose would print local variables, DSNs among them
     )
+    # Warnings and up only: APScheduler logs every job run at INFO, hundreds a second.
+    logging.basicConfig(handlers=[_LibraryLogs()], level=logging.WARNING, force=True)

@@ -1,15 +1,19 @@
-"""Firing batches at the configured rate with APScheduler, up to `concurrency` at once.
+"""Firing batches along the load profile with APScheduler, up to `concurrency` at once.
 
 The APScheduler job only *starts* a batch (or counts why it could not): batches run as tasks
 of their own, so a slow batch never delays the next arrival, and a run that finds every slot
 busy — or the database down — is counted as skipped, never queued without bound.
+
+Schedule lag is measured when a run really starts, against its planned time: it includes
+APScheduler's own wake-up delay and any time the event loop was busy, which is what a soak
+test needs to know. Runs that start late, and skipped runs, are logged as a warning summary.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,74 +26,103 @@ from loguru import logger
 from cdcfeed.batch import settle_reserve
 from cdcfeed.endpoint import Readiness
 from cdcfeed.metrics import Metrics
+from cdcfeed.profiles import Arrivals
 
 SKIP_SUMMARY_SECONDS = 10.0
+# A run this late means the daemon is not keeping up (a GC pause or a busy loop stays below).
+LATE_SECONDS = 0.25
+# The first arrival is planned this far ahead, so that it is not late before it is due.
+START_DELAY_SECONDS = 0.005
 
-RateFunction = Callable[[float], float]
 BatchFactory = Callable[[int], Coroutine[Any, Any, None]]
 
 
-class RateTrigger(BaseTrigger):  # type: ignore[misc]
-    """Arrivals at `rate(elapsed)` batches per second, evenly spaced.
+class ArrivalTrigger(BaseTrigger):  # type: ignore[misc]
+    """Fires at the planned times of `arrivals`, seconds after `start`.
 
-    Times are kept as float seconds since the start and only turned into datetimes at the
-    edge, so microsecond rounding never accumulates into rate drift.
+    APScheduler asks for the time after a given fire time more than once (while collecting
+    missed runs, then again to store the next), so each answer is remembered: a Poisson gap
+    is drawn once. Times are float seconds since the start, turned into datetimes only at
+    the edge, so microsecond rounding never accumulates into rate drift. Two arrivals inside
+    one microsecond are kept a microsecond apart: APScheduler tells runs apart by their time.
     """
 
-    def __init__(self, rate: RateFunction, start: datetime) -> None:
-        self.rate = rate
+    def __init__(self, arrivals: Arrivals, start: datetime) -> None:
+        self.arrivals = arrivals
         self.start = start
-        self._elapsed: dict[datetime, float] = {}
+        self.exhausted = False  # the profile has no more arrivals
+        self._following: dict[datetime | None, datetime | None] = {}
 
     def get_next_fire_time(
         self, previous_fire_time: datetime | None, now: datetime
     ) -> datetime | None:
-        if previous_fire_time is None:
-            elapsed = 0.0
-        else:
-            previous = self._elapsed.get(previous_fire_time)
-            if previous is None:
-                previous = (previous_fire_time - self.start).total_seconds()
-            elapsed = previous + 1.0 / self.rate(previous)
-        fire_time = self.start + timedelta(seconds=elapsed)
-        self._elapsed[fire_time] = elapsed
-        if len(self._elapsed) > 1024:  # only the last few are ever asked about again
-            for key in list(self._elapsed)[:512]:
-                del self._elapsed[key]
+        if previous_fire_time in self._following:
+            return self._following[previous_fire_time]
+        elapsed = self.arrivals.next()
+        fire_time = None if elapsed is None else self.start + timedelta(seconds=elapsed)
+        if fire_time is None:
+            self.exhausted = True
+        elif previous_fire_time is not None and fire_time <= previous_fire_time:
+            fire_time = previous_fire_time + timedelta(microseconds=1)
+        self._following[previous_fire_time] = fire_time
+        if len(self._following) > 64:  # only the last one or two are ever asked about again
+            for key in list(self._following)[:32]:
+                del self._following[key]
         return fire_time
 
     def __str__(self) -> str:
-        return "cdcfeed rate"
+        return "cdcfeed arrivals"
 
 
 class SkipLog:
-    """Counts skipped runs by reason; logs the first at once, then a summary per interval."""
+    """Counts skipped and late runs; logs the first at once, then a summary per interval."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self._pending: Counter[str] = Counter()
+        self._late = 0
+        self._worst_lag = 0.0
         self._last_log = float("-inf")
 
     def skipped(self, reason: str) -> None:
         self._metrics.skipped.labels(reason).inc()
         self._pending[reason] += 1
+        self.tick()
+
+    def started(self, lag: float) -> None:
+        if lag > LATE_SECONDS:
+            self._late += 1
+            self._worst_lag = max(self._worst_lag, lag)
+        self.tick()
+
+    def tick(self) -> None:
+        """Called on every run: a summary is due once per interval while anything is pending."""
         now = time.monotonic()
-        if now - self._last_log >= SKIP_SUMMARY_SECONDS:
+        if (self._pending or self._late) and now - self._last_log >= SKIP_SUMMARY_SECONDS:
             self.flush(now)
 
     def flush(self, now: float | None = None) -> None:
+        parts = []
         if self._pending:
             counts = ", ".join(f"{reason}={n}" for reason, n in sorted(self._pending.items()))
-            logger.warning(f"skipped scheduled runs ({counts}): the daemon is behind its rate")
+            parts.append(f"skipped scheduled runs ({counts})")
             self._pending.clear()
-        self._last_log = time.monotonic() if now is None else now
+        if self._late:
+            parts.append(
+                f"{self._late} run(s) started over {LATE_SECONDS * 1000:.0f}ms late "
+                f"(worst {self._worst_lag:.3f}s)"
+            )
+            self._late, self._worst_lag = 0, 0.0
+        if parts:
+            logger.warning(f"{'; '.join(parts)}: the daemon is behind its rate")
+            self._last_log = time.monotonic() if now is None else now
 
 
 class LoadScheduler:
     def __init__(
         self,
         *,
-        rate: RateFunction,
+        arrivals: Arrivals,
         concurrency: int,
         max_batches: int,
         duration: float,
@@ -100,7 +133,9 @@ class LoadScheduler:
         stop: asyncio.Event,
         readiness: Readiness,
     ) -> None:
-        self._rate = rate
+        self._arrivals = arrivals
+        self._trigger: ArrivalTrigger | None = None
+        self._planned: deque[datetime] = deque()  # of runs submitted, not yet started
         self._concurrency = concurrency
         self._max_batches = max_batches
         self._duration = duration
@@ -121,8 +156,15 @@ class LoadScheduler:
         return self._started
 
     async def _fire(self) -> None:
+        planned = self._planned.popleft() if self._planned else None
         if self._enough.is_set() or self._stop.is_set():
             return
+        if planned is not None:
+            lag = max(0.0, (datetime.now(UTC) - planned).total_seconds())
+            self._metrics.schedule_lag.observe(lag)
+            self._skips.started(lag)
+        if self._trigger is not None and self._trigger.exhausted and not self._planned:
+            self._enough.set()  # the profile's last arrival: this run is the last
         if len(self._in_flight) >= self._concurrency:
             self._skips.skipped("busy")
             return
@@ -150,10 +192,8 @@ class LoadScheduler:
             self._stop.set()
 
     def _on_submitted(self, event: Any) -> None:
-        now = datetime.now(UTC)
-        for run_time in event.scheduled_run_times:
-            self._metrics.schedule_lag.observe(max(0.0, (now - run_time).total_seconds()))
-        self._metrics.target_rate.set(self._rate(self._elapsed()))
+        # Runs of one submission execute in order, each taking its planned time in `_fire`.
+        self._planned.extend(event.scheduled_run_times)
 
     def _on_error(self, event: JobExecutionEvent) -> None:
         self._job_failure = event.exception
@@ -163,22 +203,28 @@ class LoadScheduler:
     def _elapsed(self) -> float:
         return time.monotonic() - self._t0
 
+    def _target(self) -> float:
+        return self._arrivals.profile.rate(max(0.0, self._elapsed()))
+
     async def run(self) -> None:
-        """Fires batches until stopped, max_batches started, or duration over; then drains."""
-        self._t0 = time.monotonic()
-        start = datetime.now(UTC) + timedelta(milliseconds=5)
+        """Fires batches until stopped, max_batches started, duration over, or the profile
+        ends; then drains."""
+        self._t0 = time.monotonic() + START_DELAY_SECONDS
+        start = datetime.now(UTC) + timedelta(seconds=START_DELAY_SECONDS)
         scheduler = AsyncIOScheduler(timezone=UTC)
         scheduler.add_listener(self._on_submitted, EVENT_JOB_SUBMITTED)
         scheduler.add_listener(self._on_error, EVENT_JOB_ERROR)
+        self._trigger = ArrivalTrigger(self._arrivals, start)
         scheduler.add_job(
             self._fire,
-            RateTrigger(self._rate, start),
+            self._trigger,
             id="cdcfeed-batches",
             max_instances=1_000_000,  # the job only starts a task; concurrency is ours
             coalesce=False,  # a late run still fires, and is counted if it cannot start
             misfire_grace_time=None,
         )
-        self._metrics.target_rate.set(self._rate(0.0))
+        # Read at scrape time, so the target follows the profile between arrivals too.
+        self._metrics.target_rate.set_function(self._target)
         scheduler.start()
         self._readiness.scheduler_running = True
         try:
@@ -191,12 +237,26 @@ class LoadScheduler:
             for waiter in waits:
                 waiter.cancel()
         finally:
-            scheduler.shutdown(wait=False)
+            await self._stop_scheduler(scheduler)
+            self._metrics.target_rate.set_function(lambda: 0.0)
             self._readiness.scheduler_running = False
             self._skips.flush()
             await self._drain()
         if self._job_failure is not None:
             raise RuntimeError("batch scheduling failed") from self._job_failure
+
+    async def _stop_scheduler(self, scheduler: AsyncIOScheduler) -> None:
+        """Stops firing, letting runs already submitted return first (they return at once).
+
+        APScheduler's shutdown cancels the job tasks still pending and logs each one as a
+        failed job; waiting for them keeps a normal end free of error lines.
+        """
+        scheduler.pause()
+        for _ in range(1000):
+            if not self._planned:
+                break
+            await asyncio.sleep(0)
+        scheduler.shutdown(wait=False)
 
     async def _drain(self) -> None:
         """Lets in-flight batches finish; after a stop signal, only within the grace period.

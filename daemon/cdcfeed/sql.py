@@ -114,6 +114,14 @@ class Statements:
             RETURNING start_lsn::text
         """
         self.current_xid = "SELECT pg_current_xact_id()::text"
+        # Step 4 opens with this: the batch row stays locked until the COPY commits or rolls
+        # back, so a settler (FOR UPDATE SKIP LOCKED, reconcile.py) never decides a batch whose
+        # COPY is still running; no row back means a settler decided it first: do not COPY.
+        self.claim_batch = f"""
+            SELECT pg_current_xact_id()::text FROM {batches}
+            WHERE batch_id = $1 AND status = 'IN_PROGRESS'
+            FOR UPDATE
+        """
         # Step 5: a new statement after the COPY committed, so the insert position is past
         # the commit record. pg_current_wal_lsn() would be the write position, which can trail.
         self.complete_batch = f"""
@@ -153,5 +161,62 @@ class Statements:
                    xid::text, started_at, completed_at, recovered, error,
                    generate_seconds, write_seconds, copy_seconds
             FROM {batches} ORDER BY batch_id DESC LIMIT $1
+        """
+        # Leases (reconcile.py): each instance renews its row every heartbeat; the batches of
+        # an instance whose lease lapsed are settled by the others.
+        self.register_instance = f"""
+            WITH previous AS (
+                SELECT lease_until > now() AS live FROM {instances} WHERE instance = $1
+            )
+            INSERT INTO {instances} (instance, started_at, heartbeat_at, lease_until)
+            VALUES ($1, clock_timestamp(), now(), now() + make_interval(secs => $2))
+            ON CONFLICT (instance) DO UPDATE
+            SET started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at,
+                lease_until = excluded.lease_until
+            RETURNING started_at, coalesce((SELECT live FROM previous), false)
+        """
+        self.renew_lease = f"""
+            INSERT INTO {instances} (instance, started_at, heartbeat_at, lease_until)
+            VALUES ($1, $3, now(), now() + make_interval(secs => $2))
+            ON CONFLICT (instance) DO UPDATE
+            SET heartbeat_at = excluded.heartbeat_at, lease_until = excluded.lease_until
+            RETURNING started_at
+        """
+        self.release_lease = f"""
+            UPDATE {instances} SET lease_until = now() WHERE instance = $1 AND started_at = $2
+        """
+        # IN_PROGRESS batches nobody is working on: an earlier run's of this instance, or any
+        # of an instance whose lease lapsed (or that never had one). SKIP LOCKED passes over
+        # batches whose COPY is running (see claim_batch) and those another settler holds.
+        self.claim_abandoned = f"""
+            SELECT b.batch_id, b.first_order_id, b.row_count, b.xid::text, b.instance
+            FROM {batches} b
+            WHERE b.status = 'IN_PROGRESS'
+              AND CASE WHEN b.instance = $1 THEN b.started_at < $2
+                       ELSE NOT EXISTS (SELECT 1 FROM {instances} i
+                                        WHERE i.instance = b.instance AND i.lease_until > now())
+                  END
+            ORDER BY b.batch_id
+            LIMIT $3
+            FOR UPDATE OF b SKIP LOCKED
+        """
+        # At start, an earlier run's batches are waited for instead of skipped: a run killed
+        # mid-COPY leaves a backend that holds the lock until it has read the rest of the data.
+        self.claim_earlier_runs = f"""
+            SELECT batch_id, first_order_id, row_count, xid::text, instance
+            FROM {batches}
+            WHERE status = 'IN_PROGRESS' AND instance = $1 AND started_at < $2
+            ORDER BY batch_id
+            LIMIT $3
+            FOR UPDATE
+        """
+        # The xid of the transaction that loaded a block, from a row's xmin (32 bits) widened
+        # to xid8 against the current snapshot's xmax: a recovered batch keeps a checkable xid.
+        self.block_xid = f"""
+            WITH s AS (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax),
+                 o AS (SELECT xmin::text::bigint AS xid32 FROM {orders}
+                       WHERE order_id >= $1 AND order_id < $1 + $2 AND batch_id = $3 LIMIT 1),
+                 w AS (SELECT (s.xmax >> 32 << 32) | o.xid32 AS xid, s.xmax FROM s, o)
+            SELECT (CASE WHEN xid >= xmax THEN xid - 4294967296 ELSE xid END)::text FROM w
         """
         self.ping = "SELECT 1"

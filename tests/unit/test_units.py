@@ -1,4 +1,4 @@
-"""Pure pieces: generation, redaction, addresses, retention, the rate trigger, TOML output."""
+"""Pure pieces: generation, redaction, addresses, retention, TOML output."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import csv
 import io
 import tomllib
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,6 @@ from cdcfeed.config import (
 from cdcfeed.errors import UserError
 from cdcfeed.feed import FeedDirectory
 from cdcfeed.generate import HEADER, batch_rng, orders_csv
-from cdcfeed.scheduler import RateTrigger
 
 
 def _parse(data: bytes) -> list[dict[str, str]]:
@@ -59,6 +58,43 @@ def test_a_seed_makes_each_batch_reproducible() -> None:
     assert first == again
     assert first != other
     assert first.startswith(HEADER)
+
+
+def _plain_orders_csv(
+    batch_id: int, first_order_id: int, count: int, seed: int, created_at: datetime
+) -> bytes:
+    """The obvious formatter, row by row: the oracle for the vectorised fast path."""
+    rng = batch_rng(seed, 0)
+    customers = rng.integers(1, 1001, count).tolist()
+    cents = rng.integers(1000, 100_001, count).tolist()
+    stamp = created_at.isoformat(sep=" ")
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["order_id", "batch_id", "customer_id", "amount", "created_at"])
+    for offset, (customer, amount) in enumerate(zip(customers, cents, strict=True)):
+        writer.writerow(
+            [first_order_id + offset, batch_id, customer, f"{amount / 100:.2f}", stamp]
+        )
+    return out.getvalue().encode()
+
+
+@pytest.mark.parametrize(
+    ("first_order_id", "count"),
+    [
+        (1, 1),
+        (1, 0),
+        (9_998, 5),  # ids grow a digit mid-batch
+        (99_999_990, 20),  # and a four-digit group
+        (123_456_789, 20_000),  # more rows than one rendering block
+        (9_223_372_036_854_000_000, 3_000),  # near the bigint limit
+    ],
+)
+def test_the_fast_renderer_writes_what_a_plain_csv_writer_writes(
+    first_order_id: int, count: int
+) -> None:
+    stamp = datetime(2026, 1, 1, 12, 30, 1, 250_000, tzinfo=UTC)
+    fast = orders_csv(12_345, first_order_id, count, batch_rng(5, 0), stamp)
+    assert fast == _plain_orders_csv(12_345, first_order_id, count, 5, stamp)
 
 
 def test_passwords_are_redacted_everywhere_they_hide() -> None:
@@ -143,16 +179,6 @@ def test_retention_adopts_files_of_earlier_runs_and_drops_partial_ones(tmp_path:
         "orders_batch_000000000003.csv",
         "orders_batch_000000000004.csv",
     ]
-
-
-def test_the_trigger_spaces_arrivals_without_drift() -> None:
-    start = datetime(2026, 1, 1, tzinfo=UTC)
-    trigger = RateTrigger(lambda _elapsed: 300.0, start)
-    fire = trigger.get_next_fire_time(None, start)
-    for _ in range(30_000):
-        fire = trigger.get_next_fire_time(fire, start)
-    assert fire is not None
-    assert abs((fire - start) - timedelta(seconds=100)) < timedelta(microseconds=2)
 
 
 def test_the_example_config_documents_every_key_with_its_default() -> None:

@@ -1,0 +1,39 @@
+"""The daemon's CDC-side background tasks: the slot monitor, and verification when enabled."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from cdcfeed.config import CdcSettings, DatabaseSettings
+from cdcfeed.metrics import Metrics
+from cdcfeed.slots import watch_slots
+from cdcfeed.sql import Names
+from cdcfeed.verify import verify_continuously
+
+
+def start_cdc_tasks(
+    pool: asyncpg.Pool,
+    database: DatabaseSettings,
+    names: Names,
+    cdc: CdcSettings,
+    metrics: Metrics,
+) -> list[asyncio.Task[None]]:
+    """Starts the tasks, named for supervision; the caller supervises and cancels them."""
+    tasks = [
+        asyncio.create_task(
+            watch_slots(pool, names, cdc.slots, cdc.poll_interval, metrics), name="slot-monitor"
+        )
+    ]
+    if cdc.verify:
+        # Not on the pool: the verifier holds its slot's verify lock on its own connection.
+        tasks.append(
+            asyncio.create_task(
+                verify_continuously(
+                    database, names, cdc.verify_slot, cdc.publication, cdc.poll_interval, metrics
+                ),
+                name="verify",
+            )
+        )
+    return tasks

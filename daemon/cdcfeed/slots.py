@@ -1,0 +1,174 @@
+"""Replication slots as a CDC pipeline's progress: lag in bytes, batches and seconds.
+
+The monitor reads `pg_replication_slots` every poll and exports, per watched slot, how far
+the slot trails the WAL, how much WAL it pins, whether a consumer is attached, how many
+COMPLETED batches it has not confirmed, and how long each batch took from completion to
+confirmation. It keeps reporting while no consumer is attached, which is exactly when the
+numbers matter (postgres_exporter stops reporting `confirmed_flush_lsn` for inactive slots).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+from loguru import logger
+from prometheus_client import Gauge
+from prometheus_client.metrics import MetricWrapperBase
+
+from cdcfeed.cdc_sql import CdcStatements
+from cdcfeed.db import Connection, RetryPolicy, describe_error, is_unavailable
+from cdcfeed.metrics import Metrics
+from cdcfeed.sql import Names
+
+# safe_wal_size arrived in PostgreSQL 13; older servers report nothing for it.
+_SAFE_WAL_SIZE_SINCE = 13
+
+
+@dataclass(frozen=True, slots=True)
+class SlotState:
+    name: str
+    active: bool
+    confirmed_flush_lsn: int | None
+    restart_lsn: int | None
+    safe_wal_size: int | None
+    insert_lsn: int
+
+
+async def read_slots(conn: Connection, q: CdcStatements, watched: Sequence[str]) -> list[SlotState]:
+    """The watched logical slots of this database (every one when `watched` is empty)."""
+    safe = "safe_wal_size" if conn.get_server_version().major >= _SAFE_WAL_SIZE_SINCE else None
+    query = q.watched_slots.format(safe_wal_size=safe or "NULL::bigint")
+    return [SlotState(*record) for record in await conn.fetch(query, list(watched))]
+
+
+@dataclass
+class _Confirmations:
+    """What the last poll saw of one slot, to time the batches it confirms next."""
+
+    confirmed: int
+    waiting: list[int] = field(default_factory=list)
+
+
+class SlotMonitor:
+    """Sets the per-slot metrics from one poll; keeps what it needs between polls."""
+
+    def __init__(self, names: Names, watched: Sequence[str], metrics: Metrics) -> None:
+        self.q = CdcStatements(names)
+        self.watched = tuple(watched)
+        self.metrics = metrics
+        self._seen: dict[str, _Confirmations] = {}
+
+    async def poll(self, conn: Connection) -> list[SlotState]:
+        # One snapshot for the slots' positions and the ledger, so a batch is either
+        # IN_PROGRESS (and looked at again next poll) or visible with its end_lsn.
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            slots = await read_slots(conn, self.q, self.watched)
+            in_progress = [r[0] for r in await conn.fetch(self.q.in_progress_ids)]
+            for slot in slots:
+                await self._export(conn, slot, in_progress)
+        present = {slot.name for slot in slots}
+        for gone in set(self._seen) - present:
+            self._forget(gone)
+        return slots
+
+    async def _export(self, conn: Connection, slot: SlotState, in_progress: list[int]) -> None:
+        name = slot.name
+        confirmed = slot.confirmed_flush_lsn
+        unconfirmed: int | None = None
+        seconds: list[float] = []
+        seen = self._seen.get(name)
+        if confirmed is not None:
+            unconfirmed = await conn.fetchval(self.q.unconfirmed, confirmed)
+            if seen is None:
+                # Batches confirmed before the first look cannot be timed: start from here.
+                self._seen[name] = _Confirmations(confirmed, in_progress)
+            else:
+                if confirmed > seen.confirmed or seen.waiting:
+                    rows = await conn.fetch(
+                        self.q.newly_confirmed, confirmed, seen.confirmed, seen.waiting
+                    )
+                    seconds = [row[1] for row in rows]
+                # A slot restored to an older position by crash recovery confirms the same
+                # batches again; they were timed the first time.
+                seen.confirmed = max(seen.confirmed, confirmed)
+                seen.waiting = in_progress
+        # All of a slot's series change together, after the queries, so that a scrape never
+        # sees the unconfirmed count drop before the confirmations it stands for.
+        m = self.metrics
+        m.slot_active.labels(name).set(1 if slot.active else 0)
+        _set_or_clear(m.slot_retained, name, _behind(slot.insert_lsn, slot.restart_lsn))
+        _set_or_clear(m.slot_safe_wal, name, slot.safe_wal_size)
+        _set_or_clear(m.slot_lag, name, _behind(slot.insert_lsn, confirmed))
+        _set_or_clear(m.unconfirmed, name, unconfirmed)
+        histogram = m.confirm_seconds.labels(name)
+        for value in seconds:
+            histogram.observe(value)
+
+    def _forget(self, name: str) -> None:
+        m = self.metrics
+        for metric in (
+            m.slot_active,
+            m.slot_lag,
+            m.slot_retained,
+            m.slot_safe_wal,
+            m.unconfirmed,
+            m.confirm_seconds,
+        ):
+            _remove(metric, name)
+        self._seen.pop(name, None)
+        logger.info(f"replication slot {name} is gone; its metrics are removed")
+
+
+def _behind(insert_lsn: int, lsn: int | None) -> int | None:
+    return None if lsn is None else max(0, insert_lsn - lsn)
+
+
+def _set_or_clear(gauge: Gauge, slot: str, value: int | None) -> None:
+    if value is None:
+        # An unknown value must not show the last known one as current.
+        _remove(gauge, slot)
+    else:
+        gauge.labels(slot).set(value)
+
+
+def _remove(metric: MetricWrapperBase, slot: str) -> None:
+    with contextlib.suppress(KeyError):  # never set, or already removed
+        metric.remove(slot)
+
+
+async def watch_slots(
+    pool: asyncpg.Pool,
+    names: Names,
+    watched: Sequence[str],
+    poll_interval: float,
+    metrics: Metrics,
+) -> None:
+    """The daemon's slot monitor: a poll per interval, forever; rides out database outages."""
+    monitor = SlotMonitor(names, watched, metrics)
+    policy = RetryPolicy(initial_delay=poll_interval, max_delay=max(poll_interval, 10.0))
+    failures = 0
+    while True:
+        try:
+            async with pool.acquire() as conn:
+                await monitor.poll(conn)
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            failures += 1
+            if failures == 1:
+                logger.warning(f"slot monitor: database unreachable ({describe_error(exc)})")
+        else:
+            failures = 0
+        await asyncio.sleep(policy.delay(min(failures, 10)) if failures else poll_interval)
+
+
+async def confirmations(
+    conn: Connection, names: Names, watched: Sequence[str]
+) -> dict[str, int | None]:
+    """Each watched slot's confirmed_flush_lsn, for `cdcfeed status`."""
+    slots = await read_slots(conn, CdcStatements(names), watched)
+    return {slot.name: slot.confirmed_flush_lsn for slot in slots}

@@ -1,0 +1,916 @@
+"""`cdcfeed verify`: proof from a pgoutput slot that every batch reached the change stream whole.
+
+For every batch the ledger settled, the PRODUCT.md invariant: a COMPLETED batch arrived as
+exactly `row_count` orders with the ids of its block, all in one transaction whose xid is the
+ledger's and whose commit lies in `(start_lsn, end_lsn]`; a FAILED batch left no row; no
+orders row carries a batch id the ledger lacks; nothing but INSERTs touches orders.
+
+How a pass works, and the state it keeps (tables in the ledger's schema, see `cdc_sql.py`):
+
+1. *Read.* Chunks of about `chunk_changes` messages are peeked from the slot
+   (`pg_logical_slot_peek_binary_changes`, whole transactions, streamed through a cursor so
+   memory stays flat) and folded into one summary per transaction and batch: row count,
+   smallest, largest and sum of order ids. Summaries go to `cdcfeed_verify_pending`, the
+   read position to `cdcfeed_verify_progress`, in one transaction; only then is the slot
+   advanced to that position. A connection or server lost mid-chunk re-reads the chunk
+   (transactions before the recorded position are skipped), so nothing is lost or doubled.
+2. *Judge.* Batches with pending summaries get a verdict once the ledger settles them;
+   settled batches without any get one once the stream has passed their end_lsn (COMPLETED:
+   "missing from the stream") or as soon as they are FAILED (no rows: ok). Verdicts go to
+   `cdcfeed_verify_results`; rows a later transaction carries for a judged batch amend it.
+
+Memory holds one chunk's summaries and the open transaction's per-batch counters, never rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from loguru import logger
+
+from cdcfeed import pgoutput
+from cdcfeed.cdc_sql import CdcStatements
+from cdcfeed.config import DatabaseSettings
+from cdcfeed.db import RetryPolicy, connect_kwargs, describe_error, is_unavailable
+from cdcfeed.errors import CdcfeedError, UserError
+from cdcfeed.metrics import Metrics
+from cdcfeed.pgoutput import int_to_lsn
+from cdcfeed.sql import SCHEMA_LOCK_KEY, Names, quote_ident
+
+CHUNK_CHANGES = 50_000
+_PREFETCH = 2_000
+_JUDGE_BATCH = 1_000
+REPORT_VIOLATIONS = 1_000
+# pgoutput's Begin carries the 32-bit xid; the ledger keeps the epoch-extended xid8.
+_XID_MASK = 0xFFFF_FFFF
+
+
+class StreamError(CdcfeedError):
+    """The slot's change stream is not what pgoutput protocol version 1 sends."""
+
+
+class SlotUnavailable(UserError):
+    """The slot cannot be read now: another reader holds it (or another verify its state),
+    or it was dropped. Worth reopening later, which recreates a dropped slot when allowed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    batch_id: int | None
+    reason: str
+
+    def line(self) -> str:
+        where = "stream" if self.batch_id is None else f"batch {self.batch_id}"
+        return f"{where}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One transaction's share of one batch, as the stream carried it."""
+
+    batch_id: int
+    commit_lsn: int
+    commit_end_lsn: int
+    xid: int
+    rows: int
+    min_order_id: int
+    max_order_id: int
+    sum_order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """A change to orders that cdcfeed never makes."""
+
+    batch_id: int | None
+    xid: int
+    commit_lsn: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerBatch:
+    batch_id: int
+    status: str
+    row_count: int
+    first_order_id: int
+    start_lsn: int | None
+    end_lsn: int | None
+    xid: int | None
+
+
+# --- reading the stream ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Relation:
+    is_orders: bool
+    order_id: int = -1  # column positions in the relation's tuples
+    batch_id: int = -1
+
+
+def _int(value: pgoutput.TupleValue, what: str) -> int:
+    if isinstance(value, str):
+        return int(value)
+    raise StreamError(f"{what} arrived as {value!r}, not as text")
+
+
+def _maybe_int(value: pgoutput.TupleValue) -> int | None:
+    return int(value) if isinstance(value, str) else None
+
+
+class StreamReader:
+    """Folds pgoutput messages into per-transaction, per-batch summaries.
+
+    Transactions committing before `position` were recorded by an earlier read (the slot was
+    not advanced past them yet, or was restored to an older position by crash recovery):
+    they are decoded, to keep the protocol state right, and dropped.
+    """
+
+    def __init__(self, orders: tuple[str, str], position: int) -> None:
+        self.orders = orders
+        self.position = position
+        self.relations: dict[int, _Relation] = {}
+        self.observations: list[Observation] = []
+        self.events: list[StreamEvent] = []
+        self.messages = 0
+        self.last_end = 0
+        self._xid: int | None = None
+        # batch id -> [rows, smallest order id, largest order id, sum of order ids]
+        self._batches: dict[int, list[int]] = {}
+        self._events: list[tuple[int | None, str]] = []
+
+    def feed(self, data: bytes) -> None:
+        self.messages += 1
+        try:
+            message = pgoutput.decode(data)
+        except pgoutput.PgOutputError as exc:
+            raise StreamError(str(exc)) from None
+        if type(message) is pgoutput.Insert:  # the hot path: one per row
+            relation = self._relation(message.relation_id)
+            if relation.is_orders:
+                self._insert(relation, message.new)
+        elif isinstance(message, pgoutput.Begin):
+            if self._xid is not None:
+                raise StreamError(f"Begin of xid {message.xid} inside xid {self._xid}")
+            self._xid = message.xid
+        elif isinstance(message, pgoutput.Commit):
+            self._commit(message)
+        elif isinstance(message, pgoutput.Relation):
+            self.relations[message.relation_id] = self._describe(message)
+        elif isinstance(message, pgoutput.Update):
+            if self._relation(message.relation_id).is_orders:
+                self._update(message)
+        elif isinstance(message, pgoutput.Delete):
+            if self._relation(message.relation_id).is_orders:
+                self._delete(message)
+        elif isinstance(message, pgoutput.Truncate) and any(
+            self._relation(rid).is_orders for rid in message.relation_ids
+        ):
+            self._event(None, "TRUNCATE of orders")
+        # Type, Origin and logical messages say nothing about orders.
+
+    def finish(self) -> None:
+        if self._xid is not None:
+            raise StreamError(f"the stream ended inside transaction xid {self._xid}")
+
+    def _relation(self, relation_id: int) -> _Relation:
+        try:
+            return self.relations[relation_id]
+        except KeyError:
+            raise StreamError(f"change for relation {relation_id} before its Relation") from None
+
+    def _describe(self, message: pgoutput.Relation) -> _Relation:
+        if (message.namespace, message.name) != self.orders:
+            return _Relation(False)
+        columns = message.column_names
+        try:
+            return _Relation(True, columns.index("order_id"), columns.index("batch_id"))
+        except ValueError:
+            raise StreamError(f"orders arrived without order_id and batch_id: {columns}") from None
+
+    def _insert(self, relation: _Relation, new: pgoutput.TupleData) -> None:
+        if self._xid is None:
+            raise StreamError("Insert outside a transaction")
+        order_id = _int(new[relation.order_id], "order_id")
+        batch_id = _int(new[relation.batch_id], "batch_id")
+        summary = self._batches.get(batch_id)
+        if summary is None:
+            self._batches[batch_id] = [1, order_id, order_id, order_id]
+            return
+        summary[0] += 1
+        if order_id < summary[1]:
+            summary[1] = order_id
+        elif order_id > summary[2]:
+            summary[2] = order_id
+        summary[3] += order_id
+
+    def _update(self, message: pgoutput.Update) -> None:
+        relation = self._relation(message.relation_id)
+        order_id = _maybe_int(message.new[relation.order_id])
+        batch_id = _maybe_int(message.new[relation.batch_id])
+        self._event(batch_id, f"UPDATE of order {order_id}; cdcfeed only inserts orders")
+
+    def _delete(self, message: pgoutput.Delete) -> None:
+        relation = self._relation(message.relation_id)
+        # The old tuple holds the key only (unless REPLICA IDENTITY FULL): no batch id.
+        order_id = _maybe_int(message.old[relation.order_id])
+        batch_id = _maybe_int(message.old[relation.batch_id])
+        self._event(batch_id, f"DELETE of order {order_id}; cdcfeed never deletes orders")
+
+    def _event(self, batch_id: int | None, what: str) -> None:
+        if self._xid is None:
+            raise StreamError(f"{what} outside a transaction")
+        self._events.append((batch_id, what))
+
+    def _commit(self, commit: pgoutput.Commit) -> None:
+        xid = self._xid
+        if xid is None:
+            raise StreamError(f"Commit at {int_to_lsn(commit.commit_lsn)} without a Begin")
+        if commit.commit_lsn >= self.position:
+            for batch_id, (rows, low, high, total) in self._batches.items():
+                self.observations.append(
+                    Observation(
+                        batch_id, commit.commit_lsn, commit.end_lsn, xid, rows, low, high, total
+                    )
+                )
+            lsn = int_to_lsn(commit.commit_lsn)
+            for event_batch, what in self._events:
+                reason = f"{what} (transaction xid {xid}, commit {lsn})"
+                self.events.append(StreamEvent(event_batch, xid, commit.commit_lsn, reason))
+        self.last_end = max(self.last_end, commit.end_lsn)
+        self._xid = None
+        self._batches = {}
+        self._events = []
+
+
+# --- judging ----------------------------------------------------------------------------------
+
+
+def reasons_against(
+    batch_id: int, batch: LedgerBatch | None, seen: Sequence[Observation], judged_before: bool
+) -> list[str]:
+    """Why the stream's view of a batch breaks the invariant; empty when it holds."""
+    rows = sum(o.rows for o in seen)
+    xids = ", ".join(str(o.xid) for o in seen)
+    if batch is None:
+        return [f"{rows} orders rows (xid {xids}) carry this batch id, which the ledger lacks"]
+    if batch.status == "FAILED":
+        return [f"FAILED in the ledger, yet {rows} of its rows reached the stream (xid {xids})"]
+    if judged_before:
+        return [
+            f"after it was verified, transaction xid {o.xid} (commit {int_to_lsn(o.commit_lsn)}) "
+            f"carried {o.rows} more of its rows"
+            for o in seen
+        ]
+    reasons = []
+    if len(seen) > 1:
+        reasons.append(f"its rows arrived in {len(seen)} transactions (xids {xids}), not one")
+    if rows != batch.row_count:
+        reasons.append(f"the stream carried {rows} rows, the ledger says {batch.row_count}")
+    first, last = batch.first_order_id, batch.first_order_id + batch.row_count - 1
+    low = min(o.min_order_id for o in seen)
+    high = max(o.max_order_id for o in seen)
+    if (low, high) != (first, last):
+        reasons.append(f"its order ids span {low}..{high}, its block is {first}..{last}")
+    elif rows == batch.row_count and sum(o.sum_order_id for o in seen) != (
+        (first + last) * batch.row_count // 2
+    ):
+        # Same count and bounds but another sum: some id twice, another missing.
+        reasons.append(f"its order ids are not each id of {first}..{last} once")
+    if batch.xid is not None:
+        expected = batch.xid & _XID_MASK
+        for o in seen:
+            if o.xid != expected:
+                reasons.append(
+                    f"transaction xid {o.xid} is not the ledger's xid {batch.xid} "
+                    f"(low 32 bits {expected})"
+                )
+    start, end = batch.start_lsn, batch.end_lsn
+    for o in seen:
+        if start is None or end is None or not (start < o.commit_lsn and o.commit_end_lsn <= end):
+            reasons.append(
+                f"commit {int_to_lsn(o.commit_lsn)} of xid {o.xid} lies outside its bracket "
+                f"({_lsn(start)}, {_lsn(end)}]"
+            )
+    return reasons
+
+
+def _lsn(value: int | None) -> str:
+    return "-" if value is None else int_to_lsn(value)
+
+
+def _observation(record: asyncpg.Record) -> Observation:
+    return Observation(
+        batch_id=record["batch_id"],
+        commit_lsn=record["commit_lsn"],
+        commit_end_lsn=record["commit_end_lsn"],
+        xid=record["xid"],
+        rows=record["rows"],
+        min_order_id=record["min_order_id"],
+        max_order_id=record["max_order_id"],
+        sum_order_id=int(record["sum_order_id"]),  # numeric: sums outgrow bigint
+    )
+
+
+def _ledger_batch(record: asyncpg.Record) -> LedgerBatch | None:
+    if record["status"] is None:
+        return None
+    return LedgerBatch(
+        batch_id=record["batch_id"],
+        status=record["status"],
+        row_count=record["row_count"],
+        first_order_id=record["first_order_id"],
+        start_lsn=record["start_lsn"],
+        end_lsn=record["end_lsn"],
+        xid=int(record["xid"]) if record["xid"] is not None else None,
+    )
+
+
+# --- the verifier -----------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """This run's verdicts."""
+
+    batches: int = 0
+    violations: int = 0
+    rows: int = 0
+
+
+@dataclass(frozen=True)
+class Report:
+    slot: str
+    publication: str
+    position: str
+    batches: int
+    completed: int
+    failed: int
+    rows: int
+    waiting: int
+    violation_count: int
+    violations: list[Violation]
+    run: Tally = field(default_factory=Tally)
+
+    @property
+    def holds(self) -> bool:
+        return self.violation_count == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "slot": self.slot,
+            "publication": self.publication,
+            "position": self.position,
+            "holds": self.holds,
+            "batches_verified": self.batches,
+            "completed": self.completed,
+            "failed": self.failed,
+            "rows": self.rows,
+            "waiting": self.waiting,
+            "violation_count": self.violation_count,
+            "violations": [{"batch_id": v.batch_id, "reason": v.reason} for v in self.violations],
+            "this_run": {
+                "batches_verified": self.run.batches,
+                "violations": self.run.violations,
+                "rows": self.run.rows,
+            },
+        }
+
+    def as_text(self) -> str:
+        verdict = "invariant holds" if self.holds else "INVARIANT VIOLATED"
+        lines = [
+            f"slot {self.slot} (publication {self.publication}), read to {self.position}: "
+            f"{verdict}",
+            f"batches verified: {self.batches} ({self.completed} COMPLETED, {self.failed} "
+            f"FAILED), rows: {self.rows}, violations: {self.violation_count}, "
+            f"waiting: {self.waiting}",
+            f"this run: {self.run.batches} batches verified, {self.run.rows} rows, "
+            f"{self.run.violations} violations",
+        ]
+        lines += [f"violation: {v.line()}" for v in self.violations]
+        hidden = self.violation_count - len(self.violations)
+        if hidden > 0:
+            lines.append(
+                f"... and {hidden} more (see --format json or table cdcfeed_verify_results)"
+            )
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class _Progress:
+    scope: int
+    position: int
+    checked: int
+    waiting: list[int]
+
+
+class Verifier:
+    """One slot's verification, on one connection that holds the slot's verify lock."""
+
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        names: Names,
+        slot: str,
+        publication: str,
+        *,
+        metrics: Metrics | None = None,
+        on_violation: Callable[[Violation], None] | None = None,
+        chunk_changes: int = CHUNK_CHANGES,
+        run: Tally | None = None,
+    ) -> None:
+        self.conn = conn
+        self.names = names
+        self.q = CdcStatements(names)
+        self.slot = slot
+        self.publication = publication
+        self.metrics = metrics
+        self.on_violation = on_violation
+        self.chunk_changes = chunk_changes
+        self.run = Tally() if run is None else run  # shared when a verifier is reopened
+
+    async def prepare(self, *, create_slot: bool, create_publication: bool = False) -> None:
+        """Checks (or creates) the ledger's CDC tables, the publication and the slot."""
+        conn = self.conn
+        async with conn.transaction():
+            await conn.execute(self.names.q.lock_schema, SCHEMA_LOCK_KEY)
+            if await conn.fetchval("SELECT to_regclass($1)", self.q.qualified_batches) is None:
+                raise UserError(
+                    "database.dsn",
+                    f"no cdcfeed ledger ({self.q.qualified_batches}) in this database; "
+                    "point --dsn at cdcfeed's database or run `cdcfeed init-db`",
+                )
+            await conn.execute(self.q.verify_ddl)
+        if not await conn.fetchval(self.q.try_lock, self.slot):
+            raise SlotUnavailable(
+                "cdc.verify_slot", f"another cdcfeed verify is already reading slot {self.slot}"
+            )
+        await self._check_publication(create_publication)
+        slot = await conn.fetchrow(self.q.slot, self.slot)
+        if slot is None:
+            if not create_slot:
+                raise UserError(
+                    "cdc.verify_slot",
+                    f"no replication slot {self.slot!r}; pass --create-slot to give verify a "
+                    "slot of its own (never Debezium's: verifying consumes the slot)",
+                )
+            await self._create_slot()
+            slot = await conn.fetchrow(self.q.slot, self.slot)
+            assert slot is not None
+        if slot["slot_type"] != "logical" or slot["plugin"] != "pgoutput":
+            raise UserError(
+                "cdc.verify_slot",
+                f"slot {self.slot!r} is a {slot['slot_type']} slot with plugin "
+                f"{slot['plugin']!r}; verify reads logical slots with plugin pgoutput",
+            )
+        if slot["database"] != slot["here"]:
+            raise UserError(
+                "cdc.verify_slot",
+                f"slot {self.slot!r} belongs to database {slot['database']!r}, "
+                f"not {slot['here']!r}; point --dsn at that database",
+            )
+        if await conn.fetchrow(self.q.progress, self.slot) is None:
+            await conn.execute(
+                self.q.start_progress, self.slot, self.publication, slot["confirmed_flush_lsn"]
+            )
+
+    async def _check_publication(self, create: bool) -> None:
+        record = await self.conn.fetchrow(self.q.publication, self.publication)
+        if record is None:
+            if not create:
+                raise UserError(
+                    "cdc.publication",
+                    f"no publication {self.publication!r}; create it (before the slot) with "
+                    f"`cdcfeed init-db --publication {self.publication}`",
+                )
+            await ensure_publication(self.conn, self.names, self.publication)
+            return
+        orders = ".".join(self.q.orders_relation)
+        if not record[0] and orders not in record[1]:
+            logger.warning(
+                f"publication {self.publication} does not cover {orders}: no batch can reach "
+                "the stream, so every COMPLETED batch will be reported missing"
+            )
+
+    async def _create_slot(self) -> None:
+        try:
+            await self.conn.fetchval(self.q.create_slot, self.slot)
+        except asyncpg.DuplicateObjectError:
+            return  # created meanwhile by another verify; prepare() checks it
+        except asyncpg.ObjectNotInPrerequisiteStateError as exc:
+            raise UserError(
+                "cdc.verify_slot",
+                f"cannot create a logical slot ({describe_error(exc)}); the server needs "
+                "wal_level=logical and a free max_replication_slots entry",
+            ) from None
+        except asyncpg.InsufficientPrivilegeError as exc:
+            raise UserError(
+                "database.dsn",
+                f"the role may not create replication slots ({describe_error(exc)}); "
+                "it needs the REPLICATION attribute",
+            ) from None
+        # A new slot starts a new proof: what an earlier slot of this name saw is void.
+        async with self.conn.transaction():
+            for statement in self.q.forget_slot:
+                await self.conn.execute(statement, self.slot)
+        logger.info(f"created replication slot {self.slot} (pgoutput) for verify")
+
+    async def close(self) -> None:
+        """Closes the connection, and with it the verify lock; never raises."""
+        try:
+            await asyncio.wait_for(self.conn.close(), timeout=5)
+        except Exception:
+            self.conn.terminate()  # the server is gone or stuck: drop the socket
+
+    async def _progress(self) -> _Progress:
+        record = await self.conn.fetchrow(self.q.progress, self.slot)
+        if record is None:
+            raise UserError("cdc.verify_slot", f"verify state of slot {self.slot} vanished")
+        return _Progress(*record)
+
+    async def _confirmed(self) -> int:
+        slot = await self.conn.fetchrow(self.q.slot, self.slot)
+        if slot is None:
+            raise SlotUnavailable(
+                "cdc.verify_slot", f"replication slot {self.slot!r} was dropped while verifying"
+            )
+        confirmed: int = slot["confirmed_flush_lsn"]
+        return confirmed
+
+    async def run_pass(self, stop: asyncio.Event | None = None) -> None:
+        """Reads what the slot holds now (or until `stop`) and judges what can be judged."""
+        progress = await self._progress()
+        position = progress.position
+        confirmed = await self._confirmed()
+        if confirmed > position:
+            await self._skipped_ahead(position, confirmed)
+            position = confirmed
+        while stop is None or not stop.is_set():
+            upto: int = await self.conn.fetchval(self.q.flush_lsn)
+            if upto <= position:
+                break
+            position, full = await self._read_chunk(position, upto)
+            await self._advance(position)
+            if not full:
+                break
+        await self._judge(progress, position)
+
+    async def _skipped_ahead(self, position: int, confirmed: int) -> None:
+        reason = (
+            f"the slot moved from {int_to_lsn(position)} to {int_to_lsn(confirmed)} without "
+            "verify: another reader consumed those changes, so their batches cannot be proven"
+        )
+        async with self.conn.transaction():
+            await self.conn.execute(
+                self.q.record_stream_violation, self.slot, None, None, confirmed, reason
+            )
+            await self.conn.execute(self.q.set_position, self.slot, confirmed, self.publication)
+        self._found([Violation(None, reason)])
+
+    async def _read_chunk(self, position: int, upto: int) -> tuple[int, bool]:
+        reader = StreamReader(self.q.orders_relation, position)
+        conn = self.conn
+        try:
+            async with conn.transaction():
+                # One chunk ends at a transaction's end: a batch of millions of rows is one
+                # chunk, which may take longer than a statement timeout meant for the load.
+                await conn.execute("SET LOCAL statement_timeout = 0")
+                async for record in conn.cursor(
+                    self.q.peek,
+                    self.slot,
+                    upto,
+                    self.chunk_changes,
+                    self.publication,
+                    prefetch=_PREFETCH,
+                ):
+                    reader.feed(record[0])
+                reader.finish()
+                full = reader.messages >= self.chunk_changes
+                # Not full: every transaction committing before `upto` was read.
+                new_position = max(position, reader.last_end if full else upto, reader.last_end)
+                if reader.observations:
+                    await conn.executemany(
+                        self.q.record_pending,
+                        [(self.slot, *_row(o)) for o in reader.observations],
+                    )
+                for event in reader.events:
+                    await conn.execute(
+                        self.q.record_stream_violation,
+                        self.slot,
+                        event.batch_id,
+                        event.xid,
+                        event.commit_lsn,
+                        event.reason,
+                    )
+                await conn.execute(self.q.set_position, self.slot, new_position, self.publication)
+        except asyncpg.ObjectInUseError as exc:
+            raise SlotUnavailable(
+                "cdc.verify_slot", f"slot {self.slot} is in use ({describe_error(exc)})"
+            ) from None
+        except asyncpg.UndefinedObjectError as exc:
+            await self._confirmed()  # a dropped slot says so
+            raise UserError(
+                "cdc.publication",
+                f"the slot cannot decode with publication {self.publication!r} "
+                f"({describe_error(exc)}); the publication must exist before the slot's "
+                "position: create it, then a new slot (--create-slot with a new --slot)",
+            ) from None
+        self._found([Violation(e.batch_id, e.reason) for e in reader.events])
+        return new_position, full
+
+    async def _advance(self, position: int) -> None:
+        if position > await self._confirmed():
+            try:
+                await self.conn.fetchval(self.q.advance_slot, self.slot, position)
+            except asyncpg.ObjectInUseError as exc:
+                raise SlotUnavailable(
+                    "cdc.verify_slot", f"slot {self.slot} is in use ({describe_error(exc)})"
+                ) from None
+
+    async def _judge(self, progress: _Progress, position: int) -> None:
+        conn = self.conn
+        q = self.q
+        found: list[Violation] = []
+        verdicts: list[str] = []
+        amended = 0  # judged batches found violated later: violations, not new verdicts
+        rows = 0
+        # One snapshot: a batch is either IN_PROGRESS (and waits) or settled (and is judged).
+        async with conn.transaction(isolation="repeatable_read"):
+            waiting: list[int] = await conn.fetchval(q.in_progress_since, progress.scope)
+            while True:
+                ready = await conn.fetch(q.ready_pending, self.slot, _JUDGE_BATCH)
+                if not ready:
+                    break
+                ids = [r["batch_id"] for r in ready]
+                seen: dict[int, list[Observation]] = {i: [] for i in ids}
+                for o in await conn.fetch(q.pending_of, self.slot, ids):
+                    seen[o["batch_id"]].append(_observation(o))
+                for record in ready:
+                    batch_id = record["batch_id"]
+                    batch = _ledger_batch(record)
+                    judged_before = record["verdict_id"] is not None
+                    observations = seen[batch_id]
+                    reasons = reasons_against(batch_id, batch, observations, judged_before)
+                    reason = "; ".join(reasons) or None
+                    if judged_before:
+                        if reason is not None:
+                            await conn.execute(q.amend_verdict, record["verdict_id"], reason)
+                            found.append(Violation(batch_id, reason))
+                            amended += 1
+                        continue
+                    first = observations[0]
+                    batch_rows = sum(o.rows for o in observations)
+                    await conn.execute(
+                        q.record_verdict,
+                        self.slot,
+                        batch_id,
+                        batch.status if batch else None,
+                        "violation" if reason else "ok",
+                        batch_rows,
+                        first.xid,
+                        first.commit_lsn,
+                        reason,
+                    )
+                    rows += batch_rows
+                    verdicts.append("violation" if reason else "ok")
+                    if reason:
+                        found.append(Violation(batch_id, reason))
+                await conn.execute(q.drop_pending, self.slot, ids)
+            while True:
+                unseen = await conn.fetch(
+                    q.unobserved,
+                    self.slot,
+                    progress.scope,
+                    progress.checked,
+                    progress.waiting,
+                    position,
+                    _JUDGE_BATCH,
+                )
+                for batch_id, status, row_count, end_lsn in unseen:
+                    reason = None
+                    if status == "COMPLETED":
+                        reason = (
+                            f"missing from the stream: COMPLETED with {row_count} rows and "
+                            f"end_lsn {int_to_lsn(end_lsn)}, but the slot read past it without "
+                            f"its transaction (is {'.'.join(q.orders_relation)} in publication "
+                            f"{self.publication}?)"
+                        )
+                        found.append(Violation(batch_id, reason))
+                    await conn.execute(
+                        q.record_verdict,
+                        self.slot,
+                        batch_id,
+                        status,
+                        "violation" if reason else "ok",
+                        0,
+                        None,
+                        None,
+                        reason,
+                    )
+                    verdicts.append("violation" if reason else "ok")
+                if len(unseen) < _JUDGE_BATCH:
+                    break
+            await conn.execute(q.set_checked, self.slot, position, waiting)
+        self.run.batches += len(verdicts)
+        self.run.rows += rows
+        if self.metrics is not None:
+            for result in verdicts:
+                self.metrics.verified.labels(result).inc()
+            self.metrics.verified.labels("violation").inc(amended)
+        self._found(found, counted=True)
+
+    def _found(self, violations: list[Violation], counted: bool = False) -> None:
+        self.run.violations += len(violations)
+        if self.metrics is not None and not counted:
+            self.metrics.verified.labels("violation").inc(len(violations))
+        if self.on_violation is not None:
+            for violation in violations:
+                self.on_violation(violation)
+
+    async def lag_bytes(self) -> int:
+        """WAL written since the position verify has read to."""
+        progress = await self._progress()
+        insert: int = await self.conn.fetchval(self.q.insert_lsn)
+        return max(0, insert - progress.position)
+
+    async def report(self, limit: int = REPORT_VIOLATIONS) -> Report:
+        q = self.q
+        progress = await self._progress()
+        totals = await self.conn.fetchrow(q.totals, self.slot)
+        assert totals is not None
+        waiting: int = await self.conn.fetchval(
+            q.waiting, self.slot, progress.checked, progress.scope, progress.waiting
+        )
+        violations = [
+            Violation(r["batch_id"], r["reason"])
+            for r in await self.conn.fetch(q.violations, self.slot, limit)
+        ]
+        return Report(
+            slot=self.slot,
+            publication=self.publication,
+            position=int_to_lsn(progress.position),
+            batches=totals["batches"],
+            completed=totals["completed"],
+            failed=totals["failed"],
+            rows=totals["rows"],
+            waiting=waiting,
+            violation_count=totals["violations"],
+            violations=violations,
+            run=self.run,
+        )
+
+
+def _row(o: Observation) -> tuple[int, ...]:
+    return (
+        o.batch_id,
+        o.commit_lsn,
+        o.commit_end_lsn,
+        o.xid,
+        o.rows,
+        o.min_order_id,
+        o.max_order_id,
+        o.sum_order_id,
+    )
+
+
+async def ensure_publication(conn: asyncpg.Connection, names: Names, publication: str) -> bool:
+    """Creates the publication over orders and the ledger; adds a table it lacks. Idempotent.
+
+    Returns True when something changed. A slot decodes only with publications that existed
+    at its position, so this belongs before the slot is created.
+    """
+    q = CdcStatements(names)
+    async with conn.transaction():
+        await conn.execute(names.q.lock_schema, SCHEMA_LOCK_KEY)
+        record = await conn.fetchrow(q.publication, publication)
+        if record is None:
+            await conn.execute(
+                f"CREATE PUBLICATION {quote_ident(publication)} FOR TABLE {q.publication_tables}"
+            )
+            return True
+        if record[0]:  # FOR ALL TABLES covers ours already
+            return False
+        missing = [
+            table
+            for table, relation in (
+                (q.qualified_orders, ".".join(q.orders_relation)),
+                (q.qualified_batches, f"{names.schema}.{names.batches}"),
+            )
+            if relation not in record[1]
+        ]
+        for table in missing:
+            await conn.execute(f"ALTER PUBLICATION {quote_ident(publication)} ADD TABLE {table}")
+        return bool(missing)
+
+
+async def open_verifier(
+    database: DatabaseSettings,
+    names: Names,
+    slot: str,
+    publication: str,
+    *,
+    create_slot: bool,
+    create_publication: bool = False,
+    metrics: Metrics | None = None,
+    on_violation: Callable[[Violation], None] | None = None,
+    run: Tally | None = None,
+) -> Verifier:
+    """A prepared verifier on a connection of its own (one attempt; the caller retries)."""
+    conn = await asyncpg.connect(**connect_kwargs(database, "cdcfeed verify"))
+    verifier = Verifier(
+        conn, names, slot, publication, metrics=metrics, on_violation=on_violation, run=run
+    )
+    try:
+        await verifier.prepare(create_slot=create_slot, create_publication=create_publication)
+    except BaseException:
+        await verifier.close()
+        raise
+    return verifier
+
+
+async def run_passes(
+    verifier: Verifier | None,
+    reopen: Callable[[], Awaitable[Verifier]],
+    poll_interval: float,
+    stop: asyncio.Event | None = None,
+    metrics: Metrics | None = None,
+) -> Report:
+    """A pass every `poll_interval` until `stop` is set (forever without one); then the report.
+
+    Rides out a database outage, and a slot held by another reader, by reopening the
+    verifier with backoff: the state tables make the next pass resume where the last ended.
+    """
+    policy = RetryPolicy(initial_delay=poll_interval, max_delay=max(poll_interval, 10.0))
+    failures = 0
+    try:
+        while stop is None or not stop.is_set():
+            try:
+                if verifier is None:
+                    verifier = await reopen()
+                    if failures:
+                        logger.info(f"verify: reading slot {verifier.slot} again")
+                    failures = 0
+                await verifier.run_pass(stop)
+                if metrics is not None:
+                    metrics.verify_lag.set(await verifier.lag_bytes())
+                pause = poll_interval
+            except Exception as exc:
+                if not (isinstance(exc, SlotUnavailable) or is_unavailable(exc)):
+                    raise
+                if verifier is not None:
+                    await verifier.close()
+                    verifier = None
+                failures += 1
+                if failures == 1:
+                    what = exc.message if isinstance(exc, SlotUnavailable) else describe_error(exc)
+                    logger.warning(f"verify paused: {what}; retrying")
+                pause = policy.delay(min(failures, 10))
+            if stop is None:
+                await asyncio.sleep(pause)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=pause)
+        if verifier is None:
+            verifier = await reopen()
+        return await verifier.report()
+    finally:
+        if verifier is not None:
+            await verifier.close()
+
+
+async def verify_continuously(
+    database: DatabaseSettings,
+    names: Names,
+    slot: str,
+    publication: str,
+    poll_interval: float,
+    metrics: Metrics,
+) -> None:
+    """The daemon's verifier: a pass per interval over a slot of its own, until cancelled.
+
+    Creates the publication and the slot when missing. Violations are logged as they are
+    found and counted in cdcfeed_verified_batches_total{result="violation"}.
+    """
+
+    def report(violation: Violation) -> None:
+        logger.bind(batch_id=violation.batch_id).error(f"verify violation: {violation.line()}")
+
+    async def reopen() -> Verifier:
+        return await open_verifier(
+            database,
+            names,
+            slot,
+            publication,
+            create_slot=True,
+            create_publication=True,
+            metrics=metrics,
+            on_violation=report,
+        )
+
+    await run_passes(None, reopen, poll_interval, None, metrics)

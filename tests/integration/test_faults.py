@@ -1,0 +1,624 @@
+"""Faults done for real: server restarts and outages, a daemon killed mid-COPY, locks, feed dir
+trouble. After each, the ledger must satisfy the invariant in full and a daemon that was not
+killed must still be loading.
+
+Tests that stop or restart a server use a private one, so the rest of the suite never sees it
+go away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from cdcfeed.app import names_of, run_daemon
+from cdcfeed.config import Settings, load_settings
+from cdcfeed.embedded import PostgresCluster, wheel_bin_dir
+from cdcfeed.endpoint import Endpoint
+from cdcfeed.ledger import init_schema
+from cdcfeed.reconcile import settle_abandoned
+from tests.support import (
+    cdcfeed_command,
+    check_invariant,
+    clean_environment,
+    prepare_slot,
+    read_stream,
+)
+
+DEBIAN_PG15 = Path("/usr/lib/postgresql/15/bin")
+_numbers = itertools.count(1)
+
+
+# --- a private server ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def private_server(scratch: Path) -> Iterator[PostgresCluster]:
+    """A server of this module's own, free to be restarted, stopped and crashed."""
+    bin_dir = DEBIAN_PG15 if (DEBIAN_PG15 / "postgres").exists() else wheel_bin_dir()
+    cluster = PostgresCluster(bin_dir, scratch / f"faults-{os.getpid()}")
+    cluster.start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+async def private_dsn(private_server: PostgresCluster) -> AsyncIterator[str]:
+    if private_server.running_port() is None:
+        await asyncio.to_thread(private_server.start)
+    name = f"faults_{next(_numbers)}"
+    admin = await asyncpg.connect(private_server.dsn())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield private_server.dsn(name)
+    if private_server.running_port() is None:
+        await asyncio.to_thread(private_server.start)
+    admin = await asyncpg.connect(private_server.dsn())
+    try:
+        for slot in await admin.fetch(
+            "SELECT slot_name FROM pg_replication_slots WHERE database = $1", name
+        ):
+            await admin.execute("SELECT pg_drop_replication_slot($1)", slot[0])
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+# --- the daemon, in this process and as a child -----------------------------------------------
+
+
+def fault_settings(dsn: str, feed_dir: Path, **sections: dict[str, Any]) -> Settings:
+    overrides: dict[str, dict[str, Any]] = {
+        "database": {"dsn": dsn, "connect_attempts": 2, "connect_timeout": 3.0},
+        "load": {"rate": 20.0, "batch_size": 500, "concurrency": 3},
+        "feed": {"dir": feed_dir, "keep_files": 20},
+        "metrics": {"address": "127.0.0.1:0"},
+        "daemon": {"grace_period": 5.0, "heartbeat_interval": 0.5, "lease_duration": 1.5},
+    }
+    for section, values in sections.items():
+        overrides[section] = {**overrides.get(section, {}), **values}
+    return load_settings(None, overrides, environ={})
+
+
+@dataclass
+class Daemon:
+    task: asyncio.Task[int]
+    stop: asyncio.Event
+    endpoints: list[Endpoint]
+
+    def get(self, path: str) -> tuple[int, str]:
+        assert self.endpoints, "the daemon has not opened its endpoint yet"
+        try:
+            with urllib.request.urlopen(self.endpoints[0].url + path, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    async def sample(self, series: str) -> float:
+        _, body = await asyncio.to_thread(self.get, "/metrics")
+        for line in body.splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"{series} not exposed")
+
+    async def ready(self) -> bool:
+        status, _ = await asyncio.to_thread(self.get, "/readyz")
+        return status == 200
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Daemon]:
+    """The daemon in this process; stopped (and its exit code checked) on leaving the block."""
+    stop = asyncio.Event()
+    endpoints: list[Endpoint] = []
+    task = asyncio.create_task(
+        run_daemon(settings, stop, environ={}, on_endpoint=endpoints.append), name="daemon"
+    )
+    daemon = Daemon(task, stop, endpoints)
+    try:
+        yield daemon
+    finally:
+        stop.set()
+        code = await asyncio.wait_for(task, 60)
+    assert code == 0
+
+
+def spawn(log: Path, *args: str, **env: str) -> subprocess.Popen[str]:
+    """The daemon as a child process, its stderr in `log` (a pipe could fill and block it)."""
+    with log.open("w") as handle:
+        return subprocess.Popen(
+            cdcfeed_command(*args), env=clean_environment(**env), stderr=handle, text=True
+        )
+
+
+# --- looking at the ledger --------------------------------------------------------------------
+
+
+async def fetchval(dsn: str, query: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(dsn, timeout=5)
+    try:
+        return await conn.fetchval(query, *args)
+    finally:
+        await conn.close()
+
+
+async def count(dsn: str, where: str = "status = 'COMPLETED'", *args: Any) -> int:
+    """Batches in the ledger matching `where`; -1 while the server or the schema is not there."""
+    try:
+        return int(await fetchval(dsn, f"SELECT count(*) FROM batch_control WHERE {where}", *args))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return -1
+
+
+async def wait_until(what: str, check: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+async def wait_for_completed(dsn: str, more_than: int, timeout: float = 30.0) -> int:
+    done = -1
+
+    async def enough() -> bool:
+        nonlocal done
+        done = await count(dsn)
+        return done > more_than
+
+    await wait_until(f"more than {more_than} batches completed", enough, timeout)
+    return done
+
+
+async def settled_in_full(dsn: str) -> dict[str, int]:
+    """Waits for reconciliation to leave nothing IN_PROGRESS, then checks the invariant."""
+
+    async def nothing_in_progress() -> bool:
+        return await count(dsn, "status = 'IN_PROGRESS'") == 0
+
+    await wait_until("nothing is IN_PROGRESS", nothing_in_progress)
+    return await check_invariant(dsn)
+
+
+# --- server restarts and outages --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["immediate", "fast"])
+async def test_a_server_restart_during_load_loses_nothing(
+    private_server: PostgresCluster, private_dsn: str, tmp_path: Path, mode: str
+) -> None:
+    await prepare_slot(private_dsn)
+    settings = fault_settings(private_dsn, tmp_path / "feed", load={"batch_size": 5000})
+    async with running(settings) as daemon:
+        before = await wait_for_completed(private_dsn, more_than=5)
+        await asyncio.to_thread(private_server.restart, mode)
+        # Loading resumes by itself, with the connections the pool had before replaced.
+        await wait_for_completed(private_dsn, more_than=before + 10)
+        assert await daemon.ready()
+        assert await daemon.sample("cdcfeed_database_up") == 1
+    counts = await settled_in_full(private_dsn)
+    # The stream side too: every COMPLETED batch arrived whole in its one transaction.
+    await check_invariant(private_dsn, await read_stream(private_dsn))
+    assert counts["COMPLETED"] > before + 10
+
+
+async def test_an_outage_pauses_the_load_and_it_resumes_by_itself(
+    private_server: PostgresCluster, private_dsn: str, tmp_path: Path
+) -> None:
+    await prepare_slot(private_dsn)
+    settings = fault_settings(private_dsn, tmp_path / "feed", load={"batch_size": 2000})
+    async with running(settings) as daemon:
+        before = await wait_for_completed(private_dsn, more_than=5)
+        await asyncio.to_thread(private_server.stop, "fast")
+        down_since = time.monotonic()
+
+        async def unready() -> bool:
+            return not await daemon.ready()
+
+        await wait_until("/readyz reports unready", unready, timeout=10)
+        assert await daemon.sample("cdcfeed_database_up") == 0
+        await asyncio.sleep(max(0.0, 10 - (time.monotonic() - down_since)))
+        assert not await daemon.ready()
+        skipped = await daemon.sample('cdcfeed_batches_skipped_total{reason="database_down"}')
+        # About rate x outage; the first few runs may still have found the database "up".
+        assert skipped >= 100, skipped
+        await asyncio.to_thread(private_server.start)
+        await wait_for_completed(private_dsn, more_than=before + 10, timeout=40)
+        assert await daemon.ready()
+        assert await daemon.sample("cdcfeed_database_up") == 1
+    counts = await settled_in_full(private_dsn)
+    await check_invariant(private_dsn, await read_stream(private_dsn))
+    assert counts["COMPLETED"] > before + 10
+
+
+# --- killed daemons and leases ----------------------------------------------------------------
+
+
+async def _wait_for_copy(dsn: str, application_name: str = "cdcfeed") -> None:
+    async def copying() -> bool:
+        try:
+            return bool(
+                await fetchval(
+                    dsn,
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name = $1 AND state = 'active' AND query LIKE 'COPY %' "
+                    "AND now() - query_start > interval '50 milliseconds'",
+                    application_name,
+                )
+            )
+        except (OSError, asyncpg.PostgresError):
+            return False
+
+    await wait_until("a COPY is running", copying, timeout=60)
+
+
+def _daemon_args(dsn: str, feed: Path, *extra: str) -> list[str]:
+    return [
+        "run",
+        "--dsn",
+        dsn,
+        "--feed-dir",
+        str(feed),
+        "--metrics-address",
+        "127.0.0.1:0",
+        *extra,
+    ]
+
+
+async def test_a_daemon_killed_mid_copy_settles_its_batch_when_it_starts_again(
+    dsn: str, tmp_path: Path
+) -> None:
+    big = ("--rate", "2", "--batch-size", "300000", "--concurrency", "1", "--instance", "kenny")
+    log = tmp_path / "first.log"
+    process = spawn(log, *_daemon_args(dsn, tmp_path / "feed", *big))
+    try:
+        await _wait_for_copy(dsn)
+        process.kill()
+        process.wait(10)
+    finally:
+        process.kill()
+        process.wait()
+    assert await count(dsn, "status = 'IN_PROGRESS'") == 1, log.read_text()
+
+    again = tmp_path / "again.log"
+    process = spawn(
+        again,
+        *_daemon_args(dsn, tmp_path / "feed", *big),
+        "--max-batches",
+        "1",
+    )
+    try:
+        code = await asyncio.to_thread(process.wait, 120)
+    finally:
+        process.kill()
+        process.wait()
+    stderr = again.read_text()
+    assert code == 0, stderr
+    assert "left IN_PROGRESS by an earlier run" in stderr
+    counts = await check_invariant(dsn)
+    assert counts.get("COMPLETED", 0) >= 1
+    interrupted = await count(dsn, "error = 'interrupted' OR recovered")
+    assert interrupted == 1, counts
+
+
+async def test_a_dead_instance_is_settled_by_the_live_ones_and_a_live_one_never(
+    private_dsn: str, tmp_path: Path
+) -> None:
+    dsn = private_dsn
+    lease = {
+        "CDCFEED_DAEMON__HEARTBEAT_INTERVAL": "0.3",
+        "CDCFEED_DAEMON__LEASE_DURATION": "1.0",
+    }
+    victim_args = ("--rate", "4", "--batch-size", "200000", "--concurrency", "1")
+    log = tmp_path / "victim.log"
+    victim = spawn(
+        log, *_daemon_args(dsn, tmp_path / "v", *victim_args, "--instance", "victim"), **lease
+    )
+    # Two survivors reconciling at the same time, with leases short enough to lapse quickly.
+    fast_lease = {"heartbeat_interval": 0.3, "lease_duration": 1.0}
+    survivors = [
+        fault_settings(
+            dsn,
+            tmp_path / name,
+            load={"rate": 10.0, "batch_size": 200},
+            daemon={"instance": name, **fast_lease},
+        )
+        for name in ("alpha", "beta")
+    ]
+    try:
+        async with running(survivors[0]), running(survivors[1]):
+            await _wait_for_copy(dsn)
+            # Seconds of live instances reconciling each other's leases: nobody is touched.
+            await asyncio.sleep(2)
+            assert await count(dsn, "error = 'interrupted' OR recovered") == 0
+            await _wait_for_copy(dsn)
+            victim.kill()
+            victim.wait(10)
+            killed_at = await count(dsn, "instance = 'alpha' AND status = 'COMPLETED'")
+
+            async def victim_settled() -> bool:
+                return await count(dsn, "instance = 'victim' AND status = 'IN_PROGRESS'") == 0
+
+            await wait_until("the survivors settle the victim's batch", victim_settled, 15)
+            await wait_for_completed(dsn, more_than=await count(dsn) + 5)  # and they keep loading
+            assert await count(dsn, "instance = 'alpha' AND status = 'COMPLETED'") > killed_at
+    finally:
+        victim.kill()
+        victim.wait()
+    counts = await settled_in_full(dsn)
+    assert counts["COMPLETED"] > 10
+    settled = await fetchval(
+        dsn, "SELECT count(*) FROM batch_control WHERE error = 'interrupted' OR recovered"
+    )
+    assert settled >= 1, log.read_text()
+    # Only the victim's batches were ever settled for someone else.
+    assert (
+        await fetchval(
+            dsn,
+            "SELECT count(*) FROM batch_control "
+            "WHERE (error = 'interrupted' OR recovered) AND instance <> 'victim'",
+        )
+        == 0
+    )
+
+
+async def test_a_settler_never_decides_a_running_copy_and_a_settled_batch_never_loads(
+    dsn: str,
+) -> None:
+    """The row lock of batch.py step 4 against reconcile.py, statement by statement."""
+    names = names_of(fault_settings(dsn, Path("/nonexistent")))
+    loader = await asyncpg.connect(dsn)
+    settler = await asyncpg.connect(dsn)
+    try:
+        await init_schema(loader, names)
+        # Two batches of an instance that never took a lease, so they count as abandoned.
+        for batch_id, first in ((1, 1), (2, 11)):
+            await loader.execute(
+                "INSERT INTO batch_control (batch_id, instance, status, row_count, "
+                "first_order_id, start_lsn) VALUES ($1, 'ghost', 'IN_PROGRESS', 10, $2, "
+                "pg_current_wal_insert_lsn())",
+                batch_id,
+                first,
+            )
+        now = datetime.now(UTC)
+
+        # Batch 1's COPY is running (its row locked): the settler must pass over it.
+        copy = loader.transaction()
+        await copy.start()
+        assert await loader.fetchval(names.q.claim_batch, 1) is not None
+        await loader.execute(
+            "INSERT INTO orders SELECT g, 1, 1, 1.00, now() FROM generate_series(1, 10) g"
+        )
+        decided = await settle_abandoned(settler, names, "settler", now)
+        assert [(s.batch_id, s.status) for s in decided] == [(2, "FAILED")]
+        await copy.commit()
+        decided = await settle_abandoned(settler, names, "settler", now)
+        assert [(s.batch_id, s.status, s.row_count) for s in decided] == [(1, "COMPLETED", 10)]
+        xid = await settler.fetchval("SELECT xid::text FROM batch_control WHERE batch_id = 1")
+        assert xid is not None and int(xid) > 0
+
+        # Batch 2 was settled FAILED before its COPY: the loader finds nothing to claim.
+        async with loader.transaction():
+            assert await loader.fetchval(names.q.claim_batch, 2) is None
+    finally:
+        await loader.close()
+        await settler.close()
+    assert await check_invariant(dsn) == {"COMPLETED": 1, "FAILED": 1}
+
+
+# --- locks and timeouts -----------------------------------------------------------------------
+
+
+async def test_a_copy_stuck_behind_a_table_lock_times_out_as_failed(
+    dsn: str, tmp_path: Path
+) -> None:
+    settings = fault_settings(
+        dsn, tmp_path / "feed", database={"statement_timeout": 1.0}, load={"concurrency": 2}
+    )
+    async with running(settings):
+        before = await wait_for_completed(dsn, more_than=3)
+        blocker = await asyncpg.connect(dsn)
+        try:
+            async with blocker.transaction():
+                await blocker.execute("LOCK TABLE orders IN SHARE MODE")  # COPY needs ROW EXCL.
+                await asyncio.sleep(2.5)
+        finally:
+            await blocker.close()
+        await wait_for_completed(dsn, more_than=before + 10)
+    counts = await settled_in_full(dsn)
+    assert counts.get("FAILED", 0) >= 2, counts
+    errors = await fetchval(
+        dsn, "SELECT array_agg(DISTINCT error) FROM batch_control WHERE status = 'FAILED'"
+    )
+    assert all("[57014]" in error for error in errors), errors  # query_canceled
+
+
+async def test_one_stuck_copy_times_out_while_the_other_slots_keep_the_rate(
+    dsn: str, tmp_path: Path
+) -> None:
+    batch_size = 500
+    settings = fault_settings(
+        dsn,
+        tmp_path / "feed",
+        database={"statement_timeout": 2.0},
+        load={"rate": 20.0, "batch_size": batch_size, "concurrency": 3},
+    )
+    async with running(settings):
+        await wait_for_completed(dsn, more_than=3)
+        blocker = await asyncpg.connect(dsn)
+        squat = blocker.transaction()
+        try:
+            await squat.start()
+            # An uncommitted row inside an order-id block a batch is about to get: that
+            # batch's COPY waits on the key; the batches after it must not.
+            next_id = await blocker.fetchval("SELECT next_order_id FROM cdcfeed_order_ids")
+            await blocker.execute(
+                "INSERT INTO orders VALUES ($1, -1, 1, 1.00, now())",
+                next_id + 5 * batch_size + 7,
+            )
+            during = await count(dsn)
+            await asyncio.sleep(3.0)
+            completed_while_stuck = await count(dsn) - during
+            await squat.rollback()  # the squatter never commits
+        finally:
+            await blocker.close()
+        await wait_for_completed(dsn, more_than=await count(dsn) + 5)
+    # 3 s at 20/s with one slot stuck: the other two keep up with nearly all of it.
+    assert completed_while_stuck >= 40, completed_while_stuck
+    counts = await settled_in_full(dsn)
+    assert counts.get("FAILED") == 1, counts
+    error = await fetchval(dsn, "SELECT error FROM batch_control WHERE status = 'FAILED'")
+    assert "[57014]" in error
+
+
+# --- feed dir trouble -------------------------------------------------------------------------
+
+
+def _can_mount(where: Path) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
+            check=True,
+            capture_output=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    return True
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs, so the feed dir can really fill up or turn read-only."""
+    mount = tmp_path / "disk"
+    if not _can_mount(mount):
+        if os.environ.get("CI"):
+            pytest.fail("cannot mount a tmpfs (CI runs as root and should be able to)")
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
+
+
+def _fill(disk: Path, leave: int) -> None:
+    """Takes all but `leave` bytes of the file system's free space."""
+    free = shutil.disk_usage(disk).free
+    with (disk / "filler").open("wb") as handle, contextlib.suppress(OSError):
+        handle.write(b"\0" * max(0, free - leave))
+
+
+async def _feed_trouble(
+    dsn: str, feed: Path, break_it: Any, fix_it: Any, expect: str, **feed_settings: Any
+) -> None:
+    settings = fault_settings(
+        dsn,
+        feed,
+        load={"rate": 20.0, "batch_size": 2000, "concurrency": 2},
+        feed={"min_free_bytes": 0, "keep_files": 5, **feed_settings},
+    )
+    async with running(settings):
+        await wait_for_completed(dsn, more_than=3)
+        await asyncio.to_thread(break_it)
+
+        async def failing() -> bool:
+            return await count(dsn, "status = 'FAILED'") >= 3
+
+        await wait_until("batches fail on the feed dir", failing, timeout=15)
+        await asyncio.to_thread(fix_it)
+        await wait_for_completed(dsn, more_than=await count(dsn) + 5)
+    counts = await settled_in_full(dsn)
+    assert counts["FAILED"] >= 3
+    errors = await fetchval(
+        dsn, "SELECT array_agg(DISTINCT error) FROM batch_control WHERE status = 'FAILED'"
+    )
+    for error in errors:
+        # "cannot write feed file …" mostly; a file removed between its write and its COPY
+        # fails as FileNotFoundError from the COPY instead, with the same reason.
+        assert expect in error, errors
+    # No partial file was kept, nor any loaded: FAILED batches hold no rows (the invariant).
+    assert not list(feed.glob(".*.tmp"))
+
+
+async def test_the_feed_dir_removed_then_restored(dsn: str, tmp_path: Path) -> None:
+    feed = tmp_path / "feed"
+    await _feed_trouble(
+        dsn,
+        feed,
+        lambda: shutil.rmtree(feed),
+        lambda: feed.mkdir(),
+        "No such file or directory",
+    )
+
+
+async def test_the_feed_dir_replaced_by_a_file_then_restored(dsn: str, tmp_path: Path) -> None:
+    feed = tmp_path / "feed"
+
+    def break_it() -> None:
+        shutil.rmtree(feed)
+        feed.write_text("not a directory")
+
+    def fix_it() -> None:
+        feed.unlink()
+        feed.mkdir()
+
+    await _feed_trouble(dsn, feed, break_it, fix_it, "Not a directory")
+
+
+async def test_the_feed_dir_read_only_then_writable(dsn: str, small_disk: Path) -> None:
+    def remount(mode: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{mode}", str(small_disk)], check=True)
+
+    await _feed_trouble(
+        dsn,
+        small_disk / "feed",
+        lambda: remount("ro"),
+        lambda: remount("rw"),
+        "Read-only file system",
+    )
+
+
+async def test_the_feed_dir_full_then_freed(dsn: str, small_disk: Path) -> None:
+    # Leave less than one feed file (~80 KB): the write fails part-way, not at the open.
+    await _feed_trouble(
+        dsn,
+        small_disk / "feed",
+        lambda: _fill(small_disk, leave=20_000),
+        lambda: (small_disk / "filler").unlink(),
+        "disk full",
+    )
+
+
+async def test_a_full_disk_skips_runs_before_any_batch_starts(dsn: str, small_disk: Path) -> None:
+    settings = fault_settings(
+        dsn,
+        small_disk / "feed",
+        load={"rate": 20.0, "batch_size": 2000, "concurrency": 2},
+        feed={"min_free_bytes": 1 << 20, "keep_files": 5},
+    )
+    async with running(settings) as daemon:
+        before = await wait_for_completed(dsn, more_than=3)
+        await asyncio.to_thread(_fill, small_disk, 512 << 10)
+        await asyncio.sleep(1.5)
+        skipped = await daemon.sample('cdcfeed_batches_skipped_total{reason="disk_full"}')
+        assert skipped >= 10, skipped
+        (small_disk / "filler").unlink()
+        await wait_for_completed(dsn, more_than=before + 5)
+    counts = await settled_in_full(dsn)
+    assert counts.get("FAILED", 0) == 0, counts
