@@ -121,11 +121,6 @@ async def settle(conn: Connection, names: Names, batch: Unsettled, reason: str) 
     return Settlement("FAILED")
 
 
-async def unsettled_of_instance(conn: Connection, names: Names, instance: str) -> list[Unsettled]:
-    records = await conn.fetch(names.q.in_progress_of_instance, instance)
-    return [Unsettled(r[0], r[1], r[2], r[3]) for r in records]
-
-
 async def recent_batches(conn: Connection, names: Names, limit: int) -> list[dict[str, Any]]:
     records = await conn.fetch(names.q.recent_batches, limit)
     return [dict(record) for record in records]

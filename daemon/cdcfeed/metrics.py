@@ -15,7 +15,7 @@ from cdcfeed import __version__
 
 PHASES = ("generate", "write", "copy", "total")
 BATCH_STATUSES = ("completed", "failed")
-SKIP_REASONS = ("busy", "database_down", "disk_full", "shutdown")
+SKIP_REASONS = ("busy", "database_down", "disk_full")
 VERIFY_RESULTS = ("ok", "violation")
 
 _DURATION_BUCKETS = (

@@ -151,11 +151,6 @@ class Statements:
             WHERE batch_id = $1 AND status = 'IN_PROGRESS'
             RETURNING end_lsn::text
         """
-        self.in_progress_of_instance = f"""
-            SELECT batch_id, first_order_id, row_count, xid::text
-            FROM {batches} WHERE status = 'IN_PROGRESS' AND instance = $1
-            ORDER BY batch_id
-        """
         self.recent_batches = f"""
             SELECT batch_id, instance, status, row_count, start_lsn::text, end_lsn::text,
                    xid::text, started_at, completed_at, recovered, error,
