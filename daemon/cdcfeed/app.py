@@ -114,6 +114,12 @@ async def watch_database(
             await asyncio.wait_for(suspect.wait(), timeout=pause)
 
 
+def copy_timeout(statement_timeout: float) -> float | None:
+    """The client's bound on a COPY: a little past the server's own, so that the server's
+    cancel (a clean FAILED) wins whenever the server is alive to send it."""
+    return statement_timeout + 5.0 if statement_timeout else None
+
+
 def blocked_reason(readiness: Readiness, feed: FeedDirectory) -> str | None:
     """Why a batch must not start now, as a skip reason; None when it may."""
     if not readiness.database_up:
@@ -198,6 +204,7 @@ async def run_daemon(
                     stopping=stop,
                     on_database_down=suspect,
                     grace_period=settings.daemon.grace_period,
+                    copy_timeout=copy_timeout(settings.database.statement_timeout),
                 )
                 scheduler = LoadScheduler(
                     arrivals=arrivals_of(load),

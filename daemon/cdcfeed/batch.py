@@ -52,6 +52,9 @@ class BatchEnvironment:
     stopping: asyncio.Event
     on_database_down: asyncio.Event
     grace_period: float
+    # Client-side bound on the COPY: statement_timeout is enforced by the server, so a hung
+    # backend would never answer it. None when no statement timeout is configured.
+    copy_timeout: float | None = None
 
 
 def _ms(seconds: float) -> str:
@@ -152,6 +155,7 @@ async def _load(
                 columns=ORDER_COLUMNS,
                 format="csv",
                 header=True,
+                timeout=env.copy_timeout,
             )
         committed = True
         copied = time.perf_counter()
@@ -179,7 +183,9 @@ async def _load(
             if not committed:
                 env.on_database_down.set()
             reason = describe_error(exc)
-            if is_unavailable(exc) or isinstance(exc, DatabaseUnavailable):
+            if isinstance(exc, TimeoutError) and not committed:
+                reason = f"COPY got no answer within {env.copy_timeout:g}s (hung server?)"
+            elif is_unavailable(exc) or isinstance(exc, DatabaseUnavailable):
                 reason = f"database unavailable: {reason}"
             log.warning(f"batch {batch_id}: {reason}; settling from the database")
             await _settle_until_known(env, unsettled, reason, deadline=False)

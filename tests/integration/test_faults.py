@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import time
 import urllib.error
@@ -33,11 +34,11 @@ from cdcfeed.endpoint import Endpoint
 from cdcfeed.ledger import init_schema
 from cdcfeed.reconcile import settle_abandoned
 from tests.support import (
-    cdcfeed_command,
     check_invariant,
-    clean_environment,
+    daemon_args,
     prepare_slot,
     read_stream,
+    spawn,
 )
 
 DEBIAN_PG15 = Path("/usr/lib/postgresql/15/bin")
@@ -138,14 +139,6 @@ async def running(settings: Settings) -> AsyncIterator[Daemon]:
         stop.set()
         code = await asyncio.wait_for(task, 60)
     assert code == 0
-
-
-def spawn(log: Path, *args: str, **env: str) -> subprocess.Popen[str]:
-    """The daemon as a child process, its stderr in `log` (a pipe could fill and block it)."""
-    with log.open("w") as handle:
-        return subprocess.Popen(
-            cdcfeed_command(*args), env=clean_environment(**env), stderr=handle, text=True
-        )
 
 
 # --- looking at the ledger --------------------------------------------------------------------
@@ -622,3 +615,59 @@ async def test_a_full_disk_skips_runs_before_any_batch_starts(dsn: str, small_di
         await wait_for_completed(dsn, more_than=before + 5)
     counts = await settled_in_full(dsn)
     assert counts.get("FAILED", 0) == 0, counts
+
+
+async def test_a_copy_to_a_hung_backend_is_cut_off_by_the_client_timeout(
+    dsn: str, tmp_path: Path
+) -> None:
+    """A stopped backend cannot enforce statement_timeout; the client's own bound must."""
+    log = tmp_path / "daemon.log"
+    daemon = spawn(
+        log,
+        *daemon_args(dsn, tmp_path, rate=2, batch_size=200_000, concurrency=2),
+        CDCFEED_DATABASE__STATEMENT_TIMEOUT="2",
+    )
+    stopped: int | None = None
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            deadline = time.monotonic() + 60
+            while stopped is None and time.monotonic() < deadline:
+                stopped = await conn.fetchval(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND state = 'active' AND query LIKE 'COPY%' LIMIT 1"
+                )
+                if stopped is None:
+                    await asyncio.sleep(0.01)
+            assert stopped is not None, log.read_text()
+            os.kill(stopped, signal.SIGSTOP)
+            # Past the client's bound (statement_timeout + 5 s), then let the backend go on.
+            await asyncio.sleep(9)
+            os.kill(stopped, signal.SIGCONT)
+            stopped = None
+            await _wait_for(dsn, "SELECT count(*) > 0 FROM batch_control WHERE error LIKE "
+                            "'%got no answer%' AND status = 'FAILED'", log)
+            before = await conn.fetchval(
+                "SELECT count(*) FROM batch_control WHERE status = 'COMPLETED'")
+            await _wait_for(dsn, f"SELECT count(*) > {before} FROM batch_control "
+                            "WHERE status = 'COMPLETED'", log)
+        finally:
+            await conn.close()
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        daemon.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(daemon.wait, 30)
+    assert daemon.returncode == 0, log.read_text()
+    await check_invariant(dsn)
+
+
+async def _wait_for(dsn: str, condition: str, log: Path, seconds: float = 60) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + seconds
+        while not await conn.fetchval(condition):
+            assert time.monotonic() < deadline, f"never: {condition}\n{log.read_text()[-3000:]}"
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
