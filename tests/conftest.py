@@ -7,21 +7,19 @@ gets a database of its own.
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from cdcfeed.embedded import PostgresCluster, wheel_bin_dir
+from tests.support import fresh_database
 
 DEBIAN_PG15 = Path("/usr/lib/postgresql/15/bin")
 SERVERS = ("pg15", "pg18")
-_database_numbers = itertools.count(1)
 
 
 def _bin_dir(name: str) -> Path | None:
@@ -75,24 +73,8 @@ def server(
 @pytest.fixture
 async def dsn(server: PostgresCluster) -> AsyncIterator[str]:
     """A fresh, empty database on the test's server."""
-    name = f"t{os.getpid()}_{next(_database_numbers)}"
-    admin = await asyncpg.connect(server.dsn())
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield server.dsn(name)
-    if server.running_port() is None:
-        server.start()
-    admin = await asyncpg.connect(server.dsn())
-    try:
-        for slot in await admin.fetch(
-            "SELECT slot_name FROM pg_replication_slots WHERE database = $1", name
-        ):
-            await admin.execute("SELECT pg_drop_replication_slot($1)", slot[0])
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with fresh_database(server) as database:
+        yield database
 
 
 @pytest.fixture

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +19,38 @@ import asyncpg
 from cdcfeed import pgoutput
 from cdcfeed.app import names_of, run_daemon
 from cdcfeed.config import Settings, load_settings
+from cdcfeed.embedded import PostgresCluster
 from cdcfeed.ledger import init_schema, lsn_to_int
 
 PUBLICATION = "cdcfeed_test"
+_database_numbers = itertools.count(1)
+
+
+@asynccontextmanager
+async def fresh_database(cluster: PostgresCluster) -> AsyncIterator[str]:
+    """A new, empty database on `cluster` for one test, dropped after it with its slots.
+
+    The server is started again first if a fault test left it stopped."""
+    if cluster.running_port() is None:
+        await asyncio.to_thread(cluster.start)
+    name = f"t{os.getpid()}_{next(_database_numbers)}"
+    admin = await asyncpg.connect(cluster.dsn())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield cluster.dsn(name)
+    if cluster.running_port() is None:
+        await asyncio.to_thread(cluster.start)
+    admin = await asyncpg.connect(cluster.dsn())
+    try:
+        for slot in await admin.fetch(
+            "SELECT slot_name FROM pg_replication_slots WHERE database = $1", name
+        ):
+            await admin.execute("SELECT pg_drop_replication_slot($1)", slot[0])
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
 
 
 def settings_for(dsn: str, feed_dir: Path, **load: Any) -> Settings:

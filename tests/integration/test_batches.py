@@ -128,8 +128,12 @@ async def test_configured_names_are_quoted_identifiers(dsn: str, feed_dir: Path)
     settings = load_settings(
         None,
         {
-            "database": {"dsn": dsn, "schema_name": "Load Test", "orders_table": 'Or"ders',
-                         "batch_table": "batch ledger"},
+            "database": {
+                "dsn": dsn,
+                "schema_name": "Load Test",
+                "orders_table": 'Or"ders',
+                "batch_table": "batch ledger",
+            },
             "load": {"rate": 20, "max_batches": 3},
             "feed": {"dir": feed_dir},
             "metrics": {"address": "127.0.0.1:0"},
@@ -140,8 +144,11 @@ async def test_configured_names_are_quoted_identifiers(dsn: str, feed_dir: Path)
     conn = await asyncpg.connect(dsn)
     try:
         assert await conn.fetchval('SELECT count(*) FROM "Load Test"."Or""ders"') == 300
-        assert await conn.fetchval(
-            """SELECT count(*) FROM "Load Test"."batch ledger" WHERE status = 'COMPLETED'"""
-        ) == 3
+        assert (
+            await conn.fetchval(
+                """SELECT count(*) FROM "Load Test"."batch ledger" WHERE status = 'COMPLETED'"""
+            )
+            == 3
+        )
     finally:
         await conn.close()

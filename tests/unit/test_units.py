@@ -72,9 +72,7 @@ def _plain_orders_csv(
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["order_id", "batch_id", "customer_id", "amount", "created_at"])
     for offset, (customer, amount) in enumerate(zip(customers, cents, strict=True)):
-        writer.writerow(
-            [first_order_id + offset, batch_id, customer, f"{amount / 100:.2f}", stamp]
-        )
+        writer.writerow([first_order_id + offset, batch_id, customer, f"{amount / 100:.2f}", stamp])
     return out.getvalue().encode()
 
 
