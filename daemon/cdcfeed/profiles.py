@@ -206,8 +206,7 @@ def describe_load(load: LoadSettings) -> str:
         shape = f"steps {steps}{', repeating' if load.steps_repeat else ''}"
     elif load.profile == "sine":
         shape = (
-            f"sine {load.rate:g} ± {load.sine_amplitude:g} batches/s, "
-            f"period {load.sine_period:g}s"
+            f"sine {load.rate:g} ± {load.sine_amplitude:g} batches/s, period {load.sine_period:g}s"
         )
     elif load.profile == "bursts":
         shape = (

@@ -33,6 +33,14 @@ SKIP_SUMMARY_SECONDS = 10.0
 LATE_SECONDS = 0.25
 # The first arrival is planned this far ahead, so that it is not late before it is due.
 START_DELAY_SECONDS = 0.005
+# After a long gap a run starts late: epoll waits whole milliseconds, an idle virtual CPU
+# takes a millisecond or two to wake, and APScheduler's wake-up path, run with cold caches
+# after a second of idleness, takes ~4 ms (py-spy at 1 run/s; ~0.1 ms when warm). So after a
+# gap this long the job is fired EARLY_SECONDS ahead and waits out the rest itself: only that
+# last short wait stands between the arrival and the run. At higher rates the loop never idles
+# long enough to need it, and one timer per arrival is enough.
+EARLY_SECONDS = 0.02
+EARLY_AFTER_GAP_SECONDS = 0.05
 
 BatchFactory = Callable[[int], Coroutine[Any, Any, None]]
 
@@ -45,13 +53,16 @@ class ArrivalTrigger(BaseTrigger):  # type: ignore[misc]
     is drawn once. Times are float seconds since the start, turned into datetimes only at
     the edge, so microsecond rounding never accumulates into rate drift. Two arrivals inside
     one microsecond are kept a microsecond apart: APScheduler tells runs apart by their time.
+    After a long gap a run fires EARLY_SECONDS ahead; `planned` maps it to its arrival time.
     """
 
     def __init__(self, arrivals: Arrivals, start: datetime) -> None:
         self.arrivals = arrivals
         self.start = start
         self.exhausted = False  # the profile has no more arrivals
+        self.planned: dict[datetime, datetime] = {}  # fire time -> arrival time, until taken
         self._following: dict[datetime | None, datetime | None] = {}
+        self._last_arrival = 0.0
 
     def get_next_fire_time(
         self, previous_fire_time: datetime | None, now: datetime
@@ -59,11 +70,17 @@ class ArrivalTrigger(BaseTrigger):  # type: ignore[misc]
         if previous_fire_time in self._following:
             return self._following[previous_fire_time]
         elapsed = self.arrivals.next()
-        fire_time = None if elapsed is None else self.start + timedelta(seconds=elapsed)
-        if fire_time is None:
+        fire_time = None
+        if elapsed is None:
             self.exhausted = True
-        elif previous_fire_time is not None and fire_time <= previous_fire_time:
-            fire_time = previous_fire_time + timedelta(microseconds=1)
+        else:
+            arrival = self.start + timedelta(seconds=elapsed)
+            early = EARLY_SECONDS if elapsed - self._last_arrival >= EARLY_AFTER_GAP_SECONDS else 0
+            self._last_arrival = elapsed
+            fire_time = arrival - timedelta(seconds=early)
+            if previous_fire_time is not None and fire_time <= previous_fire_time:
+                fire_time = previous_fire_time + timedelta(microseconds=1)
+            self.planned[fire_time] = max(arrival, fire_time)
         self._following[previous_fire_time] = fire_time
         if len(self._following) > 64:  # only the last one or two are ever asked about again
             for key in list(self._following)[:32]:
@@ -136,6 +153,7 @@ class LoadScheduler:
         self._arrivals = arrivals
         self._trigger: ArrivalTrigger | None = None
         self._planned: deque[datetime] = deque()  # of runs submitted, not yet started
+        self._waiting = 0  # runs fired early, waiting for their arrival time
         self._concurrency = concurrency
         self._max_batches = max_batches
         self._duration = duration
@@ -157,6 +175,14 @@ class LoadScheduler:
 
     async def _fire(self) -> None:
         planned = self._planned.popleft() if self._planned else None
+        if planned is not None:
+            ahead = (planned - datetime.now(UTC)).total_seconds()
+            if ahead > 0:  # fired early on purpose (EARLY_SECONDS)
+                self._waiting += 1
+                try:
+                    await asyncio.sleep(ahead)
+                finally:
+                    self._waiting -= 1
         if self._enough.is_set() or self._stop.is_set():
             return
         if planned is not None:
@@ -192,8 +218,9 @@ class LoadScheduler:
             self._stop.set()
 
     def _on_submitted(self, event: Any) -> None:
-        # Runs of one submission execute in order, each taking its planned time in `_fire`.
-        self._planned.extend(event.scheduled_run_times)
+        # Runs execute in the order submitted, each taking its arrival time in `_fire`.
+        planned = self._trigger.planned if self._trigger is not None else {}
+        self._planned.extend(planned.pop(run, run) for run in event.scheduled_run_times)
 
     def _on_error(self, event: JobExecutionEvent) -> None:
         self._job_failure = event.exception
@@ -237,6 +264,7 @@ class LoadScheduler:
             for waiter in waits:
                 waiter.cancel()
         finally:
+            self._enough.set()  # runs already submitted start nothing more
             await self._stop_scheduler(scheduler)
             self._metrics.target_rate.set_function(lambda: 0.0)
             self._readiness.scheduler_running = False
@@ -246,16 +274,17 @@ class LoadScheduler:
             raise RuntimeError("batch scheduling failed") from self._job_failure
 
     async def _stop_scheduler(self, scheduler: AsyncIOScheduler) -> None:
-        """Stops firing, letting runs already submitted return first (they return at once).
+        """Stops firing, letting runs already submitted return first (at once, or once a run
+        fired early has waited out its few milliseconds).
 
         APScheduler's shutdown cancels the job tasks still pending and logs each one as a
         failed job; waiting for them keeps a normal end free of error lines.
         """
         scheduler.pause()
         for _ in range(1000):
-            if not self._planned:
+            if not self._planned and not self._waiting:
                 break
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.001 if self._waiting else 0)
         scheduler.shutdown(wait=False)
 
     async def _drain(self) -> None:

@@ -21,7 +21,7 @@ from cdcfeed.endpoint import Readiness
 from cdcfeed.errors import UserError
 from cdcfeed.metrics import Metrics
 from cdcfeed.profiles import Arrivals, Profile, arrivals_of, profile_of
-from cdcfeed.scheduler import ArrivalTrigger, LoadScheduler, SkipLog
+from cdcfeed.scheduler import EARLY_SECONDS, ArrivalTrigger, LoadScheduler, SkipLog
 
 
 def _load(**values: Any) -> LoadSettings:
@@ -198,9 +198,22 @@ def test_a_profile_reads_back_from_config_output(tmp_path: Path) -> None:
     assert load_settings(path, {}, {}).load == settings.load
 
 
-async def test_the_scheduler_ends_with_the_profile_and_logs_no_warning() -> None:
-    # 100/s for 0.3 s, then nothing: exactly 30 arrivals, whatever the machine's speed.
-    load = _load(profile="steps", steps=[{"rate": 100, "seconds": 0.3}, {"rate": 0, "seconds": 1}])
+def test_after_a_long_gap_the_trigger_fires_early_and_keeps_the_arrival_time() -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    trigger = ArrivalTrigger(_even(_load(rate=1)), start)
+    first = trigger.get_next_fire_time(None, start)
+    second = trigger.get_next_fire_time(first, start)
+    assert first is not None and second is not None
+    assert first == start and trigger.planned[first] == start  # no gap before the first
+    assert trigger.planned[second] == start + timedelta(seconds=1)
+    assert second == start + timedelta(seconds=1 - EARLY_SECONDS)
+
+
+@pytest.mark.parametrize("rate", [100, 10])  # 10/s: every run fired early, waits itself
+async def test_the_scheduler_ends_with_the_profile_and_logs_no_warning(rate: int) -> None:
+    # `rate` for 0.3 s, then nothing: an exact count of arrivals, whatever the machine's speed.
+    arrivals = round(rate * 0.3)
+    load = _load(profile="steps", steps=[{"rate": rate, "seconds": 0.3}, {"rate": 0, "seconds": 1}])
     metrics = Metrics()
     started: list[int] = []
 
@@ -225,8 +238,8 @@ async def test_the_scheduler_ends_with_the_profile_and_logs_no_warning() -> None
         await asyncio.wait_for(scheduler.run(), timeout=20)
     finally:
         logger.remove(sink)
-    assert started == list(range(30))
-    assert metrics.registry.get_sample_value("cdcfeed_schedule_lag_seconds_count") == 30
+    assert started == list(range(arrivals))
+    assert metrics.registry.get_sample_value("cdcfeed_schedule_lag_seconds_count") == arrivals
     assert metrics.registry.get_sample_value("cdcfeed_target_batches_per_second") == 0
     assert messages == []
 
