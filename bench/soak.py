@@ -28,7 +28,8 @@ from pathlib import Path
 
 import asyncpg
 
-from cdcfeed.embedded import PostgresCluster, free_port, wheel_bin_dir
+from cdcfeed.embedded import PostgresCluster, wheel_bin_dir
+from harness import Daemon
 
 DEBIAN_PG15 = Path("/usr/lib/postgresql/15/bin")
 GOAL_MIB_PER_100K = 5.0
@@ -132,36 +133,19 @@ def main() -> int:
     process: subprocess.Popen[bytes] | None = None
     try:
         dsn = asyncio.run(create_database(cluster))
-        port = free_port()
-        log = scratch / "cdcfeed.log"
-        command = [
-            sys.executable,
-            "-m",
-            "cdcfeed",
-            "run",
-            "--dsn",
-            dsn,
-            "--rate",
-            str(args.rate),
-            "--batch-size",
-            str(args.batch_size),
-            "--concurrency",
-            str(args.concurrency),
-            "--feed-dir",
-            str(scratch / "feed"),
-            "--metrics-address",
-            f"127.0.0.1:{port}",
-            "--instance",
-            "soak",
-        ]
+        daemon = Daemon.start(
+            dsn, scratch, "soak",
+            "--rate", str(args.rate),
+            "--batch-size", str(args.batch_size),
+            "--concurrency", str(args.concurrency),
+        )  # fmt: skip
+        process, port, log = daemon.process, daemon.port, daemon.log
         print(
             f"soak: {args.duration:g}s at {args.rate:g} batches/s x {args.batch_size} rows, "
             f"concurrency {args.concurrency}; PostgreSQL from {cluster.bin_dir}; "
             f"warm-up {warmup:g}s; log {log}",
             flush=True,
         )
-        with log.open("wb") as handle:
-            process = subprocess.Popen(command, stderr=handle, stdout=handle)
         started = time.monotonic()
         samples: list[Sample] = []
         while time.monotonic() - started < args.duration:
