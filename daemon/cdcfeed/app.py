@@ -24,6 +24,7 @@ from cdcfeed.db import RetryPolicy, describe_error, is_unavailable, open_pool
 from cdcfeed.embedded import PostgresCluster, default_data_dir, wheel_bin_dir
 from cdcfeed.endpoint import Endpoint, Readiness
 from cdcfeed.feed import FeedDirectory
+from cdcfeed.ids import IdReservations
 from cdcfeed.metrics import Metrics
 from cdcfeed.profiles import arrivals_of, describe_load
 from cdcfeed.reconcile import Lease
@@ -32,6 +33,8 @@ from cdcfeed.sql import Names, quote_ident
 
 EMBEDDED_DATABASE = "cdcfeed"
 HEALTHY_POLL_SECONDS = 1.0
+# Batches whose ids one reservation takes, at most (see ids.py).
+MAX_RESERVATION = 32
 
 
 def names_of(settings: Settings) -> Names:
@@ -196,6 +199,11 @@ async def run_daemon(
                 environment = BatchEnvironment(
                     pool=pool,
                     names=names,
+                    # Ids for as many batches as may run at once: about one reservation per
+                    # `concurrency` batches, and at most that many ids unused at a stop.
+                    ids=IdReservations(
+                        pool, names, load.batch_size, min(load.concurrency, MAX_RESERVATION)
+                    ),
                     feed=feed,
                     metrics=metrics,
                     instance=settings.instance_name,

@@ -1,13 +1,18 @@
 """The batch protocol (PRODUCT.md), top to bottom.
 
-1. Take a batch id and a block of order ids; generate the rows.
+1. Take a batch id and a block of order ids (reserved a few batches ahead, `ids.py`);
+   generate the rows.
 2. Write the feed file (temporary name, then rename).
 3. Insert the IN_PROGRESS row, reading start_lsn in the same statement; it commits.
-4. One transaction: record pg_current_xact_id(), COPY the file with copy_to_table; commit.
+4. One transaction: record pg_current_xact_id() in the batch row, COPY the file with
+   copy_to_table; commit.
 5. Mark COMPLETED with end_lsn = pg_current_wal_insert_lsn(), read after the commit.
 6. A COPY that failed on the server rolled back: FAILED with the error. When the outcome is
    unknown (the connection dropped, or shutdown cut the batch off) the batch is *settled*
    from what the database holds, once it answers again (`ledger.settle`).
+
+Steps 3 to 5 run on one pooled connection, four round trips in all: at 100 rows a batch,
+round trips are most of what a batch costs, on the client and on the server alike.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import asyncpg
 from loguru import logger
@@ -26,11 +30,12 @@ from cdcfeed.db import Connection, RetryPolicy, describe_error, is_unavailable, 
 from cdcfeed.errors import BatchAborted, DatabaseUnavailable, FeedError
 from cdcfeed.feed import FeedDirectory
 from cdcfeed.generate import batch_rng, orders_csv
+from cdcfeed.ids import IdReservations
 from cdcfeed.metrics import Metrics
 from cdcfeed.sql import ORDER_COLUMNS, Names
 
-if TYPE_CHECKING:
-    from loguru import Logger
+# How long a connection may take to come out of a cancelled COPY before it is closed instead.
+ROLLBACK_WAIT_SECONDS = 1.0
 
 
 def settle_reserve(grace_period: float) -> float:
@@ -44,6 +49,7 @@ class BatchEnvironment:
 
     pool: asyncpg.Pool
     names: Names
+    ids: IdReservations
     feed: FeedDirectory
     metrics: Metrics
     instance: str
@@ -57,6 +63,13 @@ class BatchEnvironment:
     copy_timeout: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Timings:
+    started: float
+    generated: float
+    written: float
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}ms"
 
@@ -64,22 +77,16 @@ def _ms(seconds: float) -> str:
 async def run_batch(env: BatchEnvironment, sequence: int) -> None:
     """Runs one batch through the protocol; never raises except on cancellation."""
     rows = env.batch_size
-    names = env.names
     started = time.perf_counter()
 
     # 1. Ids, then the rows.
     try:
-        allocation = await with_connection(
-            env.pool, lambda conn: ledger.allocate(conn, names, rows)
-        )
+        allocation = await env.ids.take()
     except DatabaseUnavailable as exc:
         # Nothing was written: the run simply could not start.
-        env.on_database_down.set()
-        env.metrics.skipped.labels("database_down").inc()
-        logger.warning(f"batch run skipped: database unavailable ({exc})")
+        _skip_database_down(env, str(exc))
         return
     batch_id = allocation.batch_id
-    log = logger.bind(batch_id=batch_id)
     data = orders_csv(batch_id, allocation.first_order_id, rows, batch_rng(env.seed, sequence))
     generated = time.perf_counter()
     env.metrics.duration.labels("generate").observe(generated - started)
@@ -93,11 +100,16 @@ async def run_batch(env: BatchEnvironment, sequence: int) -> None:
     written = time.perf_counter()
     env.metrics.duration.labels("write").observe(written - generated)
 
-    unsettled = ledger.Unsettled(batch_id, allocation.first_order_id, rows, None)
     try:
-        await _load(env, allocation, path, data, rows, started, generated, written, unsettled, log)
+        await _load(env, allocation, path, data, Timings(started, generated, written))
     finally:
         env.feed.release(path, len(data))
+
+
+def _skip_database_down(env: BatchEnvironment, reason: str) -> None:
+    env.on_database_down.set()
+    env.metrics.skipped.labels("database_down").inc()
+    logger.warning(f"batch run skipped: database unavailable ({reason})")
 
 
 async def _load(
@@ -105,72 +117,40 @@ async def _load(
     allocation: ledger.Allocation,
     path: Path,
     data: bytes,
-    rows: int,
-    started: float,
-    generated: float,
-    written: float,
-    unsettled: ledger.Unsettled,
-    log: Logger,
+    timings: Timings,
 ) -> None:
     names = env.names
     batch_id = allocation.batch_id
+    rows = env.batch_size
+    log = logger.bind(batch_id=batch_id)
     copy_started: float | None = None
     committed = False
     try:
-        # 3. IN_PROGRESS, committed before the COPY, with the WAL position before it.
-        start_lsn = await with_connection(
-            env.pool,
-            lambda conn: ledger.open_batch(
+        async with env.pool.acquire() as conn:
+            # 3. IN_PROGRESS, committed before the COPY, with the WAL position before it.
+            start_lsn = await ledger.open_batch(
                 conn,
                 names,
                 allocation,
                 env.instance,
                 rows,
                 path.name,
-                generated - started,
-                written - generated,
-            ),
-        )
-
-        # 4. The COPY and its transaction id, in one transaction.
-        copy_started = time.perf_counter()
-        async with env.pool.acquire() as conn, conn.transaction():
-            # Locks the batch row until commit (see reconcile.py); None: already settled.
-            claimed: str | None = await conn.fetchval(names.q.claim_batch, batch_id)
-            if claimed is None:
-                raise BatchAborted(
-                    "settled by another instance before its COPY (was this instance's lease "
-                    "lapsing?)"
-                )
-            xid = claimed
-            unsettled = ledger.Unsettled(batch_id, allocation.first_order_id, rows, xid)
-            await conn.copy_to_table(
-                names.orders,
-                # The bytes just written whole to `path`: the COPY loads the feed file's
-                # content without reading it back through a thread hop per call. A
-                # memoryview, because asyncpg takes plain bytes for a file name (buffers
-                # are documented sources; the stubs only list paths, files and iterables).
-                source=memoryview(data),  # type: ignore[arg-type]
-                schema_name=names.schema,
-                columns=ORDER_COLUMNS,
-                format="csv",
-                header=True,
-                timeout=env.copy_timeout,
+                timings.generated - timings.started,
+                timings.written - timings.generated,
             )
-        committed = True
-        copied = time.perf_counter()
 
-        # 5. COMPLETED, with end_lsn read after the commit.
-        end_lsn = await with_connection(
-            env.pool,
-            lambda conn: ledger.complete_batch(
-                conn, names, batch_id, xid, rows, copied - copy_started
-            ),
-        )
+            # 4. The COPY, in the transaction that records its xid in the batch row.
+            copy_started = time.perf_counter()
+            await _copy(env, conn, batch_id, data)
+            committed = True
+            copied = time.perf_counter()
+
+            # 5. COMPLETED, with end_lsn read after the commit.
+            marked = await ledger.complete_batch(conn, names, batch_id, rows, copied - copy_started)
     except asyncio.CancelledError:
         # Shutdown cut the batch off; whether its COPY committed is for the database to say.
         settle = asyncio.ensure_future(
-            _settle_until_known(env, unsettled, "cut off by shutdown", deadline=True)
+            _settle_until_known(env, batch_id, rows, "cut off by shutdown", deadline=True)
         )
         try:
             await asyncio.shield(settle)
@@ -188,7 +168,7 @@ async def _load(
             elif is_unavailable(exc) or isinstance(exc, DatabaseUnavailable):
                 reason = f"database unavailable: {reason}"
             log.warning(f"batch {batch_id}: {reason}; settling from the database")
-            await _settle_until_known(env, unsettled, reason, deadline=False)
+            await _settle_until_known(env, batch_id, rows, reason, deadline=False)
             return
         # The server refused the COPY (or timed out): the transaction rolled back whole.
         elapsed = time.perf_counter() - copy_started if copy_started else None
@@ -198,7 +178,7 @@ async def _load(
                 env.pool, lambda conn: ledger.fail_batch(conn, names, batch_id, error, elapsed)
             )
         except DatabaseUnavailable:
-            await _settle_until_known(env, unsettled, error, deadline=False)
+            await _settle_until_known(env, batch_id, rows, error, deadline=False)
             return
         env.metrics.batches.labels("failed").inc()
         log.error(f"batch {batch_id} FAILED rows=0 error={error}")
@@ -206,21 +186,74 @@ async def _load(
 
     finished = time.perf_counter()
     copy_seconds = copied - copy_started
-    total = finished - started
+    total = finished - timings.started
     env.metrics.duration.labels("copy").observe(copy_seconds)
     env.metrics.duration.labels("total").observe(total)
-    if end_lsn is None:
+    if marked is None:
         log.warning(f"batch {batch_id} was settled by another process before it was marked")
         return
+    end_lsn, xid = marked
     env.metrics.batches.labels("completed").inc()
     env.metrics.rows.inc(rows)
     env.metrics.batch_rows.observe(rows)
     env.metrics.last_end_lsn.set(ledger.lsn_to_int(end_lsn))
     log.bind(rows=rows, start_lsn=start_lsn, end_lsn=end_lsn, xid=xid).info(
         f"batch {batch_id} COMPLETED rows={rows} start_lsn={start_lsn} end_lsn={end_lsn} "
-        f"xid={xid} generate={_ms(generated - started)} write={_ms(written - generated)} "
-        f"copy={_ms(copy_seconds)} total={_ms(total)}"
+        f"xid={xid} generate={_ms(timings.generated - timings.started)} "
+        f"write={_ms(timings.written - timings.generated)} copy={_ms(copy_seconds)} "
+        f"total={_ms(total)}"
     )
+
+
+async def _copy(env: BatchEnvironment, conn: Connection, batch_id: int, data: bytes) -> None:
+    """Step 4: claim the batch row, COPY, commit; rolled back whole on any failure."""
+    names = env.names
+    claimed = await conn.execute(names.q.claim_batch(batch_id))
+    try:
+        if claimed != "UPDATE 1":
+            raise BatchAborted(
+                "settled by another instance before its COPY (was this instance's lease lapsing?)"
+            )
+        await conn.copy_to_table(
+            names.orders,
+            # The bytes just written whole to the feed file: the COPY loads the file's
+            # content without reading it back through a thread hop per call. A memoryview,
+            # because asyncpg takes plain bytes for a file name (buffers are documented
+            # sources; the stubs only list paths, files and iterables).
+            source=memoryview(data),  # type: ignore[arg-type]
+            schema_name=names.schema,
+            columns=ORDER_COLUMNS,
+            format="csv",
+            header=True,
+            timeout=env.copy_timeout,
+        )
+        await conn.execute(names.q.commit)
+    except BaseException:
+        # Shielded: shutdown cancels batches, and the transaction must end all the same.
+        await asyncio.shield(_end_transaction(conn, names))
+        raise
+
+
+async def _end_transaction(conn: Connection, names: Names) -> None:
+    """Rolls back step 4's transaction after a failure, or closes the connection.
+
+    After a cancelled or timed-out COPY, asyncpg first has the server stop it (CopyFail and
+    a cancel request); the connection takes the ROLLBACK once the server has answered. A
+    connection that stays busy (a hung server) or is lost is closed instead, which ends the
+    transaction as surely; the pool replaces it.
+    """
+    give_up = time.monotonic() + ROLLBACK_WAIT_SECONDS
+    while not conn.is_closed():
+        try:
+            await conn.execute(names.q.rollback)
+            return
+        except asyncpg.InterfaceError:  # still cancelling the COPY
+            if time.monotonic() >= give_up:
+                break
+            await asyncio.sleep(0.01)
+        except Exception:
+            break
+    conn.terminate()
 
 
 async def _record_unstarted_failure(
@@ -244,7 +277,7 @@ async def _record_unstarted_failure(
 
 
 async def _settle_until_known(
-    env: BatchEnvironment, batch: ledger.Unsettled, reason: str, deadline: bool
+    env: BatchEnvironment, batch_id: int, rows: int, reason: str, deadline: bool
 ) -> None:
     """Settles a batch whose outcome is unknown, retrying while the database is away.
 
@@ -254,33 +287,37 @@ async def _settle_until_known(
     """
     policy = RetryPolicy(initial_delay=0.05, max_delay=10.0)
     give_up = time.monotonic() + settle_reserve(env.grace_period) if deadline else None
-    log = logger.bind(batch_id=batch.batch_id)
+    log = logger.bind(batch_id=batch_id)
     attempt = 0
     while True:
         attempt += 1
         try:
             settlement = await with_connection(
-                env.pool, lambda conn: ledger.settle(conn, env.names, batch, reason)
+                env.pool, lambda conn: ledger.settle(conn, env.names, batch_id, reason)
             )
         except DatabaseUnavailable:
             settlement = None
+        if settlement is not None and settlement.status == "NOT_STARTED":
+            # Its IN_PROGRESS row never reached the ledger: nothing of it was loaded.
+            _skip_database_down(env, reason)
+            return
         if settlement is not None and settlement.status != "IN_PROGRESS":
             if settlement.status == "COMPLETED":
                 env.metrics.batches.labels("completed").inc()
-                env.metrics.rows.inc(batch.row_count)
+                env.metrics.rows.inc(settlement.row_count)
                 log.warning(
-                    f"batch {batch.batch_id} COMPLETED (recovered) rows={batch.row_count} "
+                    f"batch {batch_id} COMPLETED (recovered) rows={settlement.row_count} "
                     f"end_lsn={settlement.end_lsn}"
                 )
             else:
                 env.metrics.batches.labels("failed").inc()
-                log.error(f"batch {batch.batch_id} FAILED rows=0 error={reason}")
+                log.error(f"batch {batch_id} FAILED rows=0 error={reason}")
             return
         if give_up is not None and time.monotonic() >= give_up:
-            log.warning(f"batch {batch.batch_id} left IN_PROGRESS for reconciliation ({reason})")
+            log.warning(f"batch {batch_id} left IN_PROGRESS for reconciliation ({reason})")
             return
         if give_up is None and env.stopping.is_set() and settlement is None:
-            log.warning(f"batch {batch.batch_id} left IN_PROGRESS for reconciliation ({reason})")
+            log.warning(f"batch {batch_id} left IN_PROGRESS for reconciliation ({reason})")
             return
         pause = policy.delay(min(attempt, 10))
         if give_up is not None:

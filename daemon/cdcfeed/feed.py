@@ -8,7 +8,6 @@ never removed under a running COPY.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
@@ -39,6 +38,9 @@ class FeedDirectory:
         # restart when the database is recreated) is one entry, never evicted twice.
         self._kept: dict[Path, int] = {}
         self._kept_bytes = 0
+        # Temporary files a failed write could not remove (a read-only file system, say):
+        # removed as soon as the directory lets us, so no partial file outlives its trouble.
+        self._leftovers: set[Path] = set()
 
     def prepare(self) -> None:
         """Creates the directory, proves it writable, and adopts files of earlier runs."""
@@ -81,8 +83,8 @@ class FeedDirectory:
                 await handle.write(data)
             await aiofiles.os.replace(temporary, final)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
+            self._leftovers.add(temporary)
+            self._remove_leftovers()
             reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
             raise FeedError(f"cannot write feed file {final} ({reason})") from exc
         return final
@@ -91,6 +93,16 @@ class FeedDirectory:
         """The batch that used `path` is over: keep the file within the retention bounds."""
         self._remember(path, size)
         self._evict()
+        if self._leftovers:
+            self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        for path in list(self._leftovers):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                continue
+            self._leftovers.discard(path)
 
     def _remember(self, path: Path, size: int) -> None:
         self._kept_bytes += size - self._kept.pop(path, 0)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncpg
+
 from cdcfeed.cdc_sql import CdcStatements
 from cdcfeed.db import Connection
 from cdcfeed.pgoutput import lsn_to_int
@@ -33,11 +35,18 @@ class Allocation:
     first_order_id: int
 
 
-async def allocate(conn: Connection, names: Names, rows: int) -> Allocation:
-    record = await conn.fetchrow(names.q.allocate, names.orders, rows, names.q.sequence_regclass)
-    if record is None:
+async def reserve(conn: Connection, names: Names, rows: int, batches: int) -> list[Allocation]:
+    """Batch ids and order-id blocks for `batches` batches of `rows` orders, committed."""
+    record = await conn.fetchrow(
+        names.q.reserve_ids, names.orders, rows, names.q.sequence_regclass, batches
+    )
+    if record is None or record[0] is None:
         raise RuntimeError("order id allocation row is missing; run `cdcfeed init-db`")
-    return Allocation(batch_id=record[0], first_order_id=record[1])
+    first: int = record[0]
+    return [
+        Allocation(batch_id=batch_id, first_order_id=first + index * rows)
+        for index, batch_id in enumerate(record[1])
+    ]
 
 
 async def open_batch(
@@ -65,13 +74,11 @@ async def open_batch(
 
 
 async def complete_batch(
-    conn: Connection, names: Names, batch_id: int, xid: str, rows: int, copy_seconds: float
-) -> str | None:
-    """Marks the batch COMPLETED and returns its end LSN (None if it was settled already)."""
-    end_lsn: str | None = await conn.fetchval(
-        names.q.complete_batch, batch_id, xid, rows, copy_seconds
-    )
-    return end_lsn
+    conn: Connection, names: Names, batch_id: int, rows: int, copy_seconds: float
+) -> tuple[str, str] | None:
+    """Marks the batch COMPLETED; its (end LSN, xid), or None if it was settled already."""
+    record = await conn.fetchrow(names.q.complete_batch, batch_id, rows, copy_seconds)
+    return None if record is None else (record[0], record[1])
 
 
 async def fail_batch(
@@ -80,45 +87,56 @@ async def fail_batch(
     await conn.execute(names.q.fail_batch, batch_id, error[:2000], copy_seconds)
 
 
-@dataclass(frozen=True, slots=True)
-class Unsettled:
-    batch_id: int
-    first_order_id: int
-    row_count: int
-    xid: str | None
+async def decide(
+    conn: Connection,
+    names: Names,
+    batch_id: int,
+    first_order_id: int,
+    row_count: int,
+    xid: str | None,
+    reason: str,
+) -> Settlement:
+    """Settles an IN_PROGRESS batch whose row lock the caller holds, in its transaction.
+
+    Under the lock no COPY of the batch is running and none will start, so the block's count
+    is final: a COPY commits all of its rows or none. A batch recovered without an xid (its
+    COPY's claim predates the xid column being written in the COPY) gets it from its rows.
+    """
+    present = await conn.fetchval(names.q.count_block, first_order_id, row_count, batch_id)
+    if not present:
+        await fail_batch(conn, names, batch_id, reason, None)
+        return Settlement("FAILED")
+    if xid is None:
+        xid = await conn.fetchval(names.q.block_xid, first_order_id, row_count, batch_id)
+    end_lsn = await conn.fetchval(names.q.recover_batch, batch_id, present, xid)
+    return Settlement("COMPLETED", end_lsn, present)
 
 
 @dataclass(frozen=True, slots=True)
 class Settlement:
-    status: str  # COMPLETED, FAILED, or IN_PROGRESS when the transaction is still running
+    # COMPLETED or FAILED (decided now, or earlier by another settler: `elsewhere`);
+    # IN_PROGRESS when its COPY transaction (or a settler) still holds the row; NOT_STARTED
+    # when the ledger has no row: the batch never got past step 3.
+    status: str
     end_lsn: str | None = None
+    row_count: int = 0
+    elsewhere: bool = False
 
 
-async def settle(conn: Connection, names: Names, batch: Unsettled, reason: str) -> Settlement:
-    """Decides a batch whose COPY outcome was not recorded, from what the database holds.
-
-    With the COPY's xid known, `pg_xact_status` is definitive (and tells a transaction that
-    is still running, which must be left alone). Without it, the order-id block decides: a
-    COPY commits all its rows or none.
-    """
-    if batch.xid is not None:
-        status = await conn.fetchval(names.q.xact_status, batch.xid)
-        if status == "in progress":
+async def settle(conn: Connection, names: Names, batch_id: int, reason: str) -> Settlement:
+    """Decides a batch of this process whose COPY outcome was not recorded (connection lost,
+    shutdown), from what the database holds: under its row lock, as reconciliation does."""
+    async with conn.transaction():
+        try:
+            row = await conn.fetchrow(names.q.lock_batch, batch_id)
+        except asyncpg.LockNotAvailableError:
             return Settlement("IN_PROGRESS")
-        committed = status == "committed"
-    else:
-        present = await conn.fetchval(
-            names.q.count_block, batch.first_order_id, batch.row_count, batch.batch_id
-        )
-        committed = present > 0
-    if committed:
-        present = await conn.fetchval(
-            names.q.count_block, batch.first_order_id, batch.row_count, batch.batch_id
-        )
-        end_lsn = await conn.fetchval(names.q.recover_batch, batch.batch_id, present, batch.xid)
-        return Settlement("COMPLETED", end_lsn)
-    await fail_batch(conn, names, batch.batch_id, reason, None)
-    return Settlement("FAILED")
+        if row is None:
+            return Settlement("NOT_STARTED")
+        status, first_order_id, row_count, xid, end_lsn = row
+        if status != "IN_PROGRESS":
+            return Settlement(status, end_lsn, row_count, elsewhere=True)
+        return await decide(conn, names, batch_id, first_order_id, row_count, xid, reason)
 
 
 async def recent_batches(conn: Connection, names: Names, limit: int) -> list[dict[str, Any]]:

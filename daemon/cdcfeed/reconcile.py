@@ -7,7 +7,7 @@ looks at the order-id block: rows present → COMPLETED (recovered, `row_count` 
 from then); absent → FAILED, `interrupted`.
 
 Why this is safe with any number of settlers, and even when a "dead" owner is only slow: the
-loader holds its batch row `FOR UPDATE` for the whole COPY transaction (`claim_batch`, step 4 in
+loader holds its batch row locked for the whole COPY transaction (`claim_batch`, step 4 in
 `batch.py`), and settlers take rows `FOR UPDATE SKIP LOCKED` and decide them while holding the
 lock. A running COPY is therefore never decided; two settlers never decide the same batch; and
 a loader that reaches its COPY after a settler failed the batch finds no IN_PROGRESS row and
@@ -28,7 +28,7 @@ from loguru import logger
 from cdcfeed.config import DaemonSettings
 from cdcfeed.db import Connection, describe_error, with_connection
 from cdcfeed.errors import DatabaseUnavailable
-from cdcfeed.ledger import fail_batch
+from cdcfeed.ledger import decide
 from cdcfeed.sql import Names
 
 # Batches settled per transaction: bounds how long a settler holds row locks after a crash
@@ -59,19 +59,12 @@ async def settle_abandoned(
     async with conn.transaction():
         claimed = await conn.fetch(claim, instance, run_started, SETTLE_SLICE)
         for batch_id, first_order_id, row_count, xid, owner in claimed:
-            # Under the row lock no COPY of this batch is running, and none will start: the
-            # count is final (a COPY commits all of its rows or none).
-            present = await conn.fetchval(names.q.count_block, first_order_id, row_count, batch_id)
-            if present:
-                if xid is None:
-                    xid = await conn.fetchval(
-                        names.q.block_xid, first_order_id, row_count, batch_id
-                    )
-                end_lsn = await conn.fetchval(names.q.recover_batch, batch_id, present, xid)
-                settled.append(Settled(batch_id, owner, "COMPLETED", present, end_lsn))
-            else:
-                await fail_batch(conn, names, batch_id, INTERRUPTED, None)
-                settled.append(Settled(batch_id, owner, "FAILED", 0, None))
+            decided = await decide(
+                conn, names, batch_id, first_order_id, row_count, xid, INTERRUPTED
+            )
+            settled.append(
+                Settled(batch_id, owner, decided.status, decided.row_count, decided.end_lsn)
+            )
     return settled
 
 

@@ -98,12 +98,17 @@ class Statements:
             VALUES ($1, coalesce((SELECT max(order_id) + 1 FROM {orders}), 1))
             ON CONFLICT (orders_table) DO NOTHING
         """
-        # Step 1 of the protocol: a batch id and a block of order ids in one round trip.
-        self.allocate = f"""
-            WITH batch AS (SELECT nextval($3::regclass) AS batch_id)
-            UPDATE {order_ids} SET next_order_id = next_order_id + $2
-            WHERE orders_table = $1
-            RETURNING (SELECT batch_id FROM batch), next_order_id - $2 AS first_order_id
+        # Step 1 of the protocol, for several batches at once (ids.py): $4 batch ids and one
+        # block of $4 * $2 order ids, in one round trip and one commit. A NULL block: no
+        # allocation row (the schema was never initialised).
+        self.reserve_ids = f"""
+            WITH block AS (
+                UPDATE {order_ids} SET next_order_id = next_order_id + $2::bigint * $4::integer
+                WHERE orders_table = $1
+                RETURNING next_order_id - $2::bigint * $4::integer AS first_order_id
+            )
+            SELECT (SELECT first_order_id FROM block),
+                   ARRAY(SELECT nextval($3::regclass) FROM generate_series(1, $4))
         """
         self.sequence_regclass = sequence
         # Step 3: start_lsn is read in the same statement that opens the batch.
@@ -113,32 +118,34 @@ class Statements:
             VALUES ($1, $2, 'IN_PROGRESS', $3, $4, pg_current_wal_insert_lsn(), $5, $6, $7)
             RETURNING start_lsn::text
         """
-        self.current_xid = "SELECT pg_current_xact_id()::text"
-        # Step 4 opens with this: the batch row stays locked until the COPY commits or rolls
-        # back, so a settler (FOR UPDATE SKIP LOCKED, reconcile.py) never decides a batch whose
-        # COPY is still running; no row back means a settler decided it first: do not COPY.
-        self.claim_batch = f"""
-            SELECT pg_current_xact_id()::text FROM {batches}
-            WHERE batch_id = $1 AND status = 'IN_PROGRESS'
-            FOR UPDATE
-        """
+        # The claim, around its batch id (see `claim_batch`).
+        self._claim_head = (
+            f"BEGIN; UPDATE {batches} SET xid = pg_current_xact_id() WHERE batch_id = "
+        )
+        self._claim_tail = " AND status = 'IN_PROGRESS'"
+        self.commit = "COMMIT"
+        self.rollback = "ROLLBACK"
         # Step 5: a new statement after the COPY committed, so the insert position is past
         # the commit record. pg_current_wal_lsn() would be the write position, which can trail.
         self.complete_batch = f"""
             UPDATE {batches}
-            SET status = 'COMPLETED', end_lsn = pg_current_wal_insert_lsn(), xid = $2::text::xid8,
-                row_count = $3, completed_at = now(), copy_seconds = $4
+            SET status = 'COMPLETED', end_lsn = pg_current_wal_insert_lsn(),
+                row_count = $2, completed_at = now(), copy_seconds = $3
             WHERE batch_id = $1 AND status = 'IN_PROGRESS'
-            RETURNING end_lsn::text
+            RETURNING end_lsn::text, xid::text
         """
         self.fail_batch = f"""
             UPDATE {batches}
             SET status = 'FAILED', error = $2, completed_at = now(), copy_seconds = $3
             WHERE batch_id = $1 AND status = 'IN_PROGRESS'
         """
-        # Settling a batch whose COPY outcome is unknown: the transaction status when its
-        # xid is known, otherwise the rows themselves (a COPY commits all or nothing).
-        self.xact_status = "SELECT pg_xact_status($1::text::xid8)"
+        # Settling one batch whose COPY outcome is unknown (ledger.settle): its row, locked.
+        # NOWAIT: a lock held means its COPY transaction (or another settler) is still at it.
+        self.lock_batch = f"""
+            SELECT status, first_order_id, row_count, xid::text, end_lsn::text FROM {batches}
+            WHERE batch_id = $1
+            FOR UPDATE NOWAIT
+        """
         self.count_block = f"""
             SELECT count(*) FROM {orders}
             WHERE order_id >= $1 AND order_id < $1 + $2 AND batch_id = $3
@@ -215,3 +222,14 @@ class Statements:
             SELECT (CASE WHEN xid >= xmax THEN xid - 4294967296 ELSE xid END)::text FROM w
         """
         self.ping = "SELECT 1"
+
+    def claim_batch(self, batch_id: int) -> str:
+        """Step 4 opens with this: BEGIN and the claim, in one simple-query round trip.
+
+        The UPDATE records the transaction's own xid in the batch row, so the row says
+        whether the COPY committed (the xid is in it) or not (no xid), and it keeps the row
+        locked until commit or rollback: a settler (FOR UPDATE SKIP LOCKED / NOWAIT) never
+        decides a batch whose COPY is running. "UPDATE 0" means a settler decided it first:
+        do not COPY. The id is an int, rendered by us: a simple query takes no parameters.
+        """
+        return f"{self._claim_head}{int(batch_id)}{self._claim_tail}"

@@ -375,23 +375,21 @@ async def test_a_settler_never_decides_a_running_copy_and_a_settled_batch_never_
         now = datetime.now(UTC)
 
         # Batch 1's COPY is running (its row locked): the settler must pass over it.
-        copy = loader.transaction()
-        await copy.start()
-        assert await loader.fetchval(names.q.claim_batch, 1) is not None
+        assert await loader.execute(names.q.claim_batch(1)) == "UPDATE 1"  # opens the transaction
         await loader.execute(
             "INSERT INTO orders SELECT g, 1, 1, 1.00, now() FROM generate_series(1, 10) g"
         )
         decided = await settle_abandoned(settler, names, "settler", now)
         assert [(s.batch_id, s.status) for s in decided] == [(2, "FAILED")]
-        await copy.commit()
+        await loader.execute(names.q.commit)
         decided = await settle_abandoned(settler, names, "settler", now)
         assert [(s.batch_id, s.status, s.row_count) for s in decided] == [(1, "COMPLETED", 10)]
         xid = await settler.fetchval("SELECT xid::text FROM batch_control WHERE batch_id = 1")
         assert xid is not None and int(xid) > 0
 
         # Batch 2 was settled FAILED before its COPY: the loader finds nothing to claim.
-        async with loader.transaction():
-            assert await loader.fetchval(names.q.claim_batch, 2) is None
+        assert await loader.execute(names.q.claim_batch(2)) == "UPDATE 0"
+        await loader.execute(names.q.rollback)
     finally:
         await loader.close()
         await settler.close()

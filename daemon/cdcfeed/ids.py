@@ -1,0 +1,40 @@
+"""Batch ids and order-id blocks (protocol step 1), reserved several batches at a time.
+
+A reservation is a round trip and a commit, which is a WAL flush: taken per batch, it was
+about a sixth of a small batch's cost. One reservation now serves the next `batches`
+batches. Ids reserved but not used when the daemon stops are never used by anyone: the
+ledger's batch ids and order ids may have gaps after a restart, never duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import asyncpg
+
+from cdcfeed import ledger
+from cdcfeed.db import with_connection
+from cdcfeed.sql import Names
+
+
+class IdReservations:
+    def __init__(self, pool: asyncpg.Pool, names: Names, rows: int, batches: int) -> None:
+        self._pool = pool
+        self._names = names
+        self._rows = rows
+        self._batches = max(1, batches)
+        self._free: deque[ledger.Allocation] = deque()
+        self._refill = asyncio.Lock()
+
+    async def take(self) -> ledger.Allocation:
+        """The next batch's ids; raises DatabaseUnavailable when a needed refill cannot be made."""
+        while not self._free:
+            async with self._refill:
+                if not self._free:  # else another batch refilled while this one waited
+                    reserved = await with_connection(
+                        self._pool,
+                        lambda conn: ledger.reserve(conn, self._names, self._rows, self._batches),
+                    )
+                    self._free.extend(reserved)
+        return self._free.popleft()
