@@ -368,7 +368,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--flat-out-rate",
         type=float,
-        default=700.0,
+        default=1000.0,
         help="target of the small-batch runs: above the goal, not so far above that runs the "
         "scheduler skips cost much",
     )

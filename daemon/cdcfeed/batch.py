@@ -123,10 +123,12 @@ async def _load(
     batch_id = allocation.batch_id
     rows = env.batch_size
     log = logger.bind(batch_id=batch_id)
+    acquired = False
     copy_started: float | None = None
     committed = False
     try:
         async with env.pool.acquire() as conn:
+            acquired = True
             # 3. IN_PROGRESS, committed before the COPY, with the WAL position before it.
             start_lsn = await ledger.open_batch(
                 conn,
@@ -157,6 +159,10 @@ async def _load(
         finally:
             raise
     except Exception as exc:
+        if not acquired and is_unavailable(exc):
+            # No connection to be had: nothing was sent, the batch never started.
+            _skip_database_down(env, describe_error(exc))
+            return
         if is_unavailable(exc) or isinstance(exc, DatabaseUnavailable) or committed:
             # The outcome is not known here (connection lost), or the COPY committed and only
             # the mark failed: either way the database decides, never a guess.

@@ -93,7 +93,7 @@ def _settings(
 
 
 def _run_async(main: Callable[[], Awaitable[T]]) -> T:
-    # uvloop where it exists (not on Windows): asyncpg's loop of choice, and about a quarter
+    # uvloop where it exists (not on Windows): asyncpg's loop of choice, and a fifth to a quarter
     # less CPU per small batch than asyncio's own loop (bench/rate.py).
     try:
         import uvloop

@@ -87,6 +87,16 @@ async def fail_batch(
     await conn.execute(names.q.fail_batch, batch_id, error[:2000], copy_seconds)
 
 
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    # COMPLETED or FAILED (decided now, or before by another settler); IN_PROGRESS when its
+    # COPY transaction (or a settler) still holds the row; NOT_STARTED when the ledger has no
+    # row: the batch never got past step 3.
+    status: str
+    end_lsn: str | None = None
+    row_count: int = 0
+
+
 async def decide(
     conn: Connection,
     names: Names,
@@ -99,8 +109,8 @@ async def decide(
     """Settles an IN_PROGRESS batch whose row lock the caller holds, in its transaction.
 
     Under the lock no COPY of the batch is running and none will start, so the block's count
-    is final: a COPY commits all of its rows or none. A batch recovered without an xid (its
-    COPY's claim predates the xid column being written in the COPY) gets it from its rows.
+    is final: a COPY commits all of its rows or none. The COPY's transaction wrote its xid
+    into the row; a row without one (written by an older cdcfeed) gets it from its orders.
     """
     present = await conn.fetchval(names.q.count_block, first_order_id, row_count, batch_id)
     if not present:
@@ -110,17 +120,6 @@ async def decide(
         xid = await conn.fetchval(names.q.block_xid, first_order_id, row_count, batch_id)
     end_lsn = await conn.fetchval(names.q.recover_batch, batch_id, present, xid)
     return Settlement("COMPLETED", end_lsn, present)
-
-
-@dataclass(frozen=True, slots=True)
-class Settlement:
-    # COMPLETED or FAILED (decided now, or earlier by another settler: `elsewhere`);
-    # IN_PROGRESS when its COPY transaction (or a settler) still holds the row; NOT_STARTED
-    # when the ledger has no row: the batch never got past step 3.
-    status: str
-    end_lsn: str | None = None
-    row_count: int = 0
-    elsewhere: bool = False
 
 
 async def settle(conn: Connection, names: Names, batch_id: int, reason: str) -> Settlement:
@@ -135,7 +134,7 @@ async def settle(conn: Connection, names: Names, batch_id: int, reason: str) -> 
             return Settlement("NOT_STARTED")
         status, first_order_id, row_count, xid, end_lsn = row
         if status != "IN_PROGRESS":
-            return Settlement(status, end_lsn, row_count, elsewhere=True)
+            return Settlement(status, end_lsn, row_count)
         return await decide(conn, names, batch_id, first_order_id, row_count, xid, reason)
 
 

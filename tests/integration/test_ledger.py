@@ -1,0 +1,131 @@
+"""The ledger's statements against a real server: id reservations and settling one batch.
+
+The daemon-level fault tests reach these paths only by luck of timing (a connection lost
+between two statements); here each state a settler can find is made on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from cdcfeed import ledger
+from cdcfeed.ids import IdReservations
+from cdcfeed.sql import Names
+
+NAMES = Names(schema="public", orders="orders", batches="batch_control")
+
+
+@pytest.fixture
+async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(dsn)
+    await ledger.init_schema(connection, NAMES)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+async def _open(conn: asyncpg.Connection, allocation: ledger.Allocation, rows: int) -> None:
+    await ledger.open_batch(conn, NAMES, allocation, "test", rows, "f.csv", 0.0, 0.0)
+
+
+async def _copy(conn: asyncpg.Connection, allocation: ledger.Allocation, rows: int) -> None:
+    """Step 4 up to, not including, its commit: claim, then the rows."""
+    assert await conn.execute(NAMES.q.claim_batch(allocation.batch_id)) == "UPDATE 1"
+    await conn.execute(
+        "INSERT INTO orders SELECT g, $2, 1, 1.00, now() "
+        "FROM generate_series($1::bigint, $1::bigint + $3 - 1) g",
+        allocation.first_order_id,
+        allocation.batch_id,
+        rows,
+    )
+
+
+async def test_reservations_from_two_instances_never_overlap(dsn: str) -> None:
+    pools = [await asyncpg.create_pool(dsn, min_size=1, max_size=4) for _ in range(2)]
+    try:
+        async with pools[0].acquire() as conn:
+            await ledger.init_schema(conn, NAMES)
+        reservations = [IdReservations(pool, NAMES, rows=100, batches=5) for pool in pools]
+        taken = await asyncio.gather(*(r.take() for r in reservations for _ in range(23)))
+    finally:
+        for pool in pools:
+            await pool.close()
+    batch_ids = [a.batch_id for a in taken]
+    assert len(set(batch_ids)) == len(taken)
+    blocks = sorted((a.first_order_id, a.first_order_id + 100) for a in taken)
+    assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(blocks))
+    # 23 batches each from reservations of 5: five reservations per instance, 2 ids unused.
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await conn.fetchval("SELECT last_value FROM batch_control_batch_id_seq") == 50
+    finally:
+        await conn.close()
+
+
+async def test_settling_a_batch_whose_row_never_arrived(conn: asyncpg.Connection) -> None:
+    (allocation,) = await ledger.reserve(conn, NAMES, 10, 1)
+    settled = await ledger.settle(conn, NAMES, allocation.batch_id, "lost")
+    assert settled.status == "NOT_STARTED"
+
+
+async def test_settling_waits_for_a_copy_still_running(dsn: str, conn: asyncpg.Connection) -> None:
+    (allocation,) = await ledger.reserve(conn, NAMES, 10, 1)
+    await _open(conn, allocation, 10)
+    loader = await asyncpg.connect(dsn)
+    try:
+        await _copy(loader, allocation, 10)
+        # The COPY's transaction holds the row: nothing is decided while it runs.
+        assert (await ledger.settle(conn, NAMES, allocation.batch_id, "lost")).status == (
+            "IN_PROGRESS"
+        )
+        await loader.execute(NAMES.q.commit)
+    finally:
+        await loader.close()
+    settled = await ledger.settle(conn, NAMES, allocation.batch_id, "lost")
+    assert (settled.status, settled.row_count) == ("COMPLETED", 10)
+    row = await conn.fetchrow(
+        "SELECT status, recovered, xid::text, end_lsn::text FROM batch_control WHERE batch_id = $1",
+        allocation.batch_id,
+    )
+    # The xid is the one the COPY's own transaction wrote into the row.
+    assert row["status"] == "COMPLETED" and row["recovered"] and row["xid"] is not None
+    assert row["end_lsn"] == settled.end_lsn
+
+
+async def test_settling_a_copy_that_rolled_back(dsn: str, conn: asyncpg.Connection) -> None:
+    (allocation,) = await ledger.reserve(conn, NAMES, 10, 1)
+    await _open(conn, allocation, 10)
+    loader = await asyncpg.connect(dsn)
+    try:
+        await _copy(loader, allocation, 10)
+    finally:
+        await loader.close()  # a lost connection: the server rolls the transaction back
+    for _ in range(100):  # until the backend has gone and released the row
+        settled = await ledger.settle(conn, NAMES, allocation.batch_id, "lost")
+        if settled.status != "IN_PROGRESS":
+            break
+        await asyncio.sleep(0.05)
+    assert settled.status == "FAILED"
+    row = await conn.fetchrow(
+        "SELECT status, error, xid FROM batch_control WHERE batch_id = $1", allocation.batch_id
+    )
+    assert (row["status"], row["error"], row["xid"]) == ("FAILED", "lost", None)
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 0
+
+
+async def test_settling_a_batch_already_decided_reports_it(conn: asyncpg.Connection) -> None:
+    (allocation,) = await ledger.reserve(conn, NAMES, 10, 1)
+    await _open(conn, allocation, 10)
+    await ledger.fail_batch(conn, NAMES, allocation.batch_id, "refused", None)
+    settled = await ledger.settle(conn, NAMES, allocation.batch_id, "lost")
+    assert settled.status == "FAILED"
+    error = await conn.fetchval(
+        "SELECT error FROM batch_control WHERE batch_id = $1", allocation.batch_id
+    )
+    assert error == "refused"  # the first decision stands
