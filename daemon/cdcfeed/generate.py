@@ -5,7 +5,7 @@ Distributions are the design note's: customer_id uniform in 1..1000, amount unif
 seed, the values of the n-th batch of a run are the same in every run.
 
 Rendering has no Python loop per row, because at full speed generation competes with the
-server for the same cores: a pure-Python formatter manages ~1.5M rows/s, this ~8M. A block of
+server for the same cores: a pure-Python formatter manages ~1.5M rows/s, this ~10M. A block of
 rows is laid out as a matrix of 4-byte words, one row per line, each field taken whole from a
 table that holds its ASCII text padded with NUL bytes: a number below 10,000 is one word, an
 amount (",dddd.cc") two, so a field is one gather and one column copy. Deleting the NULs from
