@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import asyncpg
 import pytest
@@ -30,20 +31,32 @@ async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
         await connection.close()
 
 
-async def _open(conn: asyncpg.Connection, allocation: ledger.Allocation, rows: int) -> None:
+async def _opened(conn: asyncpg.Connection, rows: int = 10) -> ledger.Allocation:
+    """A batch through step 3: ids reserved, its IN_PROGRESS row committed."""
+    (allocation,) = await ledger.reserve(conn, NAMES, rows, 1)
     await ledger.open_batch(conn, NAMES, allocation, "test", rows, "f.csv", 0.0, 0.0)
+    return allocation
 
 
-async def _copy(conn: asyncpg.Connection, allocation: ledger.Allocation, rows: int) -> None:
-    """Step 4 up to, not including, its commit: claim, then the rows."""
-    assert await conn.execute(NAMES.q.claim_batch(allocation.batch_id)) == "UPDATE 1"
-    await conn.execute(
-        "INSERT INTO orders SELECT g, $2, 1, 1.00, now() "
-        "FROM generate_series($1::bigint, $1::bigint + $3 - 1) g",
-        allocation.first_order_id,
-        allocation.batch_id,
-        rows,
-    )
+@asynccontextmanager
+async def _copy_running(
+    dsn: str, allocation: ledger.Allocation, rows: int = 10
+) -> AsyncIterator[asyncpg.Connection]:
+    """Step 4 up to, not including, its commit (claim, then the rows), on a connection of its
+    own that is closed on the way out: without a commit first, a lost connection."""
+    loader = await asyncpg.connect(dsn)
+    try:
+        assert await loader.execute(NAMES.q.claim_batch(allocation.batch_id)) == "UPDATE 1"
+        await loader.execute(
+            "INSERT INTO orders SELECT g, $2, 1, 1.00, now() "
+            "FROM generate_series($1::bigint, $1::bigint + $3 - 1) g",
+            allocation.first_order_id,
+            allocation.batch_id,
+            rows,
+        )
+        yield loader
+    finally:
+        await loader.close()
 
 
 async def test_reservations_from_two_instances_never_overlap(dsn: str) -> None:
@@ -75,18 +88,12 @@ async def test_settling_a_batch_whose_row_never_arrived(conn: asyncpg.Connection
 
 
 async def test_settling_waits_for_a_copy_still_running(dsn: str, conn: asyncpg.Connection) -> None:
-    (allocation,) = await ledger.reserve(conn, NAMES, 10, 1)
-    await _open(conn, allocation, 10)
-    loader = await asyncpg.connect(dsn)
-    try:
-        await _copy(loader, allocation, 10)
+    allocation = await _opened(conn)
+    async with _copy_running(dsn, allocation) as loader:
         # The COPY's transaction holds the row: nothing is decided while it runs.
-        assert (await ledger.settle(conn, NAMES, allocation.batch_id, "lost")).status == (
-            "IN_PROGRESS"
-        )
+        running = await ledger.settle(conn, NAMES, allocation.batch_id, "lost")
+        assert running.status == "IN_PROGRESS"
         await loader.execute(NAMES.q.commit)
-    finally:
-        await loader.close()
     settled = await ledger.settle(conn, NAMES, allocation.batch_id, "lost")
     assert (settled.status, settled.row_count) == ("COMPLETED", 10)
     row = await conn.fetchrow(
@@ -99,13 +106,9 @@ async def test_settling_waits_for_a_copy_still_running(dsn: str, conn: asyncpg.C
 
 
 async def test_settling_a_copy_that_rolled_back(dsn: str, conn: asyncpg.Connection) -> None:
-    (allocation,) = await ledger.reserve(conn, NAMES, 10, 1)
-    await _open(conn, allocation, 10)
-    loader = await asyncpg.connect(dsn)
-    try:
-        await _copy(loader, allocation, 10)
-    finally:
-        await loader.close()  # a lost connection: the server rolls the transaction back
+    allocation = await _opened(conn)
+    async with _copy_running(dsn, allocation):
+        pass  # then the connection is lost: the server rolls the transaction back
     for _ in range(100):  # until the backend has gone and released the row
         settled = await ledger.settle(conn, NAMES, allocation.batch_id, "lost")
         if settled.status != "IN_PROGRESS":
@@ -120,8 +123,7 @@ async def test_settling_a_copy_that_rolled_back(dsn: str, conn: asyncpg.Connecti
 
 
 async def test_settling_a_batch_already_decided_reports_it(conn: asyncpg.Connection) -> None:
-    (allocation,) = await ledger.reserve(conn, NAMES, 10, 1)
-    await _open(conn, allocation, 10)
+    allocation = await _opened(conn)
     await ledger.fail_batch(conn, NAMES, allocation.batch_id, "refused", None)
     settled = await ledger.settle(conn, NAMES, allocation.batch_id, "lost")
     assert settled.status == "FAILED"
