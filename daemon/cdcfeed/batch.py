@@ -18,6 +18,7 @@ round trips are most of what a batch costs, on the client and on the server alik
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ from cdcfeed.ids import IdReservations
 from cdcfeed.metrics import Metrics
 from cdcfeed.sql import ORDER_COLUMNS, Names
 
-# How long a connection may take to come out of a cancelled COPY before it is closed instead.
+# How long the ROLLBACK after a failed or cancelled COPY may take before the connection is
+# closed instead.
 ROLLBACK_WAIT_SECONDS = 1.0
 
 
@@ -150,6 +152,8 @@ async def _load(
             # 5. COMPLETED, with end_lsn read after the commit.
             marked = await ledger.complete_batch(conn, names, batch_id, rows, copied - copy_started)
     except asyncio.CancelledError:
+        if not acquired:
+            raise  # cut off before it had a connection: nothing was sent
         # Shutdown cut the batch off; whether its COPY committed is for the database to say.
         settle = asyncio.ensure_future(
             _settle_until_known(env, batch_id, rows, "cut off by shutdown", deadline=True)
@@ -214,8 +218,8 @@ async def _load(
 async def _copy(env: BatchEnvironment, conn: Connection, batch_id: int, data: bytes) -> None:
     """Step 4: claim the batch row, COPY, commit; rolled back whole on any failure."""
     names = env.names
-    claimed = await conn.execute(names.q.claim_batch(batch_id))
     try:
+        claimed = await conn.execute(names.q.claim_batch(batch_id))
         if claimed != "UPDATE 1":
             raise BatchAborted(
                 "settled by another instance before its COPY (was this instance's lease lapsing?)"
@@ -241,25 +245,22 @@ async def _copy(env: BatchEnvironment, conn: Connection, batch_id: int, data: by
 
 
 async def _end_transaction(conn: Connection, names: Names) -> None:
-    """Rolls back step 4's transaction after a failure, or closes the connection.
+    """Rolls back step 4's transaction after a failure, or closes the connection; never raises.
 
-    After a cancelled or timed-out COPY, asyncpg first has the server stop it (CopyFail and
-    a cancel request); the connection takes the ROLLBACK once the server has answered. A
-    connection that stays busy (a hung server) or is lost is closed instead, which ends the
-    transaction as surely; the pool replaces it.
+    After a cancelled or timed-out COPY, asyncpg first waits for the server to acknowledge the
+    cancel (CopyFail and a cancel request), then sends the ROLLBACK. A server that does not
+    answer in time (a hung backend) or a lost connection gets the connection closed instead,
+    which ends the transaction as surely; the pool replaces it.
     """
-    give_up = time.monotonic() + ROLLBACK_WAIT_SECONDS
-    while not conn.is_closed():
-        try:
-            await conn.execute(names.q.rollback)
-            return
-        except asyncpg.InterfaceError:  # still cancelling the COPY
-            if time.monotonic() >= give_up:
-                break
-            await asyncio.sleep(0.01)
-        except Exception:
-            break
-    conn.terminate()
+    try:
+        await conn.execute(names.q.rollback, timeout=ROLLBACK_WAIT_SECONDS)
+        return
+    except Exception:
+        pass
+    # A connection asyncpg already closed itself is back in the pool; its handle then
+    # refuses even this, and there is nothing left to end.
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
 
 
 async def _record_unstarted_failure(
@@ -305,7 +306,10 @@ async def _settle_until_known(
             settlement = None
         if settlement is not None and settlement.status == "NOT_STARTED":
             # Its IN_PROGRESS row never reached the ledger: nothing of it was loaded.
-            _skip_database_down(env, reason)
+            if deadline:
+                log.info(f"batch {batch_id} cut off by shutdown before its ledger row: not run")
+            else:
+                _skip_database_down(env, reason)
             return
         if settlement is not None and settlement.status != "IN_PROGRESS":
             if settlement.status == "COMPLETED":

@@ -25,16 +25,28 @@ class IdReservations:
         self._rows = rows
         self._batches = max(1, batches)
         self._free: deque[ledger.Allocation] = deque()
-        self._refill = asyncio.Lock()
+        self._refill: asyncio.Task[None] | None = None
 
     async def take(self) -> ledger.Allocation:
         """The next batch's ids; raises DatabaseUnavailable when a needed refill cannot be made."""
         while not self._free:
-            async with self._refill:
-                if not self._free:  # else another batch refilled while this one waited
-                    reserved = await with_connection(
-                        self._pool,
-                        lambda conn: ledger.reserve(conn, self._names, self._rows, self._batches),
-                    )
-                    self._free.extend(reserved)
+            # One refill at a time, awaited by every batch that needs it: its failure (the
+            # database is down) reaches them all at once. Shielded, so that a batch cancelled
+            # while waiting does not cancel the refill the others wait for.
+            if self._refill is None or self._refill.done():
+                self._refill = asyncio.ensure_future(self._reserve())
+                self._refill.add_done_callback(_retrieve)
+            await asyncio.shield(self._refill)
         return self._free.popleft()
+
+    async def _reserve(self) -> None:
+        reserved = await with_connection(
+            self._pool, lambda conn: ledger.reserve(conn, self._names, self._rows, self._batches)
+        )
+        self._free.extend(reserved)
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Marks a failed refill's error as seen when every batch that awaited it was cancelled."""
+    if not task.cancelled():
+        task.exception()
