@@ -80,7 +80,7 @@ def _settings(
 ) -> Settings:
     if log_format is not None:
         overrides.setdefault("log", {})["format"] = log_format
-    settings = load_settings(_config_path(config), overrides)
+    settings = load_settings(_config_path(config), overrides, os.environ)
     logs.configure(
         settings.log.level,
         json=settings.log.format == "json",

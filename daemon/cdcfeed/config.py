@@ -1,18 +1,22 @@
 """Settings: one immutable object, built once at the edge (the CLI) and passed down.
 
 Precedence, lowest first: defaults < TOML file < ``CDCFEED_<SECTION>__<KEY>`` environment
-< command-line flags. The connection string has its own chain, resolved by the CLI:
-``--dsn`` < ``CDCFEED_DATABASE__DSN`` < ``DATABASE_URL`` < ``[database].dsn`` < libpq's ``PG…``
-variables < the embedded server. Every key is documented in ``config/cdcfeed.toml``.
+< command-line flags. The connection string is the first of these that is set: ``--dsn``,
+``CDCFEED_DATABASE__DSN``, ``DATABASE_URL``, ``[database].dsn``; when none is, libpq's ``PG…``
+variables name the server, and without those an embedded server is started. Every key is
+documented in ``config/cdcfeed.toml``.
+
+Only the environment handed to `load_settings` is read, never ``os.environ`` behind its back,
+so a caller (a test, a bench) that passes its own mapping gets exactly that.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import socket
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import SplitResult, urlsplit, urlunsplit
@@ -28,7 +32,13 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from cdcfeed.errors import UserError
 
@@ -220,13 +230,27 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The file is merged into init values by `load_settings`, under the environment;
-        # command-line flags are applied after, so the order here is env over init.
-        return (env_settings, init_settings)
+        # Init values only: `load_settings` lays file, environment and flags over each other
+        # itself, reading the environment from the mapping it is given (`_EnvironSource`).
+        return (init_settings,)
 
     @property
     def instance_name(self) -> str:
         return self.daemon.instance or socket.gethostname()
+
+
+class _EnvironSource(EnvSettingsSource):
+    """pydantic-settings' environment parsing (prefix, ``__`` nesting, JSON for lists and
+    tables) applied to a given mapping instead of ``os.environ``."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ  # read by _load_env_vars, which the base __init__ calls
+        super().__init__(Settings)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # The hook the base class reads ``os.environ`` in; names are matched in lower case,
+        # as the base does for a case-insensitive model (tests/unit/test_settings_isolation.py).
+        return {name.lower(): value for name, value in self._environ.items()}
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -274,11 +298,13 @@ def _describe(error: ErrorDetails, from_file: Path | None) -> UserError:
 
 def load_settings(
     config_file: Path | None,
-    overrides: dict[str, dict[str, Any]] | None = None,
-    environ: dict[str, str] | None = None,
+    overrides: dict[str, dict[str, Any]] | None,
+    environ: Mapping[str, str],
 ) -> Settings:
-    """Builds the settings from file, environment and flag overrides; raises UserError."""
-    environ = dict(os.environ if environ is None else environ)
+    """Builds the settings from file, `environ` and flag overrides; raises UserError.
+
+    `environ` is the only environment read (the CLI passes ``os.environ``).
+    """
     file_values = _read_toml(config_file) if config_file else {}
     flag_values = {
         section: {k: v for k, v in values.items() if v is not None}
@@ -286,9 +312,16 @@ def load_settings(
     }
     flag_values = {section: values for section, values in flag_values.items() if values}
     try:
-        # Environment over file: build once with the file as init values (env wins inside
-        # pydantic-settings), then lay the flags over the result.
-        from_env_and_file = Settings(**file_values)
+        env_values = _EnvironSource(environ)()
+    except SettingsError:
+        # Only a list or table given as one variable is parsed here, and it must be JSON.
+        raise UserError(
+            f"{ENV_PREFIX}… environment",
+            "a list or table in a variable must be JSON, e.g. "
+            'CDCFEED_LOAD__STEPS=\'[{"rate": 10, "seconds": 60}]\'',
+        ) from None
+    try:
+        from_env_and_file = Settings(**_deep_merge(file_values, env_values))
         merged = _deep_merge(from_env_and_file.model_dump(), flag_values)
         merged["database"]["dsn"] = _resolve_dsn(
             flag_dsn=flag_values.get("database", {}).get("dsn"),
@@ -300,7 +333,7 @@ def load_settings(
         raise _describe(exc.errors()[0], config_file) from None
 
 
-def _resolve_dsn(flag_dsn: str | None, environ: dict[str, str], file_dsn: str) -> str:
+def _resolve_dsn(flag_dsn: str | None, environ: Mapping[str, str], file_dsn: str) -> str:
     if flag_dsn:
         return flag_dsn
     if environ.get(f"{ENV_PREFIX}DATABASE__DSN"):
@@ -313,7 +346,7 @@ def _resolve_dsn(flag_dsn: str | None, environ: dict[str, str], file_dsn: str) -
 LIBPQ_ENV = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")
 
 
-def uses_libpq_environment(environ: dict[str, str]) -> bool:
+def uses_libpq_environment(environ: Mapping[str, str]) -> bool:
     """True when libpq's PG… variables name a server (asyncpg reads them itself)."""
     return any(environ.get(name) for name in LIBPQ_ENV)
 
