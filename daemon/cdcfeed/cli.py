@@ -1,5 +1,5 @@
 """The command line: the one place that reads the environment, configures logging, and turns
-every user mistake into one line on stderr and exit code 2."""
+every error cdcfeed names (errors.py) into one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from cdcfeed.config import (
     load_settings,
 )
 from cdcfeed.db import connect, describe_error, is_unavailable
-from cdcfeed.errors import UserError
+from cdcfeed.errors import CdcfeedError, UserError
 from cdcfeed.memory import pin_mmap_threshold
 from cdcfeed.pgoutput import lsn_to_int
 from cdcfeed.slots import confirmations
@@ -62,7 +62,7 @@ log_format_option = click.option(
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cdcfeed")
-def app() -> None:
+def commands() -> None:
     """Rate-controlled synthetic order load for PostgreSQL, with an LSN ledger that proves a
     CDC pipeline delivered every batch."""
 
@@ -102,7 +102,7 @@ def _run_async(main: Callable[[], Awaitable[T]]) -> T:
     return uvloop.run(main())  # type: ignore[arg-type]
 
 
-@app.command()
+@commands.command()
 @config_option
 @dsn_option
 @click.option(
@@ -178,7 +178,7 @@ def _on_signal(stop: asyncio.Event, signum: int) -> None:
     stop.set()
 
 
-@app.command("init-db")
+@commands.command("init-db")
 @config_option
 @dsn_option
 @click.option(
@@ -207,7 +207,7 @@ def init_db(config: Path | None, dsn: str | None, publication: str | None) -> No
     _run_async(main)
 
 
-@app.command()
+@commands.command()
 @config_option
 @dsn_option
 @click.option(
@@ -315,7 +315,7 @@ def _yes_no(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "no")
 
 
-@app.command()
+@commands.command()
 @config_option
 @dsn_option
 @click.option(
@@ -423,7 +423,7 @@ def _log_violation(violation: Violation) -> None:
     logger.bind(batch_id=violation.batch_id).warning(f"violation: {violation.line()}")
 
 
-@app.command("config")
+@commands.command("config")
 @config_option
 @dsn_option
 @log_format_option
@@ -458,11 +458,13 @@ def _toml_value(value: Any) -> str:
 
 
 def main() -> None:
-    """Entry point: user mistakes become `cdcfeed: <setting>: <what to do>` and exit 2."""
+    """Entry point: every `CdcfeedError` becomes one line on stderr and exit 2 (a UserError
+    reads `cdcfeed: <setting>: <what to do>`); any other exception is a bug and keeps its
+    traceback."""
     try:
-        code = app(standalone_mode=False)
-    except UserError as exc:
-        print(f"cdcfeed: {exc}", file=sys.stderr)
+        code = commands(standalone_mode=False)
+    except CdcfeedError as exc:
+        print(f"cdcfeed: {str(exc) or type(exc).__name__}", file=sys.stderr)
         sys.exit(2)
     except click.UsageError as exc:
         print(f"cdcfeed: {exc.format_message()}", file=sys.stderr)

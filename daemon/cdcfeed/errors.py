@@ -1,4 +1,9 @@
-"""One exception hierarchy for cdcfeed; the CLI turns each into one line and an exit code."""
+"""One exception hierarchy for cdcfeed.
+
+Every `CdcfeedError` is a condition cdcfeed names on purpose; one that reaches the CLI ends
+the command with one line on stderr and exit code 2. Any other exception is a bug and
+crashes with its traceback.
+"""
 
 from __future__ import annotations
 
