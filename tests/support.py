@@ -1,4 +1,4 @@
-"""What the tests check: the PRODUCT.md invariant, from the ledger and from a pgoutput slot."""
+"""What the tests check: the ledger's invariant (README), in the tables and in a pgoutput slot."""
 
 from __future__ import annotations
 

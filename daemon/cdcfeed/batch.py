@@ -1,4 +1,4 @@
-"""The batch protocol (PRODUCT.md), top to bottom.
+"""The batch protocol, top to bottom (README: "The ledger and its invariant").
 
 1. Take a batch id and a block of order ids (reserved a few batches ahead, `ids.py`);
    generate the rows.

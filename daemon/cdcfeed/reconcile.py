@@ -1,4 +1,4 @@
-"""Settling batches that a dead run left IN_PROGRESS (PRODUCT.md step 7), guarded by leases.
+"""Settling batches a dead run left IN_PROGRESS, so that none stays there; guarded by leases.
 
 Every instance keeps a lease row in `cdcfeed_instances`, renewed each heartbeat. At start, before
 its first batch, an instance settles what its own earlier run left IN_PROGRESS; on every

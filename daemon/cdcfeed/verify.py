@@ -1,6 +1,6 @@
 """`cdcfeed verify`: proof from a pgoutput slot that every batch reached the change stream whole.
 
-For every batch the ledger settled, the PRODUCT.md invariant: a COMPLETED batch arrived as
+For every batch the ledger settled, the delivery invariant: a COMPLETED batch arrived as
 exactly `row_count` orders with the ids of its block, all in one transaction whose xid is the
 ledger's and whose commit lies in `(start_lsn, end_lsn]`; a FAILED batch left no row; no
 orders row carries a batch id the ledger lacks; nothing but INSERTs touches orders.
