@@ -35,7 +35,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "cdcfeed.json"
-CONTRACTS = REPO / "docs" / "CONTRACTS.md"
+README = REPO / "README.md"
 
 # What each Grafana variable becomes when a dashboard query is sent to Prometheus directly.
 GRAFANA_VARIABLES = {
@@ -74,7 +74,7 @@ def tool() -> Callable[[str, str], str]:
     return lookup
 
 
-# --- The metric contract ---------------------------------------------------------------------
+# --- The metric contract: the metrics the README documents -----------------------------------
 
 
 @dataclass(frozen=True)
@@ -90,30 +90,31 @@ class ContractMetric:
 
 
 def contract_metrics() -> dict[str, ContractMetric]:
-    """The metrics listed under '## Metrics' in docs/CONTRACTS.md, keyed by full name."""
-    text = CONTRACTS.read_text(encoding="utf-8")
-    section = text.split("## Metrics", 1)[1]
-    section = section.split("\n## ", 1)[0]
-    body = section.split("\n", 1)[1]  # drop the heading line, which names the prefix
+    """The metrics in the table under '## Metrics and health' in README.md, keyed by name.
+
+    A row reads | `cdcfeed_name{label="a\\|b", other}` | type | what |: a label lists the values
+    it takes, or none when they depend on the deployment (slot names, the version).
+    """
+    text = README.read_text(encoding="utf-8")
+    section = text.split("\n## Metrics and health", 1)[1].split("\n## ", 1)[0]
     metrics: dict[str, ContractMetric] = {}
-    # name, optional {labels}, optional (histogram)
-    entry = re.compile(r"([a-z][a-z0-9_]*)\s*(\{[^}]*\})?\s*(\(histogram\))?")
-    for item in re.split(r",\s*", body.replace("\n", " ")):
-        item = item.strip().rstrip(".")
-        if not item:
+    entry = re.compile(r"`(cdcfeed_[a-z0-9_]+)(\{[^}]*\})?`")
+    for line in section.splitlines():
+        if not line.startswith("| `cdcfeed_"):
             continue
-        match = entry.fullmatch(item)
-        if match is None:
-            raise AssertionError(f"cannot read metric entry {item!r} in {CONTRACTS}")
+        cells = [cell.strip() for cell in line.replace("\\|", "\0").strip("|").split("|")]
+        match = entry.fullmatch(cells[0])
+        if match is None or cells[1] not in ("counter", "gauge", "histogram"):
+            raise AssertionError(f"cannot read metric row {line!r} in {README}")
         labels: dict[str, tuple[str, ...]] = {}
         if match.group(2):
             for part in match.group(2).strip("{}").split(","):
                 label, _, values = part.partition("=")
-                labels[label.strip()] = tuple(v for v in values.strip('"').split("|") if v)
-        name = "cdcfeed_" + match.group(1)
-        metrics[name] = ContractMetric(name, bool(match.group(3)), labels)
+                labels[label.strip()] = tuple(v for v in values.strip('"').split("\0") if v)
+        name = match.group(1)
+        metrics[name] = ContractMetric(name, cells[1] == "histogram", labels)
     if not metrics:
-        raise AssertionError(f"no metrics found under '## Metrics' in {CONTRACTS}")
+        raise AssertionError(f"no metrics found under '## Metrics and health' in {README}")
     return metrics
 
 
