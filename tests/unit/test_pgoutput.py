@@ -15,7 +15,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from cdcfeed.pgoutput import (
+from cdcfeed.lsn import int_to_lsn, lsn_to_int
+from cdcfeed.proof.sources.pgoutput import (
     PG_EPOCH,
     UNCHANGED,
     Begin,
@@ -34,8 +35,6 @@ from cdcfeed.pgoutput import (
     Unchanged,
     Update,
     decode,
-    int_to_lsn,
-    lsn_to_int,
     pg_timestamp_to_datetime,
 )
 

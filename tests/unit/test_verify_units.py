@@ -6,7 +6,9 @@ import struct
 
 import pytest
 
-from cdcfeed.verify import LedgerBatch, Observation, StreamError, StreamReader, reasons_against
+from cdcfeed.proof.events import LedgerBatch, Observation
+from cdcfeed.proof.judge import reasons_against
+from cdcfeed.proof.sources.slot import StreamError, StreamReader
 
 ORDERS = ("public", "orders")
 ORDERS_ID, LEDGER_ID = 16400, 16410
