@@ -16,11 +16,11 @@ from typing import Any
 
 import asyncpg
 
-from cdcfeed import pgoutput
 from cdcfeed.app import names_of, run_daemon
 from cdcfeed.config import Settings, load_settings
 from cdcfeed.embedded import PostgresCluster
 from cdcfeed.ledger import init_schema, lsn_to_int
+from cdcfeed.proof.sources import pgoutput
 
 PUBLICATION = "cdcfeed_test"
 _database_numbers = itertools.count(1)

@@ -27,18 +27,13 @@ from cdcfeed.config import (
 )
 from cdcfeed.db import connect, describe_error, is_unavailable
 from cdcfeed.errors import CdcfeedError, UserError
+from cdcfeed.lsn import lsn_to_int
 from cdcfeed.memory import pin_mmap_threshold
-from cdcfeed.pgoutput import lsn_to_int
+from cdcfeed.proof.events import Violation
+from cdcfeed.proof.report import Report
+from cdcfeed.proof.sources.slot import StreamError
 from cdcfeed.slots import confirmations
-from cdcfeed.verify import (
-    Report,
-    StreamError,
-    Verifier,
-    Violation,
-    ensure_publication,
-    open_verifier,
-    run_passes,
-)
+from cdcfeed.verify import Verifier, ensure_publication, open_verifier, run_passes
 
 T = TypeVar("T")
 

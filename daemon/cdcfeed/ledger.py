@@ -14,7 +14,7 @@ import asyncpg
 
 from cdcfeed.cdc_sql import CdcStatements
 from cdcfeed.db import Connection
-from cdcfeed.pgoutput import lsn_to_int
+from cdcfeed.lsn import lsn_to_int
 from cdcfeed.sql import SCHEMA_LOCK_KEY, Names
 
 __all__ = ["lsn_to_int"]

@@ -26,283 +26,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import asyncpg
 from loguru import logger
 
-from cdcfeed import pgoutput
 from cdcfeed.cdc_sql import CdcStatements
 from cdcfeed.config import DatabaseSettings
 from cdcfeed.db import RetryPolicy, connect_kwargs, describe_error, is_unavailable
-from cdcfeed.errors import CdcfeedError, UserError
+from cdcfeed.errors import UserError
+from cdcfeed.lsn import int_to_lsn
 from cdcfeed.metrics import Metrics
-from cdcfeed.pgoutput import int_to_lsn
+from cdcfeed.proof.events import LedgerBatch, Observation, Violation
+from cdcfeed.proof.judge import judge_again, judge_seen, judge_unseen
+from cdcfeed.proof.report import Report, Tally
+from cdcfeed.proof.sources.slot import StreamReader
 from cdcfeed.sql import SCHEMA_LOCK_KEY, Names, quote_ident
 
 CHUNK_CHANGES = 50_000
 _PREFETCH = 2_000
 _JUDGE_BATCH = 1_000
 REPORT_VIOLATIONS = 1_000
-# pgoutput's Begin carries the 32-bit xid; the ledger keeps the epoch-extended xid8.
-_XID_MASK = 0xFFFF_FFFF
-
-
-class StreamError(CdcfeedError):
-    """The slot's change stream is not what pgoutput protocol version 1 sends."""
 
 
 class SlotUnavailable(UserError):
     """The slot cannot be read now: another reader holds it (or another verify its state),
     or it was dropped. Worth reopening later, which recreates a dropped slot when allowed."""
-
-
-@dataclass(frozen=True, slots=True)
-class Violation:
-    batch_id: int | None
-    reason: str
-
-    def line(self) -> str:
-        where = "stream" if self.batch_id is None else f"batch {self.batch_id}"
-        return f"{where}: {self.reason}"
-
-
-@dataclass(frozen=True, slots=True)
-class Observation:
-    """One transaction's share of one batch, as the stream carried it."""
-
-    batch_id: int
-    commit_lsn: int
-    commit_end_lsn: int
-    xid: int
-    rows: int
-    min_order_id: int
-    max_order_id: int
-    sum_order_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEvent:
-    """A change to orders that cdcfeed never makes."""
-
-    batch_id: int | None
-    xid: int
-    commit_lsn: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerBatch:
-    batch_id: int
-    status: str
-    row_count: int
-    first_order_id: int
-    start_lsn: int | None
-    end_lsn: int | None
-    xid: int | None
-
-
-# --- reading the stream ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Relation:
-    is_orders: bool
-    order_id: int = -1  # column positions in the relation's tuples
-    batch_id: int = -1
-
-
-def _int(value: pgoutput.TupleValue, what: str) -> int:
-    if isinstance(value, str):
-        return int(value)
-    raise StreamError(f"{what} arrived as {value!r}, not as text")
-
-
-def _maybe_int(value: pgoutput.TupleValue) -> int | None:
-    return int(value) if isinstance(value, str) else None
-
-
-class StreamReader:
-    """Folds pgoutput messages into per-transaction, per-batch summaries.
-
-    Transactions committing before `position` were recorded by an earlier read (the slot was
-    not advanced past them yet, or was restored to an older position by crash recovery):
-    they are decoded, to keep the protocol state right, and dropped.
-    """
-
-    def __init__(self, orders: tuple[str, str], position: int) -> None:
-        self.orders = orders
-        self.position = position
-        self.relations: dict[int, _Relation] = {}
-        self.observations: list[Observation] = []
-        self.events: list[StreamEvent] = []
-        self.messages = 0
-        self.last_end = 0
-        self._xid: int | None = None
-        # batch id -> [rows, smallest order id, largest order id, sum of order ids]
-        self._batches: dict[int, list[int]] = {}
-        self._events: list[tuple[int | None, str]] = []
-
-    def feed(self, data: bytes) -> None:
-        self.messages += 1
-        try:
-            message = pgoutput.decode(data)
-        except pgoutput.PgOutputError as exc:
-            raise StreamError(str(exc)) from None
-        if type(message) is pgoutput.Insert:  # the hot path: one per row
-            relation = self._relation(message.relation_id)
-            if relation.is_orders:
-                self._insert(relation, message.new)
-        elif isinstance(message, pgoutput.Begin):
-            if self._xid is not None:
-                raise StreamError(f"Begin of xid {message.xid} inside xid {self._xid}")
-            self._xid = message.xid
-        elif isinstance(message, pgoutput.Commit):
-            self._commit(message)
-        elif isinstance(message, pgoutput.Relation):
-            self.relations[message.relation_id] = self._describe(message)
-        elif isinstance(message, pgoutput.Update):
-            if self._relation(message.relation_id).is_orders:
-                self._update(message)
-        elif isinstance(message, pgoutput.Delete):
-            if self._relation(message.relation_id).is_orders:
-                self._delete(message)
-        elif isinstance(message, pgoutput.Truncate) and any(
-            self._relation(rid).is_orders for rid in message.relation_ids
-        ):
-            self._event(None, "TRUNCATE of orders")
-        # Type, Origin and logical messages say nothing about orders.
-
-    def finish(self) -> None:
-        if self._xid is not None:
-            raise StreamError(f"the stream ended inside transaction xid {self._xid}")
-
-    def _relation(self, relation_id: int) -> _Relation:
-        try:
-            return self.relations[relation_id]
-        except KeyError:
-            raise StreamError(f"change for relation {relation_id} before its Relation") from None
-
-    def _describe(self, message: pgoutput.Relation) -> _Relation:
-        if (message.namespace, message.name) != self.orders:
-            return _Relation(False)
-        columns = message.column_names
-        try:
-            return _Relation(True, columns.index("order_id"), columns.index("batch_id"))
-        except ValueError:
-            raise StreamError(f"orders arrived without order_id and batch_id: {columns}") from None
-
-    def _insert(self, relation: _Relation, new: pgoutput.TupleData) -> None:
-        if self._xid is None:
-            raise StreamError("Insert outside a transaction")
-        order_id = _int(new[relation.order_id], "order_id")
-        batch_id = _int(new[relation.batch_id], "batch_id")
-        summary = self._batches.get(batch_id)
-        if summary is None:
-            self._batches[batch_id] = [1, order_id, order_id, order_id]
-            return
-        summary[0] += 1
-        if order_id < summary[1]:
-            summary[1] = order_id
-        elif order_id > summary[2]:
-            summary[2] = order_id
-        summary[3] += order_id
-
-    def _update(self, message: pgoutput.Update) -> None:
-        relation = self._relation(message.relation_id)
-        order_id = _maybe_int(message.new[relation.order_id])
-        batch_id = _maybe_int(message.new[relation.batch_id])
-        self._event(batch_id, f"UPDATE of order {order_id}; cdcfeed only inserts orders")
-
-    def _delete(self, message: pgoutput.Delete) -> None:
-        relation = self._relation(message.relation_id)
-        # The old tuple holds the key only (unless REPLICA IDENTITY FULL): no batch id.
-        order_id = _maybe_int(message.old[relation.order_id])
-        batch_id = _maybe_int(message.old[relation.batch_id])
-        self._event(batch_id, f"DELETE of order {order_id}; cdcfeed never deletes orders")
-
-    def _event(self, batch_id: int | None, what: str) -> None:
-        if self._xid is None:
-            raise StreamError(f"{what} outside a transaction")
-        self._events.append((batch_id, what))
-
-    def _commit(self, commit: pgoutput.Commit) -> None:
-        xid = self._xid
-        if xid is None:
-            raise StreamError(f"Commit at {int_to_lsn(commit.commit_lsn)} without a Begin")
-        if commit.commit_lsn >= self.position:
-            for batch_id, (rows, low, high, total) in self._batches.items():
-                self.observations.append(
-                    Observation(
-                        batch_id, commit.commit_lsn, commit.end_lsn, xid, rows, low, high, total
-                    )
-                )
-            lsn = int_to_lsn(commit.commit_lsn)
-            for event_batch, what in self._events:
-                reason = f"{what} (transaction xid {xid}, commit {lsn})"
-                self.events.append(StreamEvent(event_batch, xid, commit.commit_lsn, reason))
-        self.last_end = max(self.last_end, commit.end_lsn)
-        self._xid = None
-        self._batches = {}
-        self._events = []
-
-
-# --- judging ----------------------------------------------------------------------------------
-
-
-def reasons_against(
-    batch_id: int, batch: LedgerBatch | None, seen: Sequence[Observation], judged_before: bool
-) -> list[str]:
-    """Why the stream's view of a batch breaks the invariant; empty when it holds."""
-    rows = sum(o.rows for o in seen)
-    xids = ", ".join(str(o.xid) for o in seen)
-    if batch is None:
-        return [f"{rows} orders rows (xid {xids}) carry this batch id, which the ledger lacks"]
-    if batch.status == "FAILED":
-        return [f"FAILED in the ledger, yet {rows} of its rows reached the stream (xid {xids})"]
-    if judged_before:
-        return [
-            f"after it was verified, transaction xid {o.xid} (commit {int_to_lsn(o.commit_lsn)}) "
-            f"carried {o.rows} more of its rows"
-            for o in seen
-        ]
-    reasons = []
-    if len(seen) > 1:
-        reasons.append(f"its rows arrived in {len(seen)} transactions (xids {xids}), not one")
-    if rows != batch.row_count:
-        reasons.append(f"the stream carried {rows} rows, the ledger says {batch.row_count}")
-    first, last = batch.first_order_id, batch.first_order_id + batch.row_count - 1
-    low = min(o.min_order_id for o in seen)
-    high = max(o.max_order_id for o in seen)
-    if (low, high) != (first, last):
-        reasons.append(f"its order ids span {low}..{high}, its block is {first}..{last}")
-    elif rows == batch.row_count and sum(o.sum_order_id for o in seen) != (
-        (first + last) * batch.row_count // 2
-    ):
-        # Same count and bounds but another sum: some id twice, another missing.
-        reasons.append(f"its order ids are not each id of {first}..{last} once")
-    if batch.xid is not None:
-        expected = batch.xid & _XID_MASK
-        for o in seen:
-            if o.xid != expected:
-                reasons.append(
-                    f"transaction xid {o.xid} is not the ledger's xid {batch.xid} "
-                    f"(low 32 bits {expected})"
-                )
-    start, end = batch.start_lsn, batch.end_lsn
-    for o in seen:
-        if start is None or end is None or not (start < o.commit_lsn and o.commit_end_lsn <= end):
-            reasons.append(
-                f"commit {int_to_lsn(o.commit_lsn)} of xid {o.xid} lies outside its bracket "
-                f"({_lsn(start)}, {_lsn(end)}]"
-            )
-    return reasons
-
-
-def _lsn(value: int | None) -> str:
-    return "-" if value is None else int_to_lsn(value)
 
 
 def _observation(record: asyncpg.Record) -> Observation:
@@ -333,73 +83,6 @@ def _ledger_batch(record: asyncpg.Record) -> LedgerBatch | None:
 
 
 # --- the verifier -----------------------------------------------------------------------------
-
-
-@dataclass
-class Tally:
-    """This run's verdicts."""
-
-    batches: int = 0
-    violations: int = 0
-    rows: int = 0
-
-
-@dataclass(frozen=True)
-class Report:
-    slot: str
-    publication: str
-    position: str
-    batches: int
-    completed: int
-    failed: int
-    rows: int
-    waiting: int
-    violation_count: int
-    violations: list[Violation]
-    run: Tally = field(default_factory=Tally)
-
-    @property
-    def holds(self) -> bool:
-        return self.violation_count == 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "slot": self.slot,
-            "publication": self.publication,
-            "position": self.position,
-            "holds": self.holds,
-            "batches_verified": self.batches,
-            "completed": self.completed,
-            "failed": self.failed,
-            "rows": self.rows,
-            "waiting": self.waiting,
-            "violation_count": self.violation_count,
-            "violations": [{"batch_id": v.batch_id, "reason": v.reason} for v in self.violations],
-            "this_run": {
-                "batches_verified": self.run.batches,
-                "violations": self.run.violations,
-                "rows": self.run.rows,
-            },
-        }
-
-    def as_text(self) -> str:
-        verdict = "invariant holds" if self.holds else "INVARIANT VIOLATED"
-        lines = [
-            f"slot {self.slot} (publication {self.publication}), read to {self.position}: "
-            f"{verdict}",
-            f"batches verified: {self.batches} ({self.completed} COMPLETED, {self.failed} "
-            f"FAILED), rows: {self.rows}, violations: {self.violation_count}, "
-            f"waiting: {self.waiting}",
-            f"this run: {self.run.batches} batches verified, {self.run.rows} rows, "
-            f"{self.run.violations} violations",
-        ]
-        lines += [f"violation: {v.line()}" for v in self.violations]
-        hidden = self.violation_count - len(self.violations)
-        if hidden > 0:
-            lines.append(
-                f"... and {hidden} more (see --format json or table cdcfeed_verify_results)"
-            )
-        return "\n".join(lines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -640,6 +323,10 @@ class Verifier:
         verdicts: list[str] = []
         amended = 0  # judged batches found violated later: violations, not new verdicts
         rows = 0
+        hint = (
+            f"the slot read past it without its transaction (is "
+            f"{'.'.join(q.orders_relation)} in publication {self.publication}?)"
+        )
         # One snapshot: a batch is either IN_PROGRESS (and waits) or settled (and is judged).
         async with conn.transaction(isolation="repeatable_read"):
             waiting: list[int] = await conn.fetchval(q.in_progress_since, progress.scope)
@@ -654,33 +341,32 @@ class Verifier:
                 for record in ready:
                     batch_id = record["batch_id"]
                     batch = _ledger_batch(record)
-                    judged_before = record["verdict_id"] is not None
                     observations = seen[batch_id]
-                    reasons = reasons_against(batch_id, batch, observations, judged_before)
-                    reason = "; ".join(reasons) or None
-                    if judged_before:
-                        if reason is not None:
-                            await conn.execute(q.amend_verdict, record["verdict_id"], reason)
-                            found.append(Violation(batch_id, reason))
+                    if record["verdict_id"] is not None:
+                        amendment = judge_again(batch_id, batch, observations)
+                        if amendment is not None:
+                            await conn.execute(
+                                q.amend_verdict, record["verdict_id"], amendment.reason
+                            )
+                            found.append(amendment)
                             amended += 1
                         continue
-                    first = observations[0]
-                    batch_rows = sum(o.rows for o in observations)
+                    verdict = judge_seen(batch_id, batch, observations)
                     await conn.execute(
                         q.record_verdict,
                         self.slot,
                         batch_id,
-                        batch.status if batch else None,
-                        "violation" if reason else "ok",
-                        batch_rows,
-                        first.xid,
-                        first.commit_lsn,
-                        reason,
+                        verdict.status,
+                        verdict.result,
+                        verdict.rows,
+                        verdict.xid,
+                        verdict.commit_lsn,
+                        verdict.reason,
                     )
-                    rows += batch_rows
-                    verdicts.append("violation" if reason else "ok")
-                    if reason:
-                        found.append(Violation(batch_id, reason))
+                    rows += verdict.rows
+                    verdicts.append(verdict.result)
+                    if verdict.violation is not None:
+                        found.append(verdict.violation)
                 await conn.execute(q.drop_pending, self.slot, ids)
             while True:
                 unseen = await conn.fetch(
@@ -693,27 +379,21 @@ class Verifier:
                     _JUDGE_BATCH,
                 )
                 for batch_id, status, row_count, end_lsn in unseen:
-                    reason = None
-                    if status == "COMPLETED":
-                        reason = (
-                            f"missing from the stream: COMPLETED with {row_count} rows and "
-                            f"end_lsn {int_to_lsn(end_lsn)}, but the slot read past it without "
-                            f"its transaction (is {'.'.join(q.orders_relation)} in publication "
-                            f"{self.publication}?)"
-                        )
-                        found.append(Violation(batch_id, reason))
+                    verdict = judge_unseen(batch_id, status, row_count, end_lsn, hint)
+                    if verdict.violation is not None:
+                        found.append(verdict.violation)
                     await conn.execute(
                         q.record_verdict,
                         self.slot,
                         batch_id,
                         status,
-                        "violation" if reason else "ok",
-                        0,
-                        None,
-                        None,
-                        reason,
+                        verdict.result,
+                        verdict.rows,
+                        verdict.xid,
+                        verdict.commit_lsn,
+                        verdict.reason,
                     )
-                    verdicts.append("violation" if reason else "ok")
+                    verdicts.append(verdict.result)
                 if len(unseen) < _JUDGE_BATCH:
                     break
             await conn.execute(q.set_checked, self.slot, position, waiting)

@@ -15,7 +15,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from cdcfeed.pgoutput import (
+from cdcfeed.lsn import int_to_lsn, lsn_to_int
+from cdcfeed.proof.sources.pgoutput import (
     PG_EPOCH,
     UNCHANGED,
     Begin,
@@ -34,32 +35,20 @@ from cdcfeed.pgoutput import (
     Unchanged,
     Update,
     decode,
-    int_to_lsn,
-    lsn_to_int,
     pg_timestamp_to_datetime,
+)
+from tests.pgoutput_builders import (
+    begin,
+    commit,
+    cstr,
+    delete,
+    insert,
+    relation,
+    truncate,
+    tuple_data,
 )
 
 # --- builders ---------------------------------------------------------------------------
-
-
-def cstr(text: str) -> bytes:
-    return text.encode() + b"\0"
-
-
-def tuple_data(*values: TupleValue) -> bytes:
-    out = [struct.pack("!H", len(values))]
-    for value in values:
-        if value is None:
-            out.append(b"n")
-        elif value is UNCHANGED:
-            out.append(b"u")
-        elif isinstance(value, str):
-            raw = value.encode()
-            out.append(b"t" + struct.pack("!i", len(raw)) + raw)
-        else:
-            assert isinstance(value, bytes)
-            out.append(b"b" + struct.pack("!i", len(value)) + value)
-    return b"".join(out)
 
 
 def micros(moment: datetime) -> int:
@@ -72,12 +61,12 @@ MIXED: tuple[TupleValue, ...] = ("42", None, UNCHANGED, b"\x00\x01\xff", "", "gr
 HAND_BUILT: list[tuple[str, bytes, Message]] = [
     (
         "begin",
-        b"B" + struct.pack("!QqI", 0x16B374D848, micros(T0), 4_000_000_000),
+        begin(4_000_000_000, final_lsn=0x16B374D848, commit_time=micros(T0)),
         Begin(final_lsn=0x16B374D848, commit_time=T0, xid=4_000_000_000),
     ),
     (
         "commit",
-        b"C" + struct.pack("!BQQq", 0, 0x100, 0x200, micros(T0)),
+        commit(0x100, 0x200, commit_time=micros(T0)),
         Commit(flags=0, commit_lsn=0x100, end_lsn=0x200, commit_time=T0),
     ),
     (
@@ -87,17 +76,14 @@ HAND_BUILT: list[tuple[str, bytes, Message]] = [
     ),
     (
         "relation",
-        b"R"
-        + struct.pack("!I", 16389)
-        + cstr("sales")
-        + cstr("orders")
-        + struct.pack("!BH", ord("f"), 2)
-        + b"\x01"
-        + cstr("order_id")
-        + struct.pack("!Ii", 20, -1)
-        + b"\x00"
-        + cstr("amount")
-        + struct.pack("!Ii", 1700, 655366),
+        relation(
+            16389,
+            "orders",
+            (1, "order_id", 20, -1),
+            (0, "amount", 1700, 655366),
+            namespace="sales",
+            identity="f",
+        ),
         Relation(
             relation_id=16389,
             namespace="sales",
@@ -108,7 +94,7 @@ HAND_BUILT: list[tuple[str, bytes, Message]] = [
     ),
     (
         "relation-pg-catalog-no-columns",
-        b"R" + struct.pack("!I", 0xFFFFFFFF) + cstr("") + cstr("t") + struct.pack("!BH", 0x6E, 0),
+        relation(0xFFFFFFFF, "t", namespace="", identity="n"),
         Relation(0xFFFFFFFF, "", "t", "n", ()),
     ),
     (
@@ -118,12 +104,12 @@ HAND_BUILT: list[tuple[str, bytes, Message]] = [
     ),
     (
         "insert-all-kinds",
-        b"I" + struct.pack("!I", 7) + b"N" + tuple_data(*MIXED),
+        insert(7, *MIXED),
         Insert(relation_id=7, new=MIXED),
     ),
     (
         "insert-zero-columns",
-        b"I" + struct.pack("!I", 7) + b"N" + tuple_data(),
+        insert(7),
         Insert(relation_id=7, new=()),
     ),
     (
@@ -143,17 +129,17 @@ HAND_BUILT: list[tuple[str, bytes, Message]] = [
     ),
     (
         "delete-key",
-        b"D" + struct.pack("!I", 7) + b"K" + tuple_data("3", None),
+        delete(7, "3", None),
         Delete(relation_id=7, old=("3", None), old_kind="K"),
     ),
     (
         "delete-full",
-        b"D" + struct.pack("!I", 7) + b"O" + tuple_data("3", b"\x00"),
+        delete(7, "3", b"\x00", kind="O"),
         Delete(relation_id=7, old=("3", b"\x00"), old_kind="O"),
     ),
     (
         "truncate",
-        b"T" + struct.pack("!IB3I", 3, 1, 10, 11, 0xFFFFFFFE),
+        truncate(10, 11, 0xFFFFFFFE, options=1),
         Truncate(options=1, relation_ids=(10, 11, 0xFFFFFFFE)),
     ),
     (

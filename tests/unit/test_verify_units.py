@@ -1,4 +1,5 @@
-"""verify's pure parts: folding pgoutput into per-batch summaries, and the verdict reasons."""
+"""verify's pure parts: folding pgoutput into per-batch summaries, the verdict reasons, and the
+verdicts the judge gives from them."""
 
 from __future__ import annotations
 
@@ -6,52 +7,22 @@ import struct
 
 import pytest
 
-from cdcfeed.verify import LedgerBatch, Observation, StreamError, StreamReader, reasons_against
+from cdcfeed.proof.events import LedgerBatch, Observation
+from cdcfeed.proof.judge import Verdict, judge_again, judge_seen, judge_unseen, reasons_against
+from cdcfeed.proof.sources.slot import StreamError, StreamReader
+from tests import pgoutput_builders as pg
+from tests.pgoutput_builders import begin, commit, relation, truncate
 
 ORDERS = ("public", "orders")
 ORDERS_ID, LEDGER_ID = 16400, 16410
 
 
-def _cstr(text: str) -> bytes:
-    return text.encode() + b"\0"
-
-
-def _tuple(*values: str | None) -> bytes:
-    out = [struct.pack("!H", len(values))]
-    for value in values:
-        if value is None:
-            out.append(b"n")
-        else:
-            out.append(b"t" + struct.pack("!i", len(value.encode())) + value.encode())
-    return b"".join(out)
-
-
-def relation(relation_id: int, name: str, *columns: str) -> bytes:
-    body = b"".join(b"\x00" + _cstr(c) + struct.pack("!Ii", 20, -1) for c in columns)
-    header = struct.pack("!I", relation_id) + _cstr("public") + _cstr(name)
-    return b"R" + header + struct.pack("!BH", ord("d"), len(columns)) + body
-
-
-def begin(xid: int, final_lsn: int = 0) -> bytes:
-    return b"B" + struct.pack("!QqI", final_lsn, 0, xid)
-
-
-def commit(lsn: int, end: int) -> bytes:
-    return b"C" + struct.pack("!BQQq", 0, lsn, end, 0)
-
-
-def insert(order_id: int, batch_id: int, relation_id: int = ORDERS_ID) -> bytes:
-    values = _tuple(str(order_id), str(batch_id), "1", "10.00", "2026-01-01")
-    return b"I" + struct.pack("!IB", relation_id, ord("N")) + values
+def insert(order_id: int, batch_id: int) -> bytes:
+    return pg.insert(ORDERS_ID, str(order_id), str(batch_id), "1", "10.00", "2026-01-01")
 
 
 def delete(order_id: int) -> bytes:
-    return b"D" + struct.pack("!IB", ORDERS_ID, ord("K")) + _tuple(str(order_id), *[None] * 4)
-
-
-def truncate(*relation_ids: int) -> bytes:
-    ids = struct.pack(f"!{len(relation_ids)}I", *relation_ids)
-    return b"T" + struct.pack("!IB", len(relation_ids), 0) + ids
+    return pg.delete(ORDERS_ID, str(order_id), *[None] * 4)
 
 
 ORDERS_RELATION = relation(
@@ -75,7 +46,7 @@ def test_a_transaction_folds_into_one_summary_per_batch() -> None:
         LEDGER_RELATION,
         *(insert(order_id, 7) for order_id in (12, 10, 11, 13)),
         insert(99, 8),
-        b"I" + struct.pack("!IB", LEDGER_ID, ord("N")) + _tuple("7", "COMPLETED"),
+        pg.insert(LEDGER_ID, "7", "COMPLETED"),
         commit(0x100, 0x130),
     )
     assert reader.observations == [
@@ -197,3 +168,75 @@ def test_rows_of_failed_unknown_and_verified_batches() -> None:
     assert "which the ledger lacks" in unknown
     (later,) = reasons_against(7, BATCH, [seen(rows=1)], judged_before=True)
     assert later.startswith("after it was verified, transaction xid 700")
+
+
+# --- the judge's verdicts ----------------------------------------------------------------
+
+
+def test_a_whole_completed_batch_is_ok() -> None:
+    verdict = judge_seen(7, BATCH, [seen()])
+    assert verdict == Verdict(7, "COMPLETED", 4, 700, 0x180, None)
+    assert (verdict.result, verdict.violation) == ("ok", None)
+
+
+def test_a_broken_completed_batch_is_a_violation_naming_every_reason() -> None:
+    observations = [seen(rows=3, max_order_id=12, sum_order_id=33), seen(commit_lsn=0x300, rows=1)]
+    verdict = judge_seen(7, BATCH, observations)
+    reasons = reasons_against(7, BATCH, observations, judged_before=False)
+    assert len(reasons) > 1
+    assert (verdict.rows, verdict.xid, verdict.commit_lsn) == (4, 700, 0x180)
+    assert verdict.result == "violation"
+    assert verdict.violation is not None
+    assert verdict.violation.reason == verdict.reason == "; ".join(reasons)
+
+
+def test_rows_of_a_failed_batch_are_a_violation() -> None:
+    failed = LedgerBatch(7, "FAILED", 4, 10, 0x100, None, None)
+    verdict = judge_seen(7, failed, [seen()])
+    assert (verdict.status, verdict.result) == ("FAILED", "violation")
+    assert verdict.reason == "FAILED in the ledger, yet 4 of its rows reached the stream (xid 700)"
+
+
+def test_rows_with_a_batch_id_the_ledger_lacks_are_a_violation() -> None:
+    verdict = judge_seen(9, None, [seen(batch_id=9)])
+    assert (verdict.batch_id, verdict.status, verdict.result) == (9, None, "violation")
+    assert verdict.reason == "4 orders rows (xid 700) carry this batch id, which the ledger lacks"
+
+
+def test_a_verdict_on_observed_rows_needs_an_observation() -> None:
+    with pytest.raises(ValueError, match="needs an observation"):
+        judge_seen(7, BATCH, [])
+
+
+def test_rows_after_the_verdict_amend_it() -> None:
+    amendment = judge_again(7, BATCH, [seen(rows=1, commit_lsn=0x300)])
+    assert amendment is not None
+    assert amendment.line() == (
+        "batch 7: after it was verified, transaction xid 700 (commit 0/300) carried 1 more of "
+        "its rows"
+    )
+    assert judge_again(7, BATCH, []) is None
+
+
+HINT = "the slot read past it without its transaction (is public.orders in publication pub?)"
+
+
+def test_a_completed_batch_read_past_without_its_rows_is_missing() -> None:
+    verdict = judge_unseen(7, "COMPLETED", 4, 0x200, HINT)
+    assert (verdict.status, verdict.rows, verdict.xid, verdict.commit_lsn) == (
+        "COMPLETED",
+        0,
+        None,
+        None,
+    )
+    assert verdict.result == "violation"
+    assert verdict.reason == (
+        "missing from the stream: COMPLETED with 4 rows and end_lsn 0/200, but the slot read "
+        "past it without its transaction (is public.orders in publication pub?)"
+    )
+
+
+def test_a_failed_batch_without_rows_is_ok() -> None:
+    verdict = judge_unseen(7, "FAILED", 4, None, HINT)
+    assert verdict == Verdict(7, "FAILED", 0, None, None, None)
+    assert verdict.violation is None

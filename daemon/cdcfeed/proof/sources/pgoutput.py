@@ -2,7 +2,8 @@
 
 Each row that ``pg_logical_slot_get_binary_changes`` (or ``..._peek_...``) returns for a
 ``pgoutput`` slot carries exactly one protocol message in its ``data`` column;
-:func:`decode` turns that into one of the frozen dataclasses below.
+:func:`decode` turns that into one of the frozen dataclasses of
+:mod:`~cdcfeed.proof.sources.pgoutput_messages`, which this module exports too.
 
 ``verify`` builds its proof of delivery on this output, so the decoder is strict: an
 unknown message type, a truncated message or trailing bytes raise :class:`PgOutputError`
@@ -13,13 +14,36 @@ Reference: PostgreSQL documentation, "Logical Replication Message Formats".
 
 from __future__ import annotations
 
-import enum
-import re
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Final, Literal, TypeAlias
+from typing import Final
+
+from cdcfeed.proof.sources.pgoutput_messages import (
+    COLUMN_FLAG_KEY,
+    MESSAGE_FLAG_TRANSACTIONAL,
+    PG_EPOCH,
+    TRUNCATE_CASCADE,
+    TRUNCATE_RESTART_IDENTITY,
+    UNCHANGED,
+    Begin,
+    Column,
+    Commit,
+    Delete,
+    Insert,
+    LogicalMessage,
+    Message,
+    OldTupleKind,
+    Origin,
+    PgOutputError,
+    Relation,
+    Truncate,
+    TupleData,
+    TupleValue,
+    Type,
+    Unchanged,
+    Update,
+    pg_timestamp_to_datetime,
+)
 
 __all__ = [
     "COLUMN_FLAG_KEY",
@@ -46,174 +70,8 @@ __all__ = [
     "Unchanged",
     "Update",
     "decode",
-    "int_to_lsn",
-    "lsn_to_int",
     "pg_timestamp_to_datetime",
 ]
-
-
-class PgOutputError(Exception):
-    """The bytes are not a well-formed pgoutput protocol version 1 message."""
-
-
-class Unchanged(enum.Enum):
-    """An unchanged TOASTed column: pgoutput does not resend its value."""
-
-    UNCHANGED = "u"
-
-    def __repr__(self) -> str:
-        return "UNCHANGED"
-
-
-UNCHANGED: Final = Unchanged.UNCHANGED
-
-TupleValue: TypeAlias = str | bytes | Unchanged | None
-"""One column: text format ``str``, binary format ``bytes``, SQL NULL, or unchanged TOAST."""
-
-TupleData: TypeAlias = tuple[TupleValue, ...]
-
-OldTupleKind: TypeAlias = Literal["K", "O"]
-"""``K``: only the replica identity key columns; ``O``: the whole old row (identity FULL)."""
-
-PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
-
-TRUNCATE_CASCADE: Final = 1
-TRUNCATE_RESTART_IDENTITY: Final = 2
-
-COLUMN_FLAG_KEY: Final = 1
-MESSAGE_FLAG_TRANSACTIONAL: Final = 1
-
-
-def pg_timestamp_to_datetime(microseconds: int) -> datetime:
-    """Convert a TimestampTz (microseconds since 2000-01-01 UTC) to an aware datetime."""
-    try:
-        return PG_EPOCH + timedelta(microseconds=microseconds)
-    except OverflowError:
-        # Only +/-infinity timestamps get here; a commit time is never one of those.
-        raise PgOutputError(f"timestamp {microseconds} is out of range") from None
-
-
-@dataclass(frozen=True, slots=True)
-class Begin:
-    final_lsn: int
-    commit_time: datetime
-    xid: int
-
-
-@dataclass(frozen=True, slots=True)
-class Commit:
-    flags: int
-    commit_lsn: int
-    end_lsn: int
-    commit_time: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class Origin:
-    commit_lsn: int
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Column:
-    flags: int
-    name: str
-    type_oid: int
-    type_modifier: int
-
-    @property
-    def is_key(self) -> bool:
-        return bool(self.flags & COLUMN_FLAG_KEY)
-
-
-@dataclass(frozen=True, slots=True)
-class Relation:
-    relation_id: int
-    namespace: str
-    """Empty for ``pg_catalog``."""
-    name: str
-    replica_identity: str
-    """``relreplident``: ``d`` default, ``n`` nothing, ``f`` full, ``i`` index."""
-    columns: tuple[Column, ...]
-
-    @property
-    def column_names(self) -> tuple[str, ...]:
-        return tuple(column.name for column in self.columns)
-
-    def as_dict(self, values: TupleData) -> dict[str, TupleValue]:
-        """Pair a tuple of this relation with its column names.
-
-        Raises :class:`PgOutputError` if the widths differ, which means the tuple was read
-        against a stale or wrong Relation message.
-        """
-        if len(values) != len(self.columns):
-            raise PgOutputError(
-                f"tuple has {len(values)} columns but relation "
-                f"{self.namespace}.{self.name} ({self.relation_id}) has {len(self.columns)}"
-            )
-        return {column.name: value for column, value in zip(self.columns, values, strict=True)}
-
-
-@dataclass(frozen=True, slots=True)
-class Type:
-    type_oid: int
-    namespace: str
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Insert:
-    relation_id: int
-    new: TupleData
-
-
-@dataclass(frozen=True, slots=True)
-class Update:
-    relation_id: int
-    new: TupleData
-    old: TupleData | None = None
-    """Absent when the replica identity did not change and the identity is not FULL."""
-    old_kind: OldTupleKind | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Delete:
-    relation_id: int
-    old: TupleData
-    old_kind: OldTupleKind
-
-
-@dataclass(frozen=True, slots=True)
-class Truncate:
-    options: int
-    relation_ids: tuple[int, ...]
-
-    @property
-    def cascade(self) -> bool:
-        return bool(self.options & TRUNCATE_CASCADE)
-
-    @property
-    def restart_identity(self) -> bool:
-        return bool(self.options & TRUNCATE_RESTART_IDENTITY)
-
-
-@dataclass(frozen=True, slots=True)
-class LogicalMessage:
-    """A ``pg_logical_emit_message`` record (sent only with the ``messages`` option)."""
-
-    flags: int
-    lsn: int
-    prefix: str
-    content: bytes
-
-    @property
-    def transactional(self) -> bool:
-        return bool(self.flags & MESSAGE_FLAG_TRANSACTIONAL)
-
-
-Message: TypeAlias = (
-    Begin | Commit | Origin | Relation | Type | Insert | Update | Delete | Truncate | LogicalMessage
-)
 
 # Network byte order throughout. LSNs, xids and OIDs are unsigned; timestamps, type
 # modifiers and lengths are signed on the wire.
@@ -256,8 +114,6 @@ _NEWER_PROTOCOL: Final = {
     ord("r"): "Rollback Prepared (protocol version 3)",
     ord("p"): "Stream Prepare (protocol version 3)",
 }
-
-_LSN_RE: Final = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
 
 
 class _Reader:
@@ -519,21 +375,3 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     message = decoder(reader)
     reader.finish()
     return message
-
-
-def lsn_to_int(text: str) -> int:
-    """Parse a PostgreSQL ``pg_lsn`` text such as ``16/B374D848`` into a 64-bit integer.
-
-    Raises :class:`ValueError` for anything ``pg_lsn`` itself would not accept.
-    """
-    match = _LSN_RE.fullmatch(text)
-    if match is None:
-        raise ValueError(f"invalid LSN {text!r}: expected two hex numbers as 'X/Y'")
-    return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
-
-
-def int_to_lsn(value: int) -> str:
-    """Format a 64-bit integer as PostgreSQL prints a ``pg_lsn`` (``16/B374D848``)."""
-    if not 0 <= value <= 0xFFFFFFFFFFFFFFFF:
-        raise ValueError(f"LSN {value} is outside 0..2**64-1")
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
