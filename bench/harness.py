@@ -12,7 +12,6 @@ one process and reports medians and ratios, never a lone figure.
 from __future__ import annotations
 
 import asyncio
-import os
 import resource
 import shutil
 import signal
@@ -21,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,25 +27,40 @@ from pathlib import Path
 
 import asyncpg
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 
-from cdcfeed.app import names_of
-from cdcfeed.config import load_settings
-from cdcfeed.embedded import PostgresCluster, free_port
-from cdcfeed.ledger import init_schema
+# The benches share the test suite's harness: the same daemon command line, environment and
+# waiting. Run as `python bench/x.py`, the repository root is not on the path by itself.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEBIAN_PG15 = Path("/usr/lib/postgresql/15/bin")
+from tests.support import (
+    DEBIAN_PG15,
+    PostgresCluster,
+    answers_200,
+    any_bin_dir,
+    create_schema,
+    daemon_args,
+    free_port,
+    http_get,
+    parse_metrics,
+    pg15_bin_dir,
+    spawn,
+    wait_until,
+)
+
+__all__ = ["any_bin_dir"]
+
 DATABASE = "bench"
 
 
 @contextmanager
 def private_server() -> Iterator[tuple[PostgresCluster, Path]]:
     """A server in a scratch directory (readable by the server user, for COPY FROM a file)."""
-    if not (DEBIAN_PG15 / "postgres").exists():
+    bin_dir = pg15_bin_dir()
+    if bin_dir is None:
         sys.exit(f"{DEBIAN_PG15} is missing: apt-get install postgresql-15")
     root = Path(tempfile.mkdtemp(prefix="cdcfeed-bench-"))
     root.chmod(0o755)
-    cluster = PostgresCluster(DEBIAN_PG15, root / "pgdata")
+    cluster = PostgresCluster(bin_dir, root / "pgdata")
     cluster.start()
     try:
         yield cluster, root
@@ -63,12 +76,7 @@ async def create_database(cluster: PostgresCluster) -> str:
     finally:
         await conn.close()
     dsn = cluster.dsn(DATABASE)
-    conn = await asyncpg.connect(dsn)
-    try:
-        settings = load_settings(None, {"database": {"dsn": dsn}}, {})
-        await init_schema(conn, names_of(settings))
-    finally:
-        await conn.close()
+    await create_schema(dsn)
     return dsn
 
 
@@ -132,7 +140,7 @@ class CpuMeter:
 class Daemon:
     """`cdcfeed run` as a child process, its log in a file, its /metrics on a known port."""
 
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[str]
     port: int
     log: Path
 
@@ -140,61 +148,41 @@ class Daemon:
     def start(cls, dsn: str, workdir: Path, name: str, *args: str) -> Daemon:
         port = free_port()
         log = workdir / f"{name}.log"
-        command = [
-            sys.executable,
-            "-m",
-            "cdcfeed",
-            "run",
-            "--dsn",
-            dsn,
-            "--feed-dir",
-            str(workdir / "feed"),
-            "--metrics-address",
-            f"127.0.0.1:{port}",
-            "--instance",
-            name,
-            *args,
-        ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CDCFEED_"))}
-        with log.open("wb") as sink:
-            process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
-        return cls(process, port, log)
-
-    def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as page:
-                return bool(page.status == 200)
-        except OSError:
-            return False
+        address = f"127.0.0.1:{port}"
+        options = daemon_args(dsn, workdir / "feed", *args, metrics_address=address, instance=name)
+        return cls(spawn(log, *options), port, log)
 
     def scrape(self) -> dict[str, float]:
         """Every sample of /metrics by name and labels, e.g. 'cdcfeed_batches_total{...}'."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as page:
-            text = page.read().decode()
+        _, text = http_get(f"http://127.0.0.1:{self.port}/metrics")
         samples: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        for (name, label_set), value in parse_metrics(text).samples.items():
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(label_set))
+            samples[f"{name}{{{labels}}}" if labels else name] = value
         return samples
 
     async def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the daemon exited early; see {self.log}")
-            if await asyncio.to_thread(self._ready):
-                return
-            await asyncio.sleep(0.05)
-        raise RuntimeError(f"the daemon never became ready; see {self.log}")
+            return answers_200(f"http://127.0.0.1:{self.port}/readyz")
+
+        await wait_until(
+            f"the daemon is ready (see {self.log})",
+            lambda: asyncio.to_thread(ready),
+            timeout=timeout,
+            every=0.05,
+        )
 
     async def wait(self, timeout: float = 600) -> int:
-        deadline = time.monotonic() + timeout
-        while self.process.poll() is None:
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the daemon did not finish in {timeout:.0f}s")
-            await asyncio.sleep(0.05)
+        try:
+            await wait_until(
+                "the daemon finishes", self.process.poll, lambda code: code is not None,
+                timeout=timeout, every=0.05,
+            )  # fmt: skip
+        except AssertionError:
+            self.stop()
+            raise RuntimeError(f"the daemon did not finish in {timeout:.0f}s") from None
         return self.process.returncode
 
     def stop(self) -> int:

@@ -28,10 +28,9 @@ from pathlib import Path
 
 import asyncpg
 
-from cdcfeed.embedded import PostgresCluster, wheel_bin_dir
-from harness import Daemon
+from cdcfeed.embedded import PostgresCluster
+from harness import Daemon, any_bin_dir
 
-DEBIAN_PG15 = Path("/usr/lib/postgresql/15/bin")
 GOAL_MIB_PER_100K = 5.0
 DATABASE = "soak"
 
@@ -125,12 +124,11 @@ def main() -> int:
     args = parser.parse_args()
     warmup = args.warmup if args.warmup is not None else max(30.0, args.duration * 0.15)
 
-    bin_dir = args.bin_dir or (DEBIAN_PG15 if (DEBIAN_PG15 / "postgres").exists() else None)
     scratch = Path(tempfile.mkdtemp(prefix="cdcfeed-soak-"))
     scratch.chmod(0o755)  # the server user (when we are root) must traverse it
-    cluster = PostgresCluster(bin_dir or wheel_bin_dir(), scratch / "pgdata")
+    cluster = PostgresCluster(args.bin_dir or any_bin_dir(), scratch / "pgdata")
     cluster.start()
-    process: subprocess.Popen[bytes] | None = None
+    process: subprocess.Popen[str] | None = None
     try:
         dsn = asyncio.run(create_database(cluster))
         daemon = Daemon.start(

@@ -15,17 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from cdcfeed.embedded import PostgresCluster, wheel_bin_dir
-from tests.support import fresh_database
+from tests.support import PostgresCluster, any_bin_dir, fresh_database, pg15_bin_dir, wheel_bin_dir
 
-DEBIAN_PG15 = Path("/usr/lib/postgresql/15/bin")
 SERVERS = ("pg15", "pg18")
 
 
 def _bin_dir(name: str) -> Path | None:
-    if name == "pg18":
-        return wheel_bin_dir()
-    return DEBIAN_PG15 if (DEBIAN_PG15 / "postgres").exists() else None
+    return wheel_bin_dir() if name == "pg18" else pg15_bin_dir()
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +76,21 @@ async def dsn(server: PostgresCluster) -> AsyncIterator[str]:
 @pytest.fixture
 def feed_dir(tmp_path: Path) -> Path:
     return tmp_path / "feed"
+
+
+@pytest.fixture(scope="module")
+def private_server(request: pytest.FixtureRequest, scratch: Path) -> Iterator[PostgresCluster]:
+    """A server of the test module's own, free to be restarted, stopped, crashed or
+    reconfigured without the rest of the suite seeing it."""
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    cluster = PostgresCluster(any_bin_dir(), scratch / f"{module}-{os.getpid()}")
+    cluster.start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+async def private_dsn(private_server: PostgresCluster) -> AsyncIterator[str]:
+    """A fresh, empty database on the module's private server."""
+    async with fresh_database(private_server) as database:
+        yield database

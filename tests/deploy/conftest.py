@@ -18,10 +18,8 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -31,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support import free_port, wait_until_blocking
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -284,21 +284,6 @@ def dashboard_query_checker() -> Callable[..., list[str]]:
     return check_dashboard_queries
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 @pytest.fixture
 def prometheus_server(
     tool: Callable[[str, str], str], tmp_path: Path
@@ -356,7 +341,7 @@ def prometheus_server(
             except OSError:
                 return False
 
-        wait_for(ready, 60, "prometheus to become ready")
+        wait_until_blocking("prometheus is ready", ready, timeout=60)
         return base_url
 
     try:
@@ -413,7 +398,7 @@ def wait_for_scrapes(
         samples = result.get("data", {}).get("result", [])
         return bool(samples) and float(samples[0]["value"][1]) >= scrapes
 
-    wait_for(enough, timeout, f"{scrapes} successful scrapes of job {job!r}")
+    wait_until_blocking(f"{scrapes} successful scrapes of job {job!r}", enough, timeout=timeout)
 
 
 @pytest.fixture

@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from cdcfeed.embedded import free_port
-from tests.support import daemon_args, prepare_slot, spawn
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
+from tests.support import (
+    answers_200,
+    daemon_args,
+    free_port,
+    prepare_slot,
+    spawn,
+    wait_until,
+)
 
 
 async def test_every_dashboard_query_returns_series_from_a_live_cdcfeed(
@@ -34,17 +30,24 @@ async def test_every_dashboard_query_returns_series_from_a_live_cdcfeed(
     log = tmp_path / "cdcfeed.log"
     daemon = spawn(
         log,
-        *daemon_args(dsn, tmp_path, rate=10, batch_size=50),
-        "--metrics-address",
-        f"127.0.0.1:{port}",
+        *daemon_args(
+            dsn, tmp_path / "feed", rate=10, batch_size=50, metrics_address=f"127.0.0.1:{port}"
+        ),
         CDCFEED_CDC__VERIFY="true",
     )
     try:
-        deadline = time.monotonic() + 60
-        while not await asyncio.to_thread(_ready, f"http://127.0.0.1:{port}/readyz"):
+
+        def ready() -> bool:
             assert daemon.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            await asyncio.sleep(0.2)
+            return answers_200(f"http://127.0.0.1:{port}/readyz")
+
+        await wait_until(
+            "cdcfeed is ready",
+            lambda: asyncio.to_thread(ready),
+            timeout=60,
+            every=0.2,
+            detail=log.read_text,
+        )
         base = await asyncio.to_thread(prometheus_server, [f"127.0.0.1:{port}"])
         await asyncio.to_thread(prometheus_scrapes, base, scrapes=6)
         problems = await asyncio.to_thread(dashboard_query_checker, base)

@@ -9,12 +9,12 @@ import asyncpg
 import pytest
 from loguru import logger
 
-from cdcfeed.app import names_of
 from cdcfeed.config import load_settings
 from cdcfeed.ledger import init_schema
 from tests.support import (
     check_invariant,
     ledger_rows,
+    names_for,
     prepare_slot,
     read_stream,
     run_in_process,
@@ -108,7 +108,7 @@ async def test_runs_are_skipped_while_the_feed_disk_is_short_of_space(
 
 
 async def test_init_db_twice_and_from_several_clients_at_once(dsn: str) -> None:
-    names = names_of(settings_for(dsn, Path("/nonexistent")))
+    names = names_for(dsn)
     connections = [await asyncpg.connect(dsn) for _ in range(4)]
     try:
         await asyncio.gather(*(init_schema(conn, names) for conn in connections))

@@ -9,18 +9,21 @@ import shutil
 import signal
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
-import asyncpg
 import pytest
 
-from cdcfeed.embedded import PostgresCluster, free_port, wheel_bin_dir
 from tests.support import (
+    PostgresCluster,
     check_invariant,
     daemon_args,
+    free_port,
+    http_get,
+    parse_metrics,
     run_cli,
     spawn,
+    wait_for_batches,
+    wheel_bin_dir,
 )
 
 
@@ -85,7 +88,7 @@ def test_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text("[database]\nconnect_attempts = 2\nconnect_timeout = 2\n")
     dsn = f"postgresql://u:hunter2@127.0.0.1:{port}/db"
-    line = _one_line(run_cli(*daemon_args(dsn, tmp_path), "--config", str(config)))
+    line = _one_line(run_cli(*daemon_args(dsn, tmp_path / "feed"), "--config", str(config)))
     assert line.startswith("cdcfeed: database.dsn: cannot connect to postgresql://u:***@127.0.0.1")
     assert "hunter2" not in line
 
@@ -93,7 +96,9 @@ def test_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
 def test_an_unwritable_feed_dir_is_one_line(tmp_path: Path, dsn: str) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    line = _one_line(run_cli(*daemon_args(dsn, tmp_path), "--feed-dir", str(blocker / "feed")))
+    line = _one_line(
+        run_cli(*daemon_args(dsn, tmp_path / "feed"), "--feed-dir", str(blocker / "feed"))
+    )
     assert line.startswith("cdcfeed: feed.dir: cannot create or write")
 
 
@@ -104,10 +109,12 @@ async def test_sigterm_stops_inside_the_grace_period_with_nothing_in_progress(
     log = tmp_path / "stderr.log"
     process = spawn(
         log,
-        *daemon_args(dsn, tmp_path, rate=8, batch_size=60000, concurrency=3, grace_period=grace),
+        *daemon_args(
+            dsn, tmp_path / "feed", rate=8, batch_size=60000, concurrency=3, grace_period=grace
+        ),
     )
     try:
-        await _wait_for_batches(dsn, at_least=3)
+        await wait_for_batches(dsn, at_least=3, timeout=60)
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(process.wait, grace + 10)
@@ -129,10 +136,15 @@ async def test_a_batch_cut_off_by_shutdown_is_failed_not_left_in_progress(
     # Batches far longer than the grace period: shutdown must cut them off and settle them.
     log = tmp_path / "stderr.log"
     process = spawn(
-        log, *daemon_args(dsn, tmp_path, rate=2, batch_size=1500000, concurrency=1, grace_period=1)
+        log,
+        *daemon_args(
+            dsn, tmp_path / "feed", rate=2, batch_size=1500000, concurrency=1, grace_period=1
+        ),
     )
     try:
-        await _wait_for_in_progress(dsn)
+        await wait_for_batches(
+            dsn, at_least=1, where="status = 'IN_PROGRESS'", timeout=60, every=0.05
+        )
         process.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(process.wait, 15)
     finally:
@@ -145,48 +157,11 @@ async def test_a_batch_cut_off_by_shutdown_is_failed_not_left_in_progress(
     assert "cutting off" in stderr
 
 
-async def _wait_for_batches(dsn: str, at_least: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            conn = await asyncpg.connect(dsn)
-            try:
-                done = await conn.fetchval(
-                    "SELECT count(*) FROM batch_control WHERE status = 'COMPLETED'"
-                )
-            finally:
-                await conn.close()
-            if done >= at_least:
-                return
-        except asyncpg.UndefinedTableError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError("the daemon completed no batches")
-
-
-async def _wait_for_in_progress(dsn: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            conn = await asyncpg.connect(dsn)
-            try:
-                if await conn.fetchval(
-                    "SELECT count(*) FROM batch_control WHERE status = 'IN_PROGRESS'"
-                ):
-                    return
-            finally:
-                await conn.close()
-        except asyncpg.UndefinedTableError:
-            pass
-        await asyncio.sleep(0.05)
-    raise AssertionError("no batch was ever IN_PROGRESS")
-
-
 def test_first_run_starts_an_embedded_server_and_stops_it(tmp_path: Path, scratch: Path) -> None:
     # In the suite's scratch folder: as root, the server user must traverse every parent.
     data_dir = scratch / "first-run-pgdata"
     result = run_cli(
-        *daemon_args(None, tmp_path, max_batches=5, rate=20),
+        *daemon_args(None, tmp_path / "feed", max_batches=5, rate=20),
         timeout=120,
         CDCFEED_EMBEDDED__DATA_DIR=str(data_dir),
     )
@@ -212,16 +187,21 @@ async def test_metrics_and_health_during_a_run(dsn: str, tmp_path: Path) -> None
     log = tmp_path / "stderr.log"
     process = spawn(
         log,
-        *daemon_args(dsn, tmp_path, rate=20, batch_size=100, duration=30),
-        "--metrics-address",
-        f"127.0.0.1:{port}",
+        *daemon_args(
+            dsn,
+            tmp_path / "feed",
+            rate=20,
+            batch_size=100,
+            duration=30,
+            metrics_address=f"127.0.0.1:{port}",
+        ),
     )
     try:
-        await _wait_for_batches(dsn, at_least=5)
+        await wait_for_batches(dsn, at_least=5, timeout=60)
         base = f"http://127.0.0.1:{port}"
-        assert _get(f"{base}/healthz") == (200, "ok\n")
-        assert _get(f"{base}/readyz")[0] == 200
-        status, body = _get(f"{base}/metrics")
+        assert http_get(f"{base}/healthz") == (200, "ok\n")
+        assert http_get(f"{base}/readyz")[0] == 200
+        status, body = http_get(f"{base}/metrics")
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(15)
@@ -244,25 +224,11 @@ async def test_metrics_and_health_during_a_run(dsn: str, tmp_path: Path) -> None
         "cdcfeed_schedule_lag_seconds_bucket",
     ):
         assert series in body, series
-    completed = _sample(body, 'cdcfeed_batches_total{status="completed"}')
-    assert completed >= 5
-    assert _sample(body, "cdcfeed_rows_total") == completed * 100
+    metrics = parse_metrics(body)
+    completed = metrics.get("cdcfeed_batches_total", status="completed")
+    assert completed is not None and completed >= 5
+    assert metrics.get("cdcfeed_rows_total") == completed * 100
     _promtool_accepts(body)
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-def _sample(body: str, series: str) -> float:
-    for line in body.splitlines():
-        if line.startswith(series + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{series} not exposed")
 
 
 def _promtool_accepts(body: str) -> None:
@@ -282,7 +248,9 @@ def _promtool_accepts(body: str) -> None:
 
 
 def test_json_logs_carry_the_batch_fields(dsn: str, tmp_path: Path) -> None:
-    result = run_cli(*daemon_args(dsn, tmp_path, rate=20, max_batches=3, log_format="json"))
+    result = run_cli(
+        *daemon_args(dsn, tmp_path / "feed", rate=20, max_batches=3, log_format="json")
+    )
     assert result.returncode == 0, result.stderr
     records = [json.loads(line)["record"] for line in result.stderr.splitlines()]
     batches = [r for r in records if "COMPLETED" in r["message"]]

@@ -15,10 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,149 +23,43 @@ from typing import Any
 import asyncpg
 import pytest
 
-from cdcfeed.app import names_of, run_daemon
-from cdcfeed.config import Settings, load_settings
-from cdcfeed.embedded import PostgresCluster, wheel_bin_dir
-from cdcfeed.endpoint import Endpoint
-from cdcfeed.ledger import init_schema
 from cdcfeed.reconcile import settle_abandoned
 from tests.support import (
+    FAULTS,
+    PostgresCluster,
+    at_least,
     check_invariant,
+    count_batches,
+    create_schema,
     daemon_args,
-    fresh_database,
+    equals,
+    fetchval,
+    names_for,
     prepare_slot,
     read_stream,
+    running,
+    settings_for,
     spawn,
+    wait_for_batches,
+    wait_until,
 )
 
-DEBIAN_PG15 = Path("/usr/lib/postgresql/15/bin")
 
-
-# --- a private server ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def private_server(scratch: Path) -> Iterator[PostgresCluster]:
-    """A server of this module's own, free to be restarted, stopped and crashed."""
-    bin_dir = DEBIAN_PG15 if (DEBIAN_PG15 / "postgres").exists() else wheel_bin_dir()
-    cluster = PostgresCluster(bin_dir, scratch / f"faults-{os.getpid()}")
-    cluster.start()
-    yield cluster
-    cluster.destroy()
-
-
-@pytest.fixture
-async def private_dsn(private_server: PostgresCluster) -> AsyncIterator[str]:
-    async with fresh_database(private_server) as database:
-        yield database
-
-
-# --- the daemon, in this process and as a child -----------------------------------------------
-
-
-def fault_settings(dsn: str, feed_dir: Path, **sections: dict[str, Any]) -> Settings:
-    overrides: dict[str, dict[str, Any]] = {
-        "database": {"dsn": dsn, "connect_attempts": 2, "connect_timeout": 3.0},
-        "load": {"rate": 20.0, "batch_size": 500, "concurrency": 3},
-        "feed": {"dir": feed_dir, "keep_files": 20},
-        "metrics": {"address": "127.0.0.1:0"},
-        "daemon": {"grace_period": 5.0, "heartbeat_interval": 0.5, "lease_duration": 1.5},
-    }
-    for section, values in sections.items():
-        overrides[section] = {**overrides.get(section, {}), **values}
-    return load_settings(None, overrides, environ={})
-
-
-@dataclass
-class Daemon:
-    task: asyncio.Task[int]
-    stop: asyncio.Event
-    endpoints: list[Endpoint]
-
-    def get(self, path: str) -> tuple[int, str]:
-        assert self.endpoints, "the daemon has not opened its endpoint yet"
-        try:
-            with urllib.request.urlopen(self.endpoints[0].url + path, timeout=5) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    async def sample(self, series: str) -> float:
-        _, body = await asyncio.to_thread(self.get, "/metrics")
-        for line in body.splitlines():
-            if line.startswith(series + " "):
-                return float(line.rsplit(" ", 1)[1])
-        raise AssertionError(f"{series} not exposed")
-
-    async def ready(self) -> bool:
-        status, _ = await asyncio.to_thread(self.get, "/readyz")
-        return status == 200
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Daemon]:
-    """The daemon in this process; stopped (and its exit code checked) on leaving the block."""
-    stop = asyncio.Event()
-    endpoints: list[Endpoint] = []
-    task = asyncio.create_task(
-        run_daemon(settings, stop, environ={}, on_endpoint=endpoints.append), name="daemon"
+async def cut_off_batches_settled(dsn: str, back: Any) -> None:
+    """While the daemon runs: the batches a server's going away cut off (started before it
+    was `back`) are settled by the daemon's own retries, whose backoff reaches 10 s."""
+    await wait_until(
+        "the batches the server cut off are settled",
+        lambda: count_batches(dsn, "status = 'IN_PROGRESS' AND started_at < $1", back),
+        equals(0),
     )
-    daemon = Daemon(task, stop, endpoints)
-    try:
-        yield daemon
-    finally:
-        stop.set()
-        code = await asyncio.wait_for(task, 60)
-    assert code == 0
-
-
-# --- looking at the ledger --------------------------------------------------------------------
-
-
-async def fetchval(dsn: str, query: str, *args: Any) -> Any:
-    conn = await asyncpg.connect(dsn, timeout=5)
-    try:
-        return await conn.fetchval(query, *args)
-    finally:
-        await conn.close()
-
-
-async def count(dsn: str, where: str = "status = 'COMPLETED'", *args: Any) -> int:
-    """Batches in the ledger matching `where`; -1 while the server or the schema is not there."""
-    try:
-        return int(await fetchval(dsn, f"SELECT count(*) FROM batch_control WHERE {where}", *args))
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-        return -1
-
-
-async def wait_until(what: str, check: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting until {what}")
-
-
-async def wait_for_completed(dsn: str, more_than: int, timeout: float = 30.0) -> int:
-    done = -1
-
-    async def enough() -> bool:
-        nonlocal done
-        done = await count(dsn)
-        return done > more_than
-
-    await wait_until(f"more than {more_than} batches completed", enough, timeout)
-    return done
 
 
 async def settled_in_full(dsn: str) -> dict[str, int]:
     """Waits for reconciliation to leave nothing IN_PROGRESS, then checks the invariant."""
-
-    async def nothing_in_progress() -> bool:
-        return await count(dsn, "status = 'IN_PROGRESS'") == 0
-
-    await wait_until("nothing is IN_PROGRESS", nothing_in_progress)
+    await wait_until(
+        "nothing is IN_PROGRESS", lambda: count_batches(dsn, "status = 'IN_PROGRESS'"), equals(0)
+    )
     return await check_invariant(dsn)
 
 
@@ -180,14 +71,16 @@ async def test_a_server_restart_during_load_loses_nothing(
     private_server: PostgresCluster, private_dsn: str, tmp_path: Path, mode: str
 ) -> None:
     await prepare_slot(private_dsn)
-    settings = fault_settings(private_dsn, tmp_path / "feed", load={"batch_size": 5000})
+    settings = settings_for(private_dsn, tmp_path / "feed", FAULTS, load={"batch_size": 5000})
     async with running(settings) as daemon:
-        before = await wait_for_completed(private_dsn, more_than=5)
+        before = await wait_for_batches(private_dsn, more_than=5)
         await asyncio.to_thread(private_server.restart, mode)
+        back = await fetchval(private_dsn, "SELECT now()")
         # Loading resumes by itself, with the connections the pool had before replaced.
-        await wait_for_completed(private_dsn, more_than=before + 10)
+        await wait_for_batches(private_dsn, more_than=before + 10)
+        await cut_off_batches_settled(private_dsn, back)
         assert await daemon.ready()
-        assert await daemon.sample("cdcfeed_database_up") == 1
+        assert await daemon.metric("cdcfeed_database_up") == 1
     counts = await settled_in_full(private_dsn)
     # The stream side too: every COMPLETED batch arrived whole in its one transaction.
     await check_invariant(private_dsn, await read_stream(private_dsn))
@@ -198,9 +91,9 @@ async def test_an_outage_pauses_the_load_and_it_resumes_by_itself(
     private_server: PostgresCluster, private_dsn: str, tmp_path: Path
 ) -> None:
     await prepare_slot(private_dsn)
-    settings = fault_settings(private_dsn, tmp_path / "feed", load={"batch_size": 2000})
+    settings = settings_for(private_dsn, tmp_path / "feed", FAULTS, load={"batch_size": 2000})
     async with running(settings) as daemon:
-        before = await wait_for_completed(private_dsn, more_than=5)
+        before = await wait_for_batches(private_dsn, more_than=5)
         await asyncio.to_thread(private_server.stop, "fast")
         down_since = time.monotonic()
 
@@ -208,16 +101,23 @@ async def test_an_outage_pauses_the_load_and_it_resumes_by_itself(
             return not await daemon.ready()
 
         await wait_until("/readyz reports unready", unready, timeout=10)
-        assert await daemon.sample("cdcfeed_database_up") == 0
-        await asyncio.sleep(max(0.0, 10 - (time.monotonic() - down_since)))
+        assert await daemon.metric("cdcfeed_database_up") == 0
+        # About rate x outage (20/s); the first few runs may still have found the database
+        # "up". At least 100 skipped within 20 s of the outage's start.
+        skipped = await wait_until(
+            "100 runs skipped while the database is down",
+            lambda: daemon.metric("cdcfeed_batches_skipped_total", reason="database_down"),
+            at_least(100),
+            timeout=20 - (time.monotonic() - down_since),
+        )
         assert not await daemon.ready()
-        skipped = await daemon.sample('cdcfeed_batches_skipped_total{reason="database_down"}')
-        # About rate x outage; the first few runs may still have found the database "up".
         assert skipped >= 100, skipped
         await asyncio.to_thread(private_server.start)
-        await wait_for_completed(private_dsn, more_than=before + 10, timeout=40)
+        back = await fetchval(private_dsn, "SELECT now()")
+        await wait_for_batches(private_dsn, more_than=before + 10, timeout=40)
+        await cut_off_batches_settled(private_dsn, back)
         assert await daemon.ready()
-        assert await daemon.sample("cdcfeed_database_up") == 1
+        assert await daemon.metric("cdcfeed_database_up") == 1
     counts = await settled_in_full(private_dsn)
     await check_invariant(private_dsn, await read_stream(private_dsn))
     assert counts["COMPLETED"] > before + 10
@@ -244,25 +144,12 @@ async def _wait_for_copy(dsn: str, application_name: str = "cdcfeed") -> None:
     await wait_until("a COPY is running", copying, timeout=60)
 
 
-def _daemon_args(dsn: str, feed: Path, *extra: str) -> list[str]:
-    return [
-        "run",
-        "--dsn",
-        dsn,
-        "--feed-dir",
-        str(feed),
-        "--metrics-address",
-        "127.0.0.1:0",
-        *extra,
-    ]
-
-
 async def test_a_daemon_killed_mid_copy_settles_its_batch_when_it_starts_again(
     dsn: str, tmp_path: Path
 ) -> None:
     big = ("--rate", "2", "--batch-size", "300000", "--concurrency", "1", "--instance", "kenny")
     log = tmp_path / "first.log"
-    process = spawn(log, *_daemon_args(dsn, tmp_path / "feed", *big))
+    process = spawn(log, *daemon_args(dsn, tmp_path / "feed", *big))
     try:
         await _wait_for_copy(dsn)
         process.kill()
@@ -270,12 +157,12 @@ async def test_a_daemon_killed_mid_copy_settles_its_batch_when_it_starts_again(
     finally:
         process.kill()
         process.wait()
-    assert await count(dsn, "status = 'IN_PROGRESS'") == 1, log.read_text()
+    assert await count_batches(dsn, "status = 'IN_PROGRESS'") == 1, log.read_text()
 
     again = tmp_path / "again.log"
     process = spawn(
         again,
-        *_daemon_args(dsn, tmp_path / "feed", *big),
+        *daemon_args(dsn, tmp_path / "feed", *big),
         "--max-batches",
         "1",
     )
@@ -289,7 +176,7 @@ async def test_a_daemon_killed_mid_copy_settles_its_batch_when_it_starts_again(
     assert "left IN_PROGRESS by an earlier run" in stderr
     counts = await check_invariant(dsn)
     assert counts.get("COMPLETED", 0) >= 1
-    interrupted = await count(dsn, "error = 'interrupted' OR recovered")
+    interrupted = await count_batches(dsn, "error = 'interrupted' OR recovered")
     assert interrupted == 1, counts
 
 
@@ -304,14 +191,15 @@ async def test_a_dead_instance_is_settled_by_the_live_ones_and_a_live_one_never(
     victim_args = ("--rate", "4", "--batch-size", "200000", "--concurrency", "1")
     log = tmp_path / "victim.log"
     victim = spawn(
-        log, *_daemon_args(dsn, tmp_path / "v", *victim_args, "--instance", "victim"), **lease
+        log, *daemon_args(dsn, tmp_path / "v", *victim_args, "--instance", "victim"), **lease
     )
     # Two survivors reconciling at the same time, with leases short enough to lapse quickly.
     fast_lease = {"heartbeat_interval": 0.3, "lease_duration": 1.0}
     survivors = [
-        fault_settings(
+        settings_for(
             dsn,
             tmp_path / name,
+            FAULTS,
             load={"rate": 10.0, "batch_size": 200},
             daemon={"instance": name, **fast_lease},
         )
@@ -320,20 +208,34 @@ async def test_a_dead_instance_is_settled_by_the_live_ones_and_a_live_one_never(
     try:
         async with running(survivors[0]), running(survivors[1]):
             await _wait_for_copy(dsn)
-            # Seconds of live instances reconciling each other's leases: nobody is touched.
-            await asyncio.sleep(2)
-            assert await count(dsn, "error = 'interrupted' OR recovered") == 0
+            # Live instances reconciling each other's leases, until all three renewed theirs
+            # 2 s on (twice the survivors' lease duration): nobody is touched.
+            later = await fetchval(dsn, "SELECT now() + interval '2 seconds'")
+            await wait_until(
+                "every instance renewed its lease 2 s on",
+                lambda: fetchval(
+                    dsn, "SELECT count(*) FROM cdcfeed_instances WHERE heartbeat_at > $1", later
+                ),
+                at_least(3),
+                timeout=15,
+            )
+            assert await count_batches(dsn, "error = 'interrupted' OR recovered") == 0
             await _wait_for_copy(dsn)
             victim.kill()
             victim.wait(10)
-            killed_at = await count(dsn, "instance = 'alpha' AND status = 'COMPLETED'")
+            killed_at = await count_batches(dsn, "instance = 'alpha' AND status = 'COMPLETED'")
 
             async def victim_settled() -> bool:
-                return await count(dsn, "instance = 'victim' AND status = 'IN_PROGRESS'") == 0
+                return (
+                    await count_batches(dsn, "instance = 'victim' AND status = 'IN_PROGRESS'") == 0
+                )
 
-            await wait_until("the survivors settle the victim's batch", victim_settled, 15)
-            await wait_for_completed(dsn, more_than=await count(dsn) + 5)  # and they keep loading
-            assert await count(dsn, "instance = 'alpha' AND status = 'COMPLETED'") > killed_at
+            await wait_until("the survivors settle the victim's batch", victim_settled, timeout=15)
+            # And they keep loading.
+            await wait_for_batches(dsn, more_than=await count_batches(dsn) + 5)
+            assert (
+                await count_batches(dsn, "instance = 'alpha' AND status = 'COMPLETED'") > killed_at
+            )
     finally:
         victim.kill()
         victim.wait()
@@ -358,11 +260,11 @@ async def test_a_settler_never_decides_a_running_copy_and_a_settled_batch_never_
     dsn: str,
 ) -> None:
     """The row lock of batch.py step 4 against reconcile.py, statement by statement."""
-    names = names_of(fault_settings(dsn, Path("/nonexistent")))
+    names = names_for(dsn)
+    await create_schema(dsn)
     loader = await asyncpg.connect(dsn)
     settler = await asyncpg.connect(dsn)
     try:
-        await init_schema(loader, names)
         # Two batches of an instance that never took a lease, so they count as abandoned.
         for batch_id, first in ((1, 1), (2, 11)):
             await loader.execute(
@@ -402,19 +304,20 @@ async def test_a_settler_never_decides_a_running_copy_and_a_settled_batch_never_
 async def test_a_copy_stuck_behind_a_table_lock_times_out_as_failed(
     dsn: str, tmp_path: Path
 ) -> None:
-    settings = fault_settings(
-        dsn, tmp_path / "feed", database={"statement_timeout": 1.0}, load={"concurrency": 2}
+    settings = settings_for(
+        dsn, tmp_path / "feed", FAULTS, database={"statement_timeout": 1.0}, load={"concurrency": 2}
     )
     async with running(settings):
-        before = await wait_for_completed(dsn, more_than=3)
+        before = await wait_for_batches(dsn, more_than=3)
         blocker = await asyncpg.connect(dsn)
         try:
             async with blocker.transaction():
                 await blocker.execute("LOCK TABLE orders IN SHARE MODE")  # COPY needs ROW EXCL.
-                await asyncio.sleep(2.5)
+                # Held until COPYs have timed out against it.
+                await wait_for_batches(dsn, at_least=2, where="status = 'FAILED'")
         finally:
             await blocker.close()
-        await wait_for_completed(dsn, more_than=before + 10)
+        await wait_for_batches(dsn, more_than=before + 10)
     counts = await settled_in_full(dsn)
     assert counts.get("FAILED", 0) >= 2, counts
     errors = await fetchval(
@@ -427,14 +330,15 @@ async def test_one_stuck_copy_times_out_while_the_other_slots_keep_the_rate(
     dsn: str, tmp_path: Path
 ) -> None:
     batch_size = 500
-    settings = fault_settings(
+    settings = settings_for(
         dsn,
         tmp_path / "feed",
+        FAULTS,
         database={"statement_timeout": 2.0},
         load={"rate": 20.0, "batch_size": batch_size, "concurrency": 3},
     )
     async with running(settings):
-        await wait_for_completed(dsn, more_than=3)
+        await wait_for_batches(dsn, more_than=3)
         blocker = await asyncpg.connect(dsn)
         squat = blocker.transaction()
         try:
@@ -446,14 +350,17 @@ async def test_one_stuck_copy_times_out_while_the_other_slots_keep_the_rate(
                 "INSERT INTO orders VALUES ($1, -1, 1, 1.00, now())",
                 next_id + 5 * batch_size + 7,
             )
-            during = await count(dsn)
-            await asyncio.sleep(3.0)
-            completed_while_stuck = await count(dsn) - during
-            await squat.rollback()  # the squatter never commits
+            during = await count_batches(dsn)
+            # Within 3 s at 20/s with one slot stuck, the other two keep up with nearly all.
+            completed_while_stuck = (
+                await wait_for_batches(dsn, at_least=during + 40, timeout=3.0) - during
+            )
+            # Held until the stuck COPY has timed out; the squatter never commits.
+            await wait_for_batches(dsn, at_least=1, where="status = 'FAILED'")
+            await squat.rollback()
         finally:
             await blocker.close()
-        await wait_for_completed(dsn, more_than=await count(dsn) + 5)
-    # 3 s at 20/s with one slot stuck: the other two keep up with nearly all of it.
+        await wait_for_batches(dsn, more_than=await count_batches(dsn) + 5)
     assert completed_while_stuck >= 40, completed_while_stuck
     counts = await settled_in_full(dsn)
     assert counts.get("FAILED") == 1, counts
@@ -505,22 +412,19 @@ async def _feed_trouble(
     **feed_settings: Any,
 ) -> None:
     expected = (expect,) if isinstance(expect, str) else expect
-    settings = fault_settings(
+    settings = settings_for(
         dsn,
         feed,
+        FAULTS,
         load={"rate": 20.0, "batch_size": 2000, "concurrency": 2},
         feed={"min_free_bytes": 0, "keep_files": 5, **feed_settings},
     )
     async with running(settings):
-        await wait_for_completed(dsn, more_than=3)
+        await wait_for_batches(dsn, more_than=3)
         await asyncio.to_thread(break_it)
-
-        async def failing() -> bool:
-            return await count(dsn, "status = 'FAILED'") >= 3
-
-        await wait_until("batches fail on the feed dir", failing, timeout=15)
+        await wait_for_batches(dsn, at_least=3, where="status = 'FAILED'", timeout=15)
         await asyncio.to_thread(fix_it)
-        await wait_for_completed(dsn, more_than=await count(dsn) + 5)
+        await wait_for_batches(dsn, more_than=await count_batches(dsn) + 5)
     counts = await settled_in_full(dsn)
     assert counts["FAILED"] >= 3
     errors = await fetchval(
@@ -587,20 +491,25 @@ async def test_the_feed_dir_full_then_freed(dsn: str, small_disk: Path) -> None:
 
 
 async def test_a_full_disk_skips_runs_before_any_batch_starts(dsn: str, small_disk: Path) -> None:
-    settings = fault_settings(
+    settings = settings_for(
         dsn,
         small_disk / "feed",
+        FAULTS,
         load={"rate": 20.0, "batch_size": 2000, "concurrency": 2},
         feed={"min_free_bytes": 1 << 20, "keep_files": 5},
     )
     async with running(settings) as daemon:
-        before = await wait_for_completed(dsn, more_than=3)
+        before = await wait_for_batches(dsn, more_than=3)
         await asyncio.to_thread(_fill, small_disk, 512 << 10)
-        await asyncio.sleep(1.5)
-        skipped = await daemon.sample('cdcfeed_batches_skipped_total{reason="disk_full"}')
+        skipped = await wait_until(
+            "10 runs skipped for the full disk",
+            lambda: daemon.metric("cdcfeed_batches_skipped_total", reason="disk_full"),
+            at_least(10),
+            timeout=10,
+        )
         assert skipped >= 10, skipped
         (small_disk / "filler").unlink()
-        await wait_for_completed(dsn, more_than=before + 5)
+        await wait_for_batches(dsn, more_than=before + 5)
     counts = await settled_in_full(dsn)
     assert counts.get("FAILED", 0) == 0, counts
 
@@ -619,33 +528,48 @@ async def test_a_copy_to_a_hung_backend_is_cut_off_by_the_client_timeout(
     try:
         conn = await asyncpg.connect(dsn)
         try:
-            deadline = time.monotonic() + 60
-            while stopped is None and time.monotonic() < deadline:
-                stopped = await conn.fetchval(
+            stopped = await wait_until(
+                "a COPY is running",
+                lambda: conn.fetchval(
                     "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
                     "AND state = 'active' AND query LIKE 'COPY%' LIMIT 1"
-                )
-                if stopped is None:
-                    await asyncio.sleep(0.01)
-            assert stopped is not None, log.read_text()
+                ),
+                timeout=60,
+                every=0.01,
+                detail=log.read_text,
+            )
             os.kill(stopped, signal.SIGSTOP)
             # Past the client's bound (statement_timeout + 5 s), then let the backend go on.
-            await asyncio.sleep(9)
+            await wait_until(
+                "the client gives up on the COPY",
+                lambda: "got no answer" in log.read_text(),
+                timeout=30,
+                detail=log.read_text,
+            )
             os.kill(stopped, signal.SIGCONT)
             stopped = None
-            await _wait_for(
-                dsn,
-                "SELECT count(*) > 0 FROM batch_control WHERE error LIKE "
-                "'%got no answer%' AND status = 'FAILED'",
-                log,
+            await wait_until(
+                "the hung COPY's batch is FAILED",
+                lambda: conn.fetchval(
+                    "SELECT count(*) > 0 FROM batch_control WHERE error LIKE "
+                    "'%got no answer%' AND status = 'FAILED'"
+                ),
+                timeout=60,
+                every=0.2,
+                detail=lambda: log.read_text()[-3000:],
             )
             before = await conn.fetchval(
                 "SELECT count(*) FROM batch_control WHERE status = 'COMPLETED'"
             )
-            await _wait_for(
-                dsn,
-                f"SELECT count(*) > {before} FROM batch_control WHERE status = 'COMPLETED'",
-                log,
+            await wait_until(
+                "a batch completes after it",
+                lambda: conn.fetchval(
+                    "SELECT count(*) FROM batch_control WHERE status = 'COMPLETED'"
+                ),
+                lambda completed: completed > before,
+                timeout=60,
+                every=0.2,
+                detail=lambda: log.read_text()[-3000:],
             )
         finally:
             await conn.close()
@@ -656,14 +580,3 @@ async def test_a_copy_to_a_hung_backend_is_cut_off_by_the_client_timeout(
         await asyncio.to_thread(daemon.wait, 30)
     assert daemon.returncode == 0, log.read_text()
     await check_invariant(dsn)
-
-
-async def _wait_for(dsn: str, condition: str, log: Path, seconds: float = 60) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        deadline = time.monotonic() + seconds
-        while not await conn.fetchval(condition):
-            assert time.monotonic() < deadline, f"never: {condition}\n{log.read_text()[-3000:]}"
-            await asyncio.sleep(0.2)
-    finally:
-        await conn.close()

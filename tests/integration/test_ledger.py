@@ -17,6 +17,7 @@ import pytest
 from cdcfeed import ledger
 from cdcfeed.ids import IdReservations
 from cdcfeed.sql import Names
+from tests.support import wait_until
 
 NAMES = Names(schema="public", orders="orders", batches="batch_control")
 
@@ -109,11 +110,14 @@ async def test_settling_a_copy_that_rolled_back(dsn: str, conn: asyncpg.Connecti
     allocation = await _opened(conn)
     async with _copy_running(dsn, allocation):
         pass  # then the connection is lost: the server rolls the transaction back
-    for _ in range(100):  # until the backend has gone and released the row
-        settled = await ledger.settle(conn, NAMES, allocation.batch_id, "lost")
-        if settled.status != "IN_PROGRESS":
-            break
-        await asyncio.sleep(0.05)
+    # Until the backend has gone and released the row.
+    settled = await wait_until(
+        "the lost connection's backend releases the row",
+        lambda: ledger.settle(conn, NAMES, allocation.batch_id, "lost"),
+        lambda settled: settled.status != "IN_PROGRESS",
+        timeout=5,
+        every=0.05,
+    )
     assert settled.status == "FAILED"
     row = await conn.fetchrow(
         "SELECT status, error, xid FROM batch_control WHERE batch_id = $1", allocation.batch_id

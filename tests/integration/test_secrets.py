@@ -8,31 +8,43 @@ proves the password really went through.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import time
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from cdcfeed.embedded import PostgresCluster, free_port, wheel_bin_dir
-from tests.support import cdcfeed_command, check_invariant, clean_environment, run_cli
+from tests.support import (
+    PostgresCluster,
+    check_invariant,
+    count_batches,
+    daemon_args,
+    free_port,
+    http_get,
+    run_cli,
+    spawn,
+    wait_for_batches,
+    wait_until,
+)
 
-DEBIAN_PG15 = Path("/usr/lib/postgresql/15/bin")
 USER = "loader"
 PASSWORD = "Xq9v-s3cr3t-Zp4w"  # distinctive: any appearance anywhere is a leak
 DATABASE = "secured"
 
 
+async def _refused_without_password(cluster: PostgresCluster) -> bool:
+    try:
+        conn = await asyncpg.connect(f"postgresql://{USER}@127.0.0.1:{cluster.port}/{DATABASE}")
+    except (asyncpg.PostgresError, asyncpg.InterfaceError):
+        return True
+    await conn.close()
+    return False
+
+
 @pytest.fixture(scope="module")
-async def scram_server(scratch: Path) -> AsyncIterator[PostgresCluster]:
-    bin_dir = DEBIAN_PG15 if (DEBIAN_PG15 / "postgres").exists() else wheel_bin_dir()
-    cluster = PostgresCluster(bin_dir, scratch / f"scram-{os.getpid()}")
-    await asyncio.to_thread(cluster.start)
+async def scram_server(private_server: PostgresCluster) -> AsyncIterator[PostgresCluster]:
+    cluster = private_server
     conn = await asyncpg.connect(cluster.dsn())
     try:
         await conn.execute("SET password_encryption = 'scram-sha-256'")
@@ -45,9 +57,8 @@ async def scram_server(scratch: Path) -> AsyncIterator[PostgresCluster]:
         "host all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
     )
     await asyncio.to_thread(cluster._run, "pg_ctl", "-D", str(cluster.data_dir), "reload")
-    await asyncio.sleep(0.5)
+    await wait_until("the server asks for passwords", lambda: _refused_without_password(cluster))
     yield cluster
-    await asyncio.to_thread(cluster.destroy)
 
 
 def dsn(cluster: PostgresCluster, password: str | None = PASSWORD) -> str:
@@ -65,18 +76,6 @@ def libpq_env(cluster: PostgresCluster, **extra: str) -> dict[str, str]:
     }
 
 
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return str(response.read().decode())
-
-
-def _spawn(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    with log.open("w") as handle:
-        return subprocess.Popen(
-            command, env=clean_environment(**env), stderr=handle, stdout=handle, text=True
-        )
-
-
 async def _run_and_look(
     cluster: PostgresCluster,
     tmp_path: Path,
@@ -88,31 +87,27 @@ async def _run_and_look(
     returns everything it said and served: stderr, /metrics, /readyz."""
     port = free_port()
     log = tmp_path / "stderr.log"
-    command = cdcfeed_command(
-        "run",
+    command = daemon_args(
+        None,
+        tmp_path / "feed",
         *args,
-        "--rate",
-        "10",
-        "--batch-size",
-        "50",
-        "--feed-dir",
-        str(tmp_path / "feed"),
-        "--metrics-address",
-        f"127.0.0.1:{port}",
+        rate=10,
+        batch_size=50,
+        metrics_address=f"127.0.0.1:{port}",
     )
     admin = cluster.dsn(DATABASE)
     # The tests share the database: count from what earlier ones left.
-    earlier = max(0, await _completed(admin))
-    process = _spawn(command, log, env)
+    earlier = max(0, await count_batches(admin))
+    process = spawn(log, *command, **env)
     served = ""
     try:
-        await _wait_for_completed(admin, earlier + 3)
+        await wait_for_batches(admin, at_least=earlier + 3, timeout=60, every=0.2)
         if restart:
-            before = await _completed(admin)
+            before = await count_batches(admin)
             await asyncio.to_thread(cluster.restart, "fast")
-            await _wait_for_completed(admin, before + 3)
-        served += await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
-        served += await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/readyz")
+            await wait_for_batches(admin, at_least=before + 3, timeout=60, every=0.2)
+        served += (await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/metrics"))[1]
+        served += (await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/readyz"))[1]
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -124,30 +119,6 @@ async def _run_and_look(
     assert code == 0, said
     await check_invariant(admin)
     return said + served
-
-
-async def _completed(admin: str) -> int:
-    try:
-        conn = await asyncpg.connect(admin, timeout=5)
-    except (OSError, asyncpg.PostgresError):
-        return -1
-    try:
-        return int(
-            await conn.fetchval("SELECT count(*) FROM batch_control WHERE status = 'COMPLETED'")
-        )
-    except asyncpg.UndefinedTableError:
-        return 0
-    finally:
-        await conn.close()
-
-
-async def _wait_for_completed(admin: str, at_least: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await _completed(admin) >= at_least:
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"fewer than {at_least} batches completed")
 
 
 async def test_a_password_in_the_dsn_stays_hidden_through_a_restart(

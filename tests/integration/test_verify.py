@@ -8,25 +8,29 @@ reads, keep reporting while it is inactive, and time confirmations when it advan
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import time
-import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from cdcfeed.app import names_of, run_daemon
-from cdcfeed.config import Settings
-from cdcfeed.embedded import PostgresCluster
-from cdcfeed.endpoint import Endpoint
 from cdcfeed.verify import Verifier
-from tests.support import PUBLICATION, prepare_slot, run_cli, run_in_process, settings_for
+from tests.support import (
+    PUBLICATION,
+    PostgresCluster,
+    at_least,
+    equals,
+    fetchval,
+    names_for,
+    prepare_slot,
+    run_cli,
+    run_in_process,
+    running,
+    settings_for,
+    wait_for_batches,
+    wait_until,
+)
 
 SLOT = "test_slot"
 # A row squatting in the third batch's order-id block makes that COPY violate the key.
@@ -42,14 +46,6 @@ def verify(dsn: str, *args: str, slot: str = SLOT, publication: str = PUBLICATIO
     assert "Traceback" not in result.stderr, result.stderr
     report = json.loads(result.stdout) if "--format" in args else result.stdout
     return result.returncode, report, result.stderr
-
-
-async def fetchval(dsn: str, query: str, *args: Any) -> Any:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetchval(query, *args)
-    finally:
-        await conn.close()
 
 
 async def execute(dsn: str, *statements: str) -> None:
@@ -105,9 +101,7 @@ async def test_verify_reads_in_bounded_chunks(dsn: str, feed_dir: Path) -> None:
     assert await run_in_process(settings_for(dsn, feed_dir, batch_size=200, max_batches=12)) == 0
     conn = await asyncpg.connect(dsn)
     try:
-        verifier = Verifier(
-            conn, names_of(settings_for(dsn, feed_dir)), SLOT, PUBLICATION, chunk_changes=50
-        )
+        verifier = Verifier(conn, names_for(dsn), SLOT, PUBLICATION, chunk_changes=50)
         await verifier.prepare(create_slot=False)
         await verifier.run_pass()
         report = await verifier.report()
@@ -149,7 +143,7 @@ async def test_verify_passes_a_run_through_a_server_restart(
         dsn, feed_dir, rate=20, batch_size=200, max_batches=80, cdc=_cdc(verify=True)
     )
     daemon = asyncio.create_task(run_in_process(settings))
-    await _until(lambda: _completed(dsn), at_least=10)
+    await wait_for_batches(dsn, at_least=10, timeout=60)
     await asyncio.to_thread(server.restart, mode)
     assert await asyncio.wait_for(daemon, timeout=120) == 0
     counts = await ledger_counts(dsn)
@@ -246,7 +240,7 @@ async def test_verify_catches_orders_dropped_from_the_publication(dsn: str, feed
     await prepare_slot(dsn)
     settings = settings_for(dsn, feed_dir, rate=20, batch_size=100, max_batches=30)
     daemon = asyncio.create_task(run_in_process(settings))
-    await _until(lambda: _completed(dsn), at_least=8)
+    await wait_for_batches(dsn, at_least=8, timeout=60)
     # Batches committing between these two positions may go either way.
     before_drop = await fetchval(dsn, "SELECT pg_current_wal_insert_lsn()")
     await execute(dsn, f"ALTER PUBLICATION {PUBLICATION} DROP TABLE orders")
@@ -324,66 +318,6 @@ def _cdc(**values: Any) -> dict[str, Any]:
     return {"poll_interval": 0.2, **values}
 
 
-@dataclass
-class Scrape:
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = field(default_factory=dict)
-
-    def get(self, name: str, **labels: str) -> float | None:
-        return self.samples.get((name, frozenset(labels.items())))
-
-
-async def scrape(endpoint: Endpoint) -> Scrape:
-    def read() -> str:
-        with urllib.request.urlopen(f"{endpoint.url}/metrics", timeout=5) as response:
-            return str(response.read().decode())
-
-    result = Scrape()
-    for family in text_string_to_metric_families(await asyncio.to_thread(read)):
-        for sample in family.samples:
-            result.samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return result
-
-
-@contextlib.asynccontextmanager
-async def daemon_running(settings: Settings) -> AsyncIterator[Endpoint]:
-    stop = asyncio.Event()
-    endpoints: list[Endpoint] = []
-    task = asyncio.create_task(run_daemon(settings, stop, environ={}, on_endpoint=endpoints.append))
-    await _until(lambda: _ready(endpoints), at_least=1)
-    try:
-        yield endpoints[0]
-    finally:
-        stop.set()
-        assert await asyncio.wait_for(task, timeout=60) == 0
-
-
-async def _ready(items: list[Any]) -> int:
-    return len(items)
-
-
-async def _completed(dsn: str) -> int:
-    return int(await fetchval(dsn, "SELECT count(*) FROM batch_control WHERE status = 'COMPLETED'"))
-
-
-async def _until(
-    probe: Callable[[], Awaitable[float | None]], at_least: float, timeout: float = 60
-) -> float:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if value is not None and value >= at_least:
-            return value
-        assert time.monotonic() < deadline, f"waited {timeout}s for {at_least}, last {value}"
-        await asyncio.sleep(0.1)
-
-
-async def _equals(probe: Callable[[], Awaitable[Any]], expected: Any, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while (value := await probe()) != expected:
-        assert time.monotonic() < deadline, f"waited {timeout}s for {expected!r}, got {value!r}"
-        await asyncio.sleep(0.1)
-
-
 @pytest.mark.parametrize("server", ["pg15", "pg18"], indirect=True)
 async def test_slot_metrics_show_lag_and_confirmations(
     dsn: str, feed_dir: Path, server: PostgresCluster
@@ -393,14 +327,14 @@ async def test_slot_metrics_show_lag_and_confirmations(
     assert await run_in_process(settings) == 0
     # One batch at start, then none for a long while: the numbers hold still.
     settings = settings_for(dsn, feed_dir, rate=0.001, cdc=_cdc())
-    async with daemon_running(settings) as endpoint:
-        await _until(lambda: _completed(dsn), at_least=21)
+    async with running(settings) as daemon:
+        await wait_for_batches(dsn, at_least=21, timeout=60)
 
         async def unconfirmed() -> float | None:
-            return (await scrape(endpoint)).get("cdcfeed_unconfirmed_batches", slot=SLOT)
+            return (await daemon.scrape()).get("cdcfeed_unconfirmed_batches", slot=SLOT)
 
-        await _equals(unconfirmed, 21.0)
-        before = await scrape(endpoint)
+        await wait_until("21 batches unconfirmed", unconfirmed, equals(21.0))
+        before = await daemon.scrape()
         assert before.get("cdcfeed_replication_slot_active", slot=SLOT) == 0
         lag = before.get("cdcfeed_replication_slot_lag_bytes", slot=SLOT)
         assert lag is not None and lag > 0
@@ -418,10 +352,10 @@ async def test_slot_metrics_show_lag_and_confirmations(
         )
 
         async def confirmations() -> float | None:
-            return (await scrape(endpoint)).get("cdcfeed_batch_confirm_seconds_count", slot=SLOT)
+            return (await daemon.scrape()).get("cdcfeed_batch_confirm_seconds_count", slot=SLOT)
 
-        await _equals(confirmations, 10.0)
-        after = await scrape(endpoint)
+        await wait_until("10 confirmations timed", confirmations, equals(10.0))
+        after = await daemon.scrape()
         assert after.get("cdcfeed_unconfirmed_batches", slot=SLOT) == 11
         confirm_sum = after.get("cdcfeed_batch_confirm_seconds_sum", slot=SLOT)
         assert confirm_sum is not None and confirm_sum > 0
@@ -439,21 +373,21 @@ async def test_slot_metrics_show_lag_and_confirmations(
         )
 
         async def live_active() -> float | None:
-            return (await scrape(endpoint)).get("cdcfeed_replication_slot_active", slot="live")
+            return (await daemon.scrape()).get("cdcfeed_replication_slot_active", slot="live")
 
         try:
-            await _equals(live_active, 1.0)
+            await wait_until("slot live is active", live_active, equals(1.0))
         finally:
             consumer.terminate()
             await consumer.wait()
-        await _equals(live_active, 0.0)
-        gone_quiet = await scrape(endpoint)
+        await wait_until("slot live is inactive", live_active, equals(0.0))
+        gone_quiet = await daemon.scrape()
         assert gone_quiet.get("cdcfeed_replication_slot_lag_bytes", slot="live") is not None
         assert gone_quiet.get("cdcfeed_unconfirmed_batches", slot="live") == 0
 
         # A dropped slot's series disappear.
         await execute(dsn, "SELECT pg_drop_replication_slot('live')")
-        await _equals(live_active, None)
+        await wait_until("slot live is no longer reported", live_active, equals(None))
 
 
 async def test_status_shows_which_slots_confirmed_each_batch(dsn: str, feed_dir: Path) -> None:
@@ -482,19 +416,21 @@ async def test_status_shows_which_slots_confirmed_each_batch(dsn: str, feed_dir:
 
 async def test_the_daemon_verifies_continuously(dsn: str, feed_dir: Path) -> None:
     settings = settings_for(dsn, feed_dir, rate=20, batch_size=50, cdc=_cdc(verify=True))
-    async with daemon_running(settings) as endpoint:
+    async with running(settings) as daemon:
 
         async def verified(result: str) -> float | None:
-            return (await scrape(endpoint)).get("cdcfeed_verified_batches_total", result=result)
+            return (await daemon.scrape()).get("cdcfeed_verified_batches_total", result=result)
 
-        await _until(lambda: verified("ok"), at_least=10)
+        await wait_until("10 batches verified", lambda: verified("ok"), at_least(10), timeout=60)
         assert await verified("violation") == 0
-        lag = (await scrape(endpoint)).get("cdcfeed_verify_lag_bytes")
+        lag = (await daemon.scrape()).get("cdcfeed_verify_lag_bytes")
         assert lag is not None and lag >= 0
         await execute(dsn, "UPDATE orders SET amount = 1 WHERE order_id = 1")
-        await _until(lambda: verified("violation"), at_least=1)
+        await wait_until(
+            "a violation is found", lambda: verified("violation"), at_least(1), timeout=60
+        )
         # Its own slot is watched too, like any other.
-        assert (await scrape(endpoint)).get(
+        assert (await daemon.scrape()).get(
             "cdcfeed_replication_slot_active", slot="cdcfeed_verify"
         ) is not None
 

@@ -1,75 +1,19 @@
-"""What the tests check: the ledger's invariant (README), in the tables and in a pgoutput slot."""
+"""What the tests check: the ledger's invariant (README), from the ledger and from a pgoutput slot.
+
+The oracle shares no code with `cdcfeed.verify`: it decodes the stream itself.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import os
-import subprocess
-import sys
 from collections import defaultdict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import asyncpg
 
-from cdcfeed.app import names_of, run_daemon
-from cdcfeed.config import Settings, load_settings
-from cdcfeed.embedded import PostgresCluster
-from cdcfeed.ledger import init_schema, lsn_to_int
-from cdcfeed.proof.sources import pgoutput
+from tests.support.product import lsn_to_int, pgoutput
+from tests.support.settings import create_schema
 
 PUBLICATION = "cdcfeed_test"
-_database_numbers = itertools.count(1)
-
-
-@asynccontextmanager
-async def fresh_database(cluster: PostgresCluster) -> AsyncIterator[str]:
-    """A new, empty database on `cluster` for one test, dropped after it with its slots.
-
-    The server is started again first if a fault test left it stopped."""
-    if cluster.running_port() is None:
-        await asyncio.to_thread(cluster.start)
-    name = f"t{os.getpid()}_{next(_database_numbers)}"
-    admin = await asyncpg.connect(cluster.dsn())
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield cluster.dsn(name)
-    if cluster.running_port() is None:
-        await asyncio.to_thread(cluster.start)
-    admin = await asyncpg.connect(cluster.dsn())
-    try:
-        for slot in await admin.fetch(
-            "SELECT slot_name FROM pg_replication_slots WHERE database = $1", name
-        ):
-            await admin.execute("SELECT pg_drop_replication_slot($1)", slot[0])
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
-def settings_for(dsn: str, feed_dir: Path, **load: Any) -> Settings:
-    daemon = load.pop("daemon", {})
-    feed = load.pop("feed", {})
-    cdc = load.pop("cdc", {})
-    overrides: dict[str, dict[str, Any]] = {
-        "database": {"dsn": dsn, "connect_attempts": 2},
-        "load": {"rate": 50.0, "batch_size": 100, "concurrency": 2, **load},
-        "feed": {"dir": feed_dir, **feed},
-        "metrics": {"address": "127.0.0.1:0"},
-        "daemon": {"grace_period": 5.0, **daemon},
-        "cdc": cdc,
-    }
-    return load_settings(None, overrides, environ={})
-
-
-async def run_in_process(settings: Settings, stop: asyncio.Event | None = None) -> int:
-    return await run_daemon(settings, stop or asyncio.Event(), environ={})
 
 
 async def prepare_slot(dsn: str, slot: str = "test_slot", before_slot: str = "") -> str:
@@ -78,10 +22,9 @@ async def prepare_slot(dsn: str, slot: str = "test_slot", before_slot: str = "")
     `before_slot` is SQL run once the schema exists but before the slot, so the stream
     does not see it.
     """
+    await create_schema(dsn)
     conn = await asyncpg.connect(dsn)
     try:
-        names = names_of(settings_for(dsn, Path("/nonexistent")))
-        await init_schema(conn, names)
         if before_slot:
             await conn.execute(before_slot)
         await conn.execute(f"CREATE PUBLICATION {PUBLICATION} FOR TABLE orders, batch_control")
@@ -195,48 +138,3 @@ async def check_invariant(dsn: str, stream: list[Transaction] | None = None) -> 
             start, end = lsn_to_int(batch["start_lsn"]), lsn_to_int(batch["end_lsn"])
             assert start < tx.commit_lsn and tx.end_lsn <= end, (batch_id, batch, tx)
     return dict(by_status)
-
-
-def cdcfeed_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cdcfeed", *args]
-
-
-def clean_environment(**extra: str) -> dict[str, str]:
-    """The environment without any database settings, so nothing leaks in from the shell."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("PG", "CDCFEED_")) and key != "DATABASE_URL"
-    }
-    env.update(extra)
-    return env
-
-
-def daemon_args(dsn: str | None, tmp_path: Path, **options: object) -> list[str]:
-    """`run` arguments for a test: its own feed dir, any free metrics port, then `options`
-    as flags (batch_size=5 → --batch-size 5)."""
-    args = ["run", "--feed-dir", str(tmp_path / "feed"), "--metrics-address", "127.0.0.1:0"]
-    if dsn is not None:
-        args += ["--dsn", dsn]
-    for name, value in options.items():
-        args += [f"--{name.replace('_', '-')}", str(value)]
-    return args
-
-
-def spawn(log: Path, *args: str, **env: str) -> subprocess.Popen[str]:
-    """The daemon as a child process, its stderr in `log` (a pipe could fill and block it)."""
-    with log.open("w") as handle:
-        return subprocess.Popen(
-            cdcfeed_command(*args), env=clean_environment(**env), stderr=handle, text=True
-        )
-
-
-def run_cli(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        cdcfeed_command(*args),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=clean_environment(**env),
-        check=False,
-    )
