@@ -31,10 +31,10 @@ import asyncpg
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from cdcfeed.app import names_of
 from cdcfeed.config import load_settings
+from cdcfeed.database import names_of
+from cdcfeed.database.schema import init_schema
 from cdcfeed.embedded import PostgresCluster, free_port
-from cdcfeed.ledger import init_schema
 
 DEBIAN_PG15 = Path("/usr/lib/postgresql/15/bin")
 DATABASE = "bench"

@@ -17,10 +17,12 @@ from typing import Any
 import asyncpg
 
 from cdcfeed import pgoutput
-from cdcfeed.app import names_of, run_daemon
+from cdcfeed.app import run_daemon
 from cdcfeed.config import Settings, load_settings
+from cdcfeed.database import names_of
+from cdcfeed.database.schema import init_schema
 from cdcfeed.embedded import PostgresCluster
-from cdcfeed.ledger import init_schema, lsn_to_int
+from cdcfeed.lsn import lsn_to_int
 
 PUBLICATION = "cdcfeed_test"
 _database_numbers = itertools.count(1)

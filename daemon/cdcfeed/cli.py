@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 import click
 from loguru import logger
 
-from cdcfeed import __version__, ledger, logs
-from cdcfeed.app import names_of, resolved_database, run_daemon
+from cdcfeed import __version__, logs
+from cdcfeed.app import resolved_database, run_daemon
 from cdcfeed.config import (
     DEFAULT_CONFIG_PATH,
     Settings,
@@ -25,17 +25,15 @@ from cdcfeed.config import (
     effective_view,
     load_settings,
 )
-from cdcfeed.db import connect, describe_error, is_unavailable
-from cdcfeed.errors import UserError
+from cdcfeed.database import Database, names_of
+from cdcfeed.errors import DatabaseUnavailable, UserError
+from cdcfeed.lsn import lsn_to_int
 from cdcfeed.memory import pin_mmap_threshold
-from cdcfeed.pgoutput import lsn_to_int
-from cdcfeed.slots import confirmations
 from cdcfeed.verify import (
     Report,
     StreamError,
     Verifier,
     Violation,
-    ensure_publication,
     open_verifier,
     run_passes,
 )
@@ -191,15 +189,14 @@ def init_db(config: Path | None, dsn: str | None, publication: str | None) -> No
     settings = _settings(config, {"database": {"dsn": dsn}, "cdc": {"publication": publication}})
 
     async def main() -> None:
-        async with resolved_database(settings, dict(os.environ)) as database:
-            conn = await connect(database, "cdcfeed init-db")
-            try:
-                await ledger.init_schema(conn, names_of(settings))
-                if publication:
-                    await ensure_publication(conn, names_of(settings), settings.cdc.publication)
-            finally:
-                await conn.close()
         names = names_of(settings)
+        async with (
+            resolved_database(settings, dict(os.environ)) as database,
+            Database.open(database, names, 1, "cdcfeed init-db") as db,
+        ):
+            await db.init_schema()
+            if publication:
+                await db.ensure_publication(settings.cdc.publication)
         logger.info(f"schema ready: {names.schema}.{names.orders}, {names.schema}.{names.batches}")
         if publication:
             logger.info(f"publication {settings.cdc.publication} covers both tables")
@@ -226,14 +223,12 @@ def status(config: Path | None, dsn: str | None, limit: int, output: str) -> Non
     settings = _settings(config, {"database": {"dsn": dsn}})
 
     async def main() -> list[dict[str, Any]]:
-        async with resolved_database(settings, dict(os.environ)) as database:
-            conn = await connect(database, "cdcfeed status")
-            try:
-                names = names_of(settings)
-                batches = await ledger.recent_batches(conn, names, limit)
-                slots = await confirmations(conn, names, settings.cdc.slots)
-            finally:
-                await conn.close()
+        async with (
+            resolved_database(settings, dict(os.environ)) as database,
+            Database.open(database, names_of(settings), 1, "cdcfeed status") as db,
+        ):
+            batches = await db.recent_batches(limit)
+            slots = await db.slot_confirmations(settings.cdc.slots)
         return _with_confirmations(batches, slots)
 
     batches = _run_async(main)
@@ -283,7 +278,7 @@ def _status_table(batches: list[dict[str, Any]]) -> str:
     )
     rows = [header]
     for batch in batches:
-        total = ledger.seconds_between(batch["started_at"], batch["completed_at"])
+        total = _seconds_between(batch["started_at"], batch["completed_at"])
         note = "recovered" if batch["recovered"] else (batch["error"] or "")[:60]
         rows.append(
             (
@@ -305,6 +300,12 @@ def _status_table(batches: list[dict[str, Any]]) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in rows
     )
+
+
+def _seconds_between(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return (end - start).total_seconds()
 
 
 def _ms(seconds: float | None) -> str:
@@ -366,15 +367,15 @@ def verify(
     async def main() -> Report:
         async with resolved_database(settings, dict(os.environ)) as database:
             names = names_of(settings)
-            conn = await connect(database, "cdcfeed verify")  # bounded retries, one-line errors
-            verifier = Verifier(
-                conn, names, cdc.verify_slot, cdc.publication, on_violation=_log_violation
+            verifier = await open_verifier(
+                database,
+                names,
+                cdc.verify_slot,
+                cdc.publication,
+                create_slot=create_slot,
+                on_violation=_log_violation,
+                patient=True,  # bounded retries, one-line errors
             )
-            try:
-                await verifier.prepare(create_slot=create_slot)
-            except BaseException:
-                await verifier.close()
-                raise
             if not follow:
                 try:
                     await verifier.run_pass()
@@ -403,12 +404,10 @@ def verify(
         report = _run_async(main)
     except StreamError as exc:
         raise UserError("cdc.verify_slot", f"the slot's stream cannot be decoded: {exc}") from None
-    except Exception as exc:
-        if not is_unavailable(exc):
-            raise
+    except DatabaseUnavailable as exc:
         raise UserError(
             "database.dsn",
-            f"lost the database while verifying ({describe_error(exc)}); run verify again: "
+            f"lost the database while verifying ({exc}); run verify again: "
             "it resumes where it stopped",
         ) from None
     if output == "json":

@@ -9,9 +9,9 @@ import asyncpg
 import pytest
 from loguru import logger
 
-from cdcfeed.app import names_of
 from cdcfeed.config import load_settings
-from cdcfeed.ledger import init_schema
+from cdcfeed.database import names_of
+from cdcfeed.database.schema import init_schema
 from tests.support import (
     check_invariant,
     ledger_rows,

@@ -21,8 +21,9 @@ import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cdcfeed.app import names_of, run_daemon
+from cdcfeed.app import run_daemon
 from cdcfeed.config import Settings
+from cdcfeed.database import VerifySession, names_of
 from cdcfeed.embedded import PostgresCluster
 from cdcfeed.endpoint import Endpoint
 from cdcfeed.verify import Verifier
@@ -105,9 +106,8 @@ async def test_verify_reads_in_bounded_chunks(dsn: str, feed_dir: Path) -> None:
     assert await run_in_process(settings_for(dsn, feed_dir, batch_size=200, max_batches=12)) == 0
     conn = await asyncpg.connect(dsn)
     try:
-        verifier = Verifier(
-            conn, names_of(settings_for(dsn, feed_dir)), SLOT, PUBLICATION, chunk_changes=50
-        )
+        session = VerifySession(conn, names_of(settings_for(dsn, feed_dir)))
+        verifier = Verifier(session, SLOT, PUBLICATION, chunk_changes=50)
         await verifier.prepare(create_slot=False)
         await verifier.run_pass()
         report = await verifier.report()
