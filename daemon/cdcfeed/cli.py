@@ -4,6 +4,7 @@ every user mistake into one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -32,7 +33,6 @@ from cdcfeed.memory import pin_mmap_threshold
 from cdcfeed.verify import (
     Report,
     StreamError,
-    Verifier,
     Violation,
     open_verifier,
     run_passes,
@@ -158,16 +158,20 @@ def run(
     )
 
     async def main() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, _on_signal, stop, signum)
-        return await run_daemon(settings, stop, dict(os.environ))
+        return await run_daemon(settings, _stop_on_signals(), dict(os.environ))
 
     pin_mmap_threshold()  # a long run's heap would otherwise fragment and grow (memory.py)
     code = _run_async(main)
     if code:
         raise click.exceptions.Exit(code)
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """An event SIGTERM and SIGINT set, on the running loop."""
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(signum, _on_signal, stop, signum)
+    return stop
 
 
 def _on_signal(stop: asyncio.Event, signum: int) -> None:
@@ -263,22 +267,12 @@ def _json_default(value: object) -> str:
 def _status_table(batches: list[dict[str, Any]]) -> str:
     # One column per watched slot: has it confirmed the batch (CDC-confirmed)?
     slots = list(batches[0]["confirmed_by"]) if batches else []
-    header = (
-        "batch",
-        "status",
-        "rows",
-        "start_lsn",
-        "end_lsn",
-        "gen_ms",
-        "write_ms",
-        "copy_ms",
-        "total_ms",
-        *slots,
-        "note",
-    )
+    timings = ("gen_ms", "write_ms", "copy_ms", "total_ms")
+    header = ("batch", "status", "rows", "start_lsn", "end_lsn", *timings, *slots, "note")
     rows = [header]
     for batch in batches:
-        total = _seconds_between(batch["started_at"], batch["completed_at"])
+        started, completed = batch["started_at"], batch["completed_at"]
+        total = (completed - started).total_seconds() if started and completed else None
         note = "recovered" if batch["recovered"] else (batch["error"] or "")[:60]
         rows.append(
             (
@@ -300,12 +294,6 @@ def _status_table(batches: list[dict[str, Any]]) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in rows
     )
-
-
-def _seconds_between(start: datetime | None, end: datetime | None) -> float | None:
-    if start is None or end is None:
-        return None
-    return (end - start).total_seconds()
 
 
 def _ms(seconds: float | None) -> str:
@@ -366,39 +354,24 @@ def verify(
 
     async def main() -> Report:
         async with resolved_database(settings, dict(os.environ)) as database:
-            names = names_of(settings)
-            verifier = await open_verifier(
+            opener = functools.partial(
+                open_verifier,
                 database,
-                names,
+                names_of(settings),
                 cdc.verify_slot,
                 cdc.publication,
                 create_slot=create_slot,
                 on_violation=_log_violation,
-                patient=True,  # bounded retries, one-line errors
             )
+            verifier = await opener(patient=True)  # bounded retries, one-line errors
             if not follow:
                 try:
                     await verifier.run_pass()
                     return await verifier.report()
                 finally:
                     await verifier.close()
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(signum, _on_signal, stop, signum)
-
-            async def reopen() -> Verifier:
-                return await open_verifier(
-                    database,
-                    names,
-                    cdc.verify_slot,
-                    cdc.publication,
-                    create_slot=create_slot,
-                    on_violation=_log_violation,
-                    run=verifier.run,
-                )
-
-            return await run_passes(verifier, reopen, cdc.poll_interval, stop)
+            reopen = functools.partial(opener, run=verifier.run)
+            return await run_passes(verifier, reopen, cdc.poll_interval, _stop_on_signals())
 
     try:
         report = _run_async(main)

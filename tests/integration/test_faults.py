@@ -359,7 +359,7 @@ async def test_a_dead_instance_is_settled_by_the_live_ones_and_a_live_one_never(
 async def test_a_settler_never_decides_a_running_copy_and_a_settled_batch_never_loads(
     dsn: str,
 ) -> None:
-    """The row lock of batch.py step 4 against reconcile.py, statement by statement."""
+    """The row lock of batch.py step 4 against leases.py, statement by statement."""
     names = names_of(fault_settings(dsn, Path("/nonexistent")))
     q = statements(names)
     loader = await asyncpg.connect(dsn)
