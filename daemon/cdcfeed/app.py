@@ -12,37 +12,28 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import asyncpg
 from loguru import logger
 from pydantic import SecretStr
 
-from cdcfeed import __version__, ledger
+from cdcfeed import __version__
 from cdcfeed.batch import BatchEnvironment, run_batch
 from cdcfeed.cdc import start_cdc_tasks
 from cdcfeed.config import DatabaseSettings, Settings, redact_dsn, uses_libpq_environment
-from cdcfeed.db import RetryPolicy, describe_error, is_unavailable, open_pool
+from cdcfeed.database import Database, ensure_database, names_of
 from cdcfeed.embedded import PostgresCluster, default_data_dir, wheel_bin_dir
 from cdcfeed.endpoint import Endpoint, Readiness
 from cdcfeed.feed import FeedDirectory
 from cdcfeed.ids import IdReservations
+from cdcfeed.leases import InstanceLease
 from cdcfeed.metrics import Metrics
 from cdcfeed.profiles import arrivals_of, describe_load
-from cdcfeed.reconcile import Lease
-from cdcfeed.scheduler import LoadScheduler
-from cdcfeed.sql import Names, quote_ident
+from cdcfeed.retry import Backoff, retry
+from cdcfeed.scheduler import LoadScheduler, settle_reserve
 
 EMBEDDED_DATABASE = "cdcfeed"
 HEALTHY_POLL_SECONDS = 1.0
 # Batches whose ids one reservation takes, at most (see ids.py).
 MAX_RESERVATION = 32
-
-
-def names_of(settings: Settings) -> Names:
-    return Names(
-        schema=settings.database.schema_name,
-        orders=settings.database.orders_table,
-        batches=settings.database.batch_table,
-    )
 
 
 @asynccontextmanager
@@ -57,16 +48,7 @@ async def resolved_database(
     cluster = PostgresCluster(wheel_bin_dir(), data_dir)
     await asyncio.to_thread(cluster.start)
     try:
-        conn = await asyncpg.connect(cluster.dsn(), timeout=30)
-        try:
-            exists = await conn.fetchval(
-                "SELECT 1 FROM pg_database WHERE datname = $1", EMBEDDED_DATABASE
-            )
-            if not exists:
-                with contextlib.suppress(asyncpg.DuplicateDatabaseError):
-                    await conn.execute(f"CREATE DATABASE {quote_ident(EMBEDDED_DATABASE)}")
-        finally:
-            await conn.close()
+        await ensure_database(cluster.dsn(), EMBEDDED_DATABASE)
         dsn = cluster.dsn(EMBEDDED_DATABASE)
         state = "started" if cluster.owned else "already running"
         logger.info(
@@ -81,40 +63,52 @@ async def resolved_database(
 
 
 async def watch_database(
-    pool: asyncpg.Pool,
+    database: Database,
     metrics: Metrics,
     readiness: Readiness,
     suspect: asyncio.Event,
     timeout: float,
 ) -> None:
-    """Keeps `database_up` true to the server: a ping a second, backoff while it is away."""
-    policy = RetryPolicy(initial_delay=0.5, max_delay=10.0)
-    failures = 0
-    while True:
-        try:
-            async with pool.acquire(timeout=timeout) as conn:
-                await conn.fetchval("SELECT 1", timeout=timeout)
-        except Exception as exc:
-            if not is_unavailable(exc):
-                raise
-            failures += 1
-            if failures == 1:
-                logger.warning(f"database unreachable ({describe_error(exc)}); load paused")
-        else:
-            if failures:
-                logger.info("database reachable again; load resumes")
-                # Idle connections opened before the outage may point at a server that is
-                # gone without having said so (failover, partition): replace them all now
-                # rather than fail one batch per stale connection.
-                await pool.expire_connections()
-            failures = 0
-        up = failures == 0
+    """Keeps `database_up` true to the server: a ping a second, backoff while it is away.
+
+    A batch that finds the database away sets `suspect`, which wakes the monitor early.
+    """
+    backoff = Backoff(initial=0.5, maximum=10.0)
+    down = False
+
+    def report(up: bool) -> None:
         metrics.database_up.set(1 if up else 0)
         readiness.database_up = up
         suspect.clear()
-        pause = HEALTHY_POLL_SECONDS if up else policy.delay(min(failures, 10))
+
+    def failed(attempt: int, exc: BaseException, pause: float) -> None:
+        nonlocal down
+        if not down:
+            logger.warning(f"database unreachable ({exc}); load paused")
+        down = True
+        report(False)
+
+    async def pause_or_wake(seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(suspect.wait(), timeout=pause)
+            await asyncio.wait_for(suspect.wait(), timeout=seconds)
+
+    while True:
+        await retry(
+            lambda: database.ping(timeout),
+            what="database monitor",
+            backoff=backoff,
+            log=failed,
+            sleep=pause_or_wake,
+        )
+        if down:
+            logger.info("database reachable again; load resumes")
+            # Idle connections opened before the outage may point at a server that is
+            # gone without having said so (failover, partition): replace them all now
+            # rather than fail one batch per stale connection.
+            await database.expire_connections()
+            down = False
+        report(True)
+        await pause_or_wake(HEALTHY_POLL_SECONDS)
 
 
 def copy_timeout(statement_timeout: float) -> float | None:
@@ -173,37 +167,33 @@ async def run_daemon(
                 f"{describe_load(load)}"
             )
             # Batches plus one connection each for the monitor, the slot monitor and settling.
-            async with open_pool(database, load.concurrency + 3, "cdcfeed") as pool:
-                names = names_of(settings)
+            names = names_of(settings)
+            async with Database.open(database, names, load.concurrency + 3, "cdcfeed") as db:
                 if settings.database.init_schema:
-                    async with pool.acquire() as conn:
-                        await ledger.init_schema(conn, names)
+                    await db.init_schema()
                 # The lease first, and with it the batches earlier runs left IN_PROGRESS.
-                lease = Lease(pool, names, settings.instance_name, settings.daemon)
+                lease = InstanceLease(db, settings.instance_name, settings.daemon)
                 await lease.acquire()
                 readiness.database_up = True
                 metrics.database_up.set(1)
                 suspect = asyncio.Event()
                 monitor = asyncio.create_task(
                     watch_database(
-                        pool, metrics, readiness, suspect, settings.database.connect_timeout
+                        db, metrics, readiness, suspect, settings.database.connect_timeout
                     ),
                     name="database-monitor",
                 )
                 supervise(monitor, stop, failures)
                 heartbeat = asyncio.create_task(lease.keep(), name="lease-heartbeat")
                 supervise(heartbeat, stop, failures)
-                cdc_tasks = start_cdc_tasks(pool, database, names, settings.cdc, metrics)
+                cdc_tasks = start_cdc_tasks(db, database, names, settings.cdc, metrics)
                 for task in cdc_tasks:
                     supervise(task, stop, failures)
                 environment = BatchEnvironment(
-                    pool=pool,
-                    names=names,
+                    database=db,
                     # Ids for as many batches as may run at once: about one reservation per
                     # `concurrency` batches, and at most that many ids unused at a stop.
-                    ids=IdReservations(
-                        pool, names, load.batch_size, min(load.concurrency, MAX_RESERVATION)
-                    ),
+                    ids=IdReservations(db, load.batch_size, min(load.concurrency, MAX_RESERVATION)),
                     feed=feed,
                     metrics=metrics,
                     instance=settings.instance_name,
@@ -211,7 +201,7 @@ async def run_daemon(
                     seed=load.seed,
                     stopping=stop,
                     on_database_down=suspect,
-                    grace_period=settings.daemon.grace_period,
+                    settle_seconds=settle_reserve(settings.daemon.grace_period),
                     copy_timeout=copy_timeout(settings.database.statement_timeout),
                 )
                 scheduler = LoadScheduler(

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncpg
-
 from cdcfeed.config import CdcSettings, DatabaseSettings
+from cdcfeed.database import Database, Names
 from cdcfeed.metrics import Metrics
 from cdcfeed.slots import watch_slots
-from cdcfeed.sql import Names
 from cdcfeed.verify import verify_continuously
 
 
 def start_cdc_tasks(
-    pool: asyncpg.Pool,
+    db: Database,
     database: DatabaseSettings,
     names: Names,
     cdc: CdcSettings,
@@ -23,7 +21,7 @@ def start_cdc_tasks(
     """Starts the tasks, named for supervision; the caller supervises and cancels them."""
     tasks = [
         asyncio.create_task(
-            watch_slots(pool, names, cdc.slots, cdc.poll_interval, metrics), name="slot-monitor"
+            watch_slots(db, cdc.slots, cdc.poll_interval, metrics), name="slot-monitor"
         )
     ]
     if cdc.verify:

@@ -4,6 +4,7 @@ every error cdcfeed names (errors.py) into one line on stderr and exit code 2.""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -16,8 +17,8 @@ from typing import Any, TypeVar
 import click
 from loguru import logger
 
-from cdcfeed import __version__, ledger, logs
-from cdcfeed.app import names_of, resolved_database, run_daemon
+from cdcfeed import __version__, logs
+from cdcfeed.app import resolved_database, run_daemon
 from cdcfeed.config import (
     DEFAULT_CONFIG_PATH,
     Settings,
@@ -25,15 +26,14 @@ from cdcfeed.config import (
     effective_view,
     load_settings,
 )
-from cdcfeed.db import connect, describe_error, is_unavailable
-from cdcfeed.errors import CdcfeedError, UserError
+from cdcfeed.database import Database, names_of
+from cdcfeed.errors import CdcfeedError, DatabaseUnavailable, UserError
 from cdcfeed.lsn import lsn_to_int
 from cdcfeed.memory import pin_mmap_threshold
 from cdcfeed.proof.events import Violation
 from cdcfeed.proof.report import Report
 from cdcfeed.proof.sources.slot import StreamError
-from cdcfeed.slots import confirmations
-from cdcfeed.verify import Verifier, ensure_publication, open_verifier, run_passes
+from cdcfeed.verify import open_verifier, run_passes
 
 T = TypeVar("T")
 
@@ -155,16 +155,20 @@ def run(
     )
 
     async def main() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, _on_signal, stop, signum)
-        return await run_daemon(settings, stop, dict(os.environ))
+        return await run_daemon(settings, _stop_on_signals(), dict(os.environ))
 
     pin_mmap_threshold()  # a long run's heap would otherwise fragment and grow (memory.py)
     code = _run_async(main)
     if code:
         raise click.exceptions.Exit(code)
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """An event SIGTERM and SIGINT set, on the running loop."""
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(signum, _on_signal, stop, signum)
+    return stop
 
 
 def _on_signal(stop: asyncio.Event, signum: int) -> None:
@@ -186,15 +190,14 @@ def init_db(config: Path | None, dsn: str | None, publication: str | None) -> No
     settings = _settings(config, {"database": {"dsn": dsn}, "cdc": {"publication": publication}})
 
     async def main() -> None:
-        async with resolved_database(settings, dict(os.environ)) as database:
-            conn = await connect(database, "cdcfeed init-db")
-            try:
-                await ledger.init_schema(conn, names_of(settings))
-                if publication:
-                    await ensure_publication(conn, names_of(settings), settings.cdc.publication)
-            finally:
-                await conn.close()
         names = names_of(settings)
+        async with (
+            resolved_database(settings, dict(os.environ)) as database,
+            Database.open(database, names, 1, "cdcfeed init-db") as db,
+        ):
+            await db.init_schema()
+            if publication:
+                await db.ensure_publication(settings.cdc.publication)
         logger.info(f"schema ready: {names.schema}.{names.orders}, {names.schema}.{names.batches}")
         if publication:
             logger.info(f"publication {settings.cdc.publication} covers both tables")
@@ -221,14 +224,12 @@ def status(config: Path | None, dsn: str | None, limit: int, output: str) -> Non
     settings = _settings(config, {"database": {"dsn": dsn}})
 
     async def main() -> list[dict[str, Any]]:
-        async with resolved_database(settings, dict(os.environ)) as database:
-            conn = await connect(database, "cdcfeed status")
-            try:
-                names = names_of(settings)
-                batches = await ledger.recent_batches(conn, names, limit)
-                slots = await confirmations(conn, names, settings.cdc.slots)
-            finally:
-                await conn.close()
+        async with (
+            resolved_database(settings, dict(os.environ)) as database,
+            Database.open(database, names_of(settings), 1, "cdcfeed status") as db,
+        ):
+            batches = await db.recent_batches(limit)
+            slots = await db.slot_confirmations(settings.cdc.slots)
         return _with_confirmations(batches, slots)
 
     batches = _run_async(main)
@@ -263,22 +264,12 @@ def _json_default(value: object) -> str:
 def _status_table(batches: list[dict[str, Any]]) -> str:
     # One column per watched slot: has it confirmed the batch (CDC-confirmed)?
     slots = list(batches[0]["confirmed_by"]) if batches else []
-    header = (
-        "batch",
-        "status",
-        "rows",
-        "start_lsn",
-        "end_lsn",
-        "gen_ms",
-        "write_ms",
-        "copy_ms",
-        "total_ms",
-        *slots,
-        "note",
-    )
+    timings = ("gen_ms", "write_ms", "copy_ms", "total_ms")
+    header = ("batch", "status", "rows", "start_lsn", "end_lsn", *timings, *slots, "note")
     rows = [header]
     for batch in batches:
-        total = ledger.seconds_between(batch["started_at"], batch["completed_at"])
+        started, completed = batch["started_at"], batch["completed_at"]
+        total = (completed - started).total_seconds() if started and completed else None
         note = "recovered" if batch["recovered"] else (batch["error"] or "")[:60]
         rows.append(
             (
@@ -360,50 +351,33 @@ def verify(
 
     async def main() -> Report:
         async with resolved_database(settings, dict(os.environ)) as database:
-            names = names_of(settings)
-            conn = await connect(database, "cdcfeed verify")  # bounded retries, one-line errors
-            verifier = Verifier(
-                conn, names, cdc.verify_slot, cdc.publication, on_violation=_log_violation
+            opener = functools.partial(
+                open_verifier,
+                database,
+                names_of(settings),
+                cdc.verify_slot,
+                cdc.publication,
+                create_slot=create_slot,
+                on_violation=_log_violation,
             )
-            try:
-                await verifier.prepare(create_slot=create_slot)
-            except BaseException:
-                await verifier.close()
-                raise
+            verifier = await opener(patient=True)  # bounded retries, one-line errors
             if not follow:
                 try:
                     await verifier.run_pass()
                     return await verifier.report()
                 finally:
                     await verifier.close()
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(signum, _on_signal, stop, signum)
-
-            async def reopen() -> Verifier:
-                return await open_verifier(
-                    database,
-                    names,
-                    cdc.verify_slot,
-                    cdc.publication,
-                    create_slot=create_slot,
-                    on_violation=_log_violation,
-                    run=verifier.run,
-                )
-
-            return await run_passes(verifier, reopen, cdc.poll_interval, stop)
+            reopen = functools.partial(opener, run=verifier.run)
+            return await run_passes(verifier, reopen, cdc.poll_interval, _stop_on_signals())
 
     try:
         report = _run_async(main)
     except StreamError as exc:
         raise UserError("cdc.verify_slot", f"the slot's stream cannot be decoded: {exc}") from None
-    except Exception as exc:
-        if not is_unavailable(exc):
-            raise
+    except DatabaseUnavailable as exc:
         raise UserError(
             "database.dsn",
-            f"lost the database while verifying ({describe_error(exc)}); run verify again: "
+            f"lost the database while verifying ({exc}); run verify again: "
             "it resumes where it stopped",
         ) from None
     if output == "json":

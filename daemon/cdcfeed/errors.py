@@ -25,7 +25,35 @@ class UserError(CdcfeedError):
 
 
 class DatabaseUnavailable(CdcfeedError):
-    """The database could not be reached (connection refused, reset, server shutting down)."""
+    """The database could not be reached (connection refused, reset, server shutting down):
+    worth retrying once it answers again."""
+
+
+class DatabaseSilent(DatabaseUnavailable):
+    """The server did not answer within the time a caller gave it (a hung backend, say)."""
+
+
+class DatabaseRefused(CdcfeedError):
+    """The server refused one statement (constraint, privilege, statement timeout, lock not
+    available, ...): a batch fails with it; loops log it and go on."""
+
+    def __init__(self, description: str, sqlstate: str, detail: str = "") -> None:
+        super().__init__(description)
+        self.sqlstate = sqlstate
+        self.detail = detail
+
+
+class DatabaseBusy(DatabaseRefused):
+    """Refused for now: a statement timeout, a lock not available, a serialization failure.
+    Worth another try later."""
+
+
+class SlotBusy(DatabaseRefused):
+    """A replication slot (or another object) is in use by another session."""
+
+
+class ObjectMissing(DatabaseRefused):
+    """The server does not know an object a statement names (a publication, say)."""
 
 
 class FeedError(CdcfeedError):

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cdcfeed.sql import ORDER_COLUMNS
+from cdcfeed.database.names import ORDER_COLUMNS
 
 HEADER = (",".join(ORDER_COLUMNS) + "\n").encode()
 CUSTOMER_MIN, CUSTOMER_MAX = 1, 1000

@@ -11,23 +11,18 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-import asyncpg
-
-from cdcfeed import ledger
-from cdcfeed.db import with_connection
-from cdcfeed.sql import Names
+from cdcfeed.database import Allocation, Database
 
 
 class IdReservations:
-    def __init__(self, pool: asyncpg.Pool, names: Names, rows: int, batches: int) -> None:
-        self._pool = pool
-        self._names = names
+    def __init__(self, database: Database, rows: int, batches: int) -> None:
+        self._database = database
         self._rows = rows
         self._batches = max(1, batches)
-        self._free: deque[ledger.Allocation] = deque()
+        self._free: deque[Allocation] = deque()
         self._refill: asyncio.Task[None] | None = None
 
-    async def take(self) -> ledger.Allocation:
+    async def take(self) -> Allocation:
         """The next batch's ids; raises DatabaseUnavailable when a needed refill cannot be made."""
         while not self._free:
             # One refill at a time, awaited by every batch that needs it: its failure (the
@@ -40,9 +35,7 @@ class IdReservations:
         return self._free.popleft()
 
     async def _reserve(self) -> None:
-        reserved = await with_connection(
-            self._pool, lambda conn: ledger.reserve(conn, self._names, self._rows, self._batches)
-        )
+        reserved = await self._database.reserve_ids(self._rows, self._batches)
         self._free.extend(reserved)
 
 

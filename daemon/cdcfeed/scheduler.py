@@ -23,7 +23,6 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 from loguru import logger
 
-from cdcfeed.batch import settle_reserve
 from cdcfeed.endpoint import Readiness
 from cdcfeed.metrics import Metrics
 from cdcfeed.profiles import Arrivals
@@ -43,6 +42,11 @@ EARLY_SECONDS = 0.02
 EARLY_AFTER_GAP_SECONDS = 0.05
 
 BatchFactory = Callable[[int], Coroutine[Any, Any, None]]
+
+
+def settle_reserve(grace_period: float) -> float:
+    """The part of the grace period kept for settling batches that shutdown cut off."""
+    return min(2.0, grace_period / 2)
 
 
 class ArrivalTrigger(BaseTrigger):  # type: ignore[misc]

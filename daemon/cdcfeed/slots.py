@@ -14,35 +14,13 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import asyncpg
 from loguru import logger
 from prometheus_client import Gauge
 from prometheus_client.metrics import MetricWrapperBase
 
-from cdcfeed.cdc_sql import CdcStatements
-from cdcfeed.db import Connection, RetryPolicy, describe_error, is_unavailable
+from cdcfeed.database import Database, SlotSnapshot, SlotState
 from cdcfeed.metrics import Metrics
-from cdcfeed.sql import Names
-
-# safe_wal_size arrived in PostgreSQL 13; older servers report nothing for it.
-_SAFE_WAL_SIZE_SINCE = 13
-
-
-@dataclass(frozen=True, slots=True)
-class SlotState:
-    name: str
-    active: bool
-    confirmed_flush_lsn: int | None
-    restart_lsn: int | None
-    safe_wal_size: int | None
-    insert_lsn: int
-
-
-async def read_slots(conn: Connection, q: CdcStatements, watched: Sequence[str]) -> list[SlotState]:
-    """The watched logical slots of this database (every one when `watched` is empty)."""
-    safe = "safe_wal_size" if conn.get_server_version().major >= _SAFE_WAL_SIZE_SINCE else None
-    query = q.watched_slots.format(safe_wal_size=safe or "NULL::bigint")
-    return [SlotState(*record) for record in await conn.fetch(query, list(watched))]
+from cdcfeed.retry import Backoff, first_failure, retry
 
 
 @dataclass
@@ -56,42 +34,42 @@ class _Confirmations:
 class SlotMonitor:
     """Sets the per-slot metrics from one poll; keeps what it needs between polls."""
 
-    def __init__(self, names: Names, watched: Sequence[str], metrics: Metrics) -> None:
-        self.q = CdcStatements(names)
+    def __init__(self, watched: Sequence[str], metrics: Metrics) -> None:
         self.watched = tuple(watched)
         self.metrics = metrics
         self._seen: dict[str, _Confirmations] = {}
 
-    async def poll(self, conn: Connection) -> list[SlotState]:
+    async def poll(self, database: Database) -> list[SlotState]:
         # One snapshot for the slots' positions and the ledger, so a batch is either
         # IN_PROGRESS (and looked at again next poll) or visible with its end_lsn.
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            slots = await read_slots(conn, self.q, self.watched)
-            in_progress = [r[0] for r in await conn.fetch(self.q.in_progress_ids)]
+        async with database.slot_snapshot() as snapshot:
+            slots = await snapshot.slots(self.watched)
+            in_progress = await snapshot.in_progress_ids()
             for slot in slots:
-                await self._export(conn, slot, in_progress)
+                await self._export(snapshot, slot, in_progress)
         present = {slot.name for slot in slots}
         for gone in set(self._seen) - present:
             self._forget(gone)
         return slots
 
-    async def _export(self, conn: Connection, slot: SlotState, in_progress: list[int]) -> None:
+    async def _export(
+        self, snapshot: SlotSnapshot, slot: SlotState, in_progress: list[int]
+    ) -> None:
         name = slot.name
         confirmed = slot.confirmed_flush_lsn
         unconfirmed: int | None = None
         seconds: list[float] = []
         seen = self._seen.get(name)
         if confirmed is not None:
-            unconfirmed = await conn.fetchval(self.q.unconfirmed, confirmed)
+            unconfirmed = await snapshot.unconfirmed(confirmed)
             if seen is None:
                 # Batches confirmed before the first look cannot be timed: start from here.
                 self._seen[name] = _Confirmations(confirmed, in_progress)
             else:
                 if confirmed > seen.confirmed or seen.waiting:
-                    rows = await conn.fetch(
-                        self.q.newly_confirmed, confirmed, seen.confirmed, seen.waiting
+                    seconds = await snapshot.newly_confirmed(
+                        confirmed, seen.confirmed, seen.waiting
                     )
-                    seconds = [row[1] for row in rows]
                 # A slot restored to an older position by crash recovery confirms the same
                 # batches again; they were timed the first time.
                 seen.confirmed = max(seen.confirmed, confirmed)
@@ -141,34 +119,15 @@ def _remove(metric: MetricWrapperBase, slot: str) -> None:
 
 
 async def watch_slots(
-    pool: asyncpg.Pool,
-    names: Names,
+    database: Database,
     watched: Sequence[str],
     poll_interval: float,
     metrics: Metrics,
 ) -> None:
     """The daemon's slot monitor: a poll per interval, forever; rides out database outages."""
-    monitor = SlotMonitor(names, watched, metrics)
-    policy = RetryPolicy(initial_delay=poll_interval, max_delay=max(poll_interval, 10.0))
-    failures = 0
+    monitor = SlotMonitor(watched, metrics)
+    backoff = Backoff(initial=poll_interval, maximum=max(poll_interval, 10.0))
+    log = first_failure(lambda exc: f"slot monitor: database unreachable ({exc})")
     while True:
-        try:
-            async with pool.acquire() as conn:
-                await monitor.poll(conn)
-        except Exception as exc:
-            if not is_unavailable(exc):
-                raise
-            failures += 1
-            if failures == 1:
-                logger.warning(f"slot monitor: database unreachable ({describe_error(exc)})")
-        else:
-            failures = 0
-        await asyncio.sleep(policy.delay(min(failures, 10)) if failures else poll_interval)
-
-
-async def confirmations(
-    conn: Connection, names: Names, watched: Sequence[str]
-) -> dict[str, int | None]:
-    """Each watched slot's confirmed_flush_lsn, for `cdcfeed status`."""
-    slots = await read_slots(conn, CdcStatements(names), watched)
-    return {slot.name: slot.confirmed_flush_lsn for slot in slots}
+        await retry(lambda: monitor.poll(database), what="slot monitor", backoff=backoff, log=log)
+        await asyncio.sleep(poll_interval)

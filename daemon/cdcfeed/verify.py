@@ -1,11 +1,12 @@
 """`cdcfeed verify`: proof from a pgoutput slot that every batch reached the change stream whole.
 
-For every batch the ledger settled, the delivery invariant: a COMPLETED batch arrived as
+For every batch the ledger settled, the invariant: a COMPLETED batch arrived as
 exactly `row_count` orders with the ids of its block, all in one transaction whose xid is the
 ledger's and whose commit lies in `(start_lsn, end_lsn]`; a FAILED batch left no row; no
 orders row carries a batch id the ledger lacks; nothing but INSERTs touches orders.
 
-How a pass works, and the state it keeps (tables in the ledger's schema, see `cdc_sql.py`):
+How a pass works, and the state it keeps (tables in the ledger's schema, see
+`database/cdc_catalog.py`):
 
 1. *Read.* Chunks of about `chunk_changes` messages are peeked from the slot
    (`pg_logical_slot_peek_binary_changes`, whole transactions, streamed through a cursor so
@@ -25,29 +26,29 @@ Memory holds one chunk's summaries and the open transaction's per-batch counters
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any
 
-import asyncpg
 from loguru import logger
 
-from cdcfeed.cdc_sql import CdcStatements
 from cdcfeed.config import DatabaseSettings
-from cdcfeed.db import RetryPolicy, connect_kwargs, describe_error, is_unavailable
-from cdcfeed.errors import UserError
+from cdcfeed.database import Names, VerifySession
+from cdcfeed.errors import DatabaseUnavailable, ObjectMissing, SlotBusy, UserError
 from cdcfeed.lsn import int_to_lsn
 from cdcfeed.metrics import Metrics
 from cdcfeed.proof.events import LedgerBatch, Observation, Violation
 from cdcfeed.proof.judge import judge_again, judge_seen, judge_unseen
 from cdcfeed.proof.report import Report, Tally
 from cdcfeed.proof.sources.slot import StreamReader
-from cdcfeed.sql import SCHEMA_LOCK_KEY, Names, quote_ident
+from cdcfeed.retry import Backoff, pause_until, retry
 
 CHUNK_CHANGES = 50_000
-_PREFETCH = 2_000
 _JUDGE_BATCH = 1_000
 REPORT_VIOLATIONS = 1_000
+# pgoutput's Begin carries the 32-bit xid; the ledger keeps the epoch-extended xid8.
+_XID_MASK = 0xFFFF_FFFF
 
 
 class SlotUnavailable(UserError):
@@ -55,7 +56,7 @@ class SlotUnavailable(UserError):
     or it was dropped. Worth reopening later, which recreates a dropped slot when allowed."""
 
 
-def _observation(record: asyncpg.Record) -> Observation:
+def _observation(record: dict[str, Any]) -> Observation:
     return Observation(
         batch_id=record["batch_id"],
         commit_lsn=record["commit_lsn"],
@@ -68,7 +69,7 @@ def _observation(record: asyncpg.Record) -> Observation:
     )
 
 
-def _ledger_batch(record: asyncpg.Record) -> LedgerBatch | None:
+def _ledger_batch(record: dict[str, Any]) -> LedgerBatch | None:
     if record["status"] is None:
         return None
     return LedgerBatch(
@@ -94,12 +95,11 @@ class _Progress:
 
 
 class Verifier:
-    """One slot's verification, on one connection that holds the slot's verify lock."""
+    """One slot's verification, on one session that holds the slot's verify lock."""
 
     def __init__(
         self,
-        conn: asyncpg.Connection,
-        names: Names,
+        db: VerifySession,
         slot: str,
         publication: str,
         *,
@@ -108,9 +108,8 @@ class Verifier:
         chunk_changes: int = CHUNK_CHANGES,
         run: Tally | None = None,
     ) -> None:
-        self.conn = conn
-        self.names = names
-        self.q = CdcStatements(names)
+        self.db = db
+        self.names = db.names
         self.slot = slot
         self.publication = publication
         self.metrics = metrics
@@ -120,22 +119,19 @@ class Verifier:
 
     async def prepare(self, *, create_slot: bool, create_publication: bool = False) -> None:
         """Checks (or creates) the ledger's CDC tables, the publication and the slot."""
-        conn = self.conn
-        async with conn.transaction():
-            await conn.execute(self.names.q.lock_schema, SCHEMA_LOCK_KEY)
-            if await conn.fetchval("SELECT to_regclass($1)", self.q.qualified_batches) is None:
-                raise UserError(
-                    "database.dsn",
-                    f"no cdcfeed ledger ({self.q.qualified_batches}) in this database; "
-                    "point --dsn at cdcfeed's database or run `cdcfeed init-db`",
-                )
-            await conn.execute(self.q.verify_ddl)
-        if not await conn.fetchval(self.q.try_lock, self.slot):
+        db = self.db
+        if not await db.create_state():
+            raise UserError(
+                "database.dsn",
+                f"no cdcfeed ledger ({db.qualified_batches}) in this database; "
+                "point --dsn at cdcfeed's database or run `cdcfeed init-db`",
+            )
+        if not await db.try_lock(self.slot):
             raise SlotUnavailable(
                 "cdc.verify_slot", f"another cdcfeed verify is already reading slot {self.slot}"
             )
         await self._check_publication(create_publication)
-        slot = await conn.fetchrow(self.q.slot, self.slot)
+        slot = await db.slot(self.slot)
         if slot is None:
             if not create_slot:
                 raise UserError(
@@ -143,8 +139,8 @@ class Verifier:
                     f"no replication slot {self.slot!r}; pass --create-slot to give verify a "
                     "slot of its own (never Debezium's: verifying consumes the slot)",
                 )
-            await self._create_slot()
-            slot = await conn.fetchrow(self.q.slot, self.slot)
+            await db.create_slot(self.slot)  # another verify may have created it meanwhile
+            slot = await db.slot(self.slot)
             assert slot is not None
         if slot["slot_type"] != "logical" or slot["plugin"] != "pgoutput":
             raise UserError(
@@ -158,13 +154,11 @@ class Verifier:
                 f"slot {self.slot!r} belongs to database {slot['database']!r}, "
                 f"not {slot['here']!r}; point --dsn at that database",
             )
-        if await conn.fetchrow(self.q.progress, self.slot) is None:
-            await conn.execute(
-                self.q.start_progress, self.slot, self.publication, slot["confirmed_flush_lsn"]
-            )
+        if await db.progress(self.slot) is None:
+            await db.start_progress(self.slot, self.publication, slot["confirmed_flush_lsn"])
 
     async def _check_publication(self, create: bool) -> None:
-        record = await self.conn.fetchrow(self.q.publication, self.publication)
+        record = await self.db.publication(self.publication)
         if record is None:
             if not create:
                 raise UserError(
@@ -172,53 +166,27 @@ class Verifier:
                     f"no publication {self.publication!r}; create it (before the slot) with "
                     f"`cdcfeed init-db --publication {self.publication}`",
                 )
-            await ensure_publication(self.conn, self.names, self.publication)
+            await self.db.ensure_publication(self.publication)
             return
-        orders = ".".join(self.q.orders_relation)
+        orders = ".".join(self.db.orders_relation)
         if not record[0] and orders not in record[1]:
             logger.warning(
                 f"publication {self.publication} does not cover {orders}: no batch can reach "
                 "the stream, so every COMPLETED batch will be reported missing"
             )
 
-    async def _create_slot(self) -> None:
-        try:
-            await self.conn.fetchval(self.q.create_slot, self.slot)
-        except asyncpg.DuplicateObjectError:
-            return  # created meanwhile by another verify; prepare() checks it
-        except asyncpg.ObjectNotInPrerequisiteStateError as exc:
-            raise UserError(
-                "cdc.verify_slot",
-                f"cannot create a logical slot ({describe_error(exc)}); the server needs "
-                "wal_level=logical and a free max_replication_slots entry",
-            ) from None
-        except asyncpg.InsufficientPrivilegeError as exc:
-            raise UserError(
-                "database.dsn",
-                f"the role may not create replication slots ({describe_error(exc)}); "
-                "it needs the REPLICATION attribute",
-            ) from None
-        # A new slot starts a new proof: what an earlier slot of this name saw is void.
-        async with self.conn.transaction():
-            for statement in self.q.forget_slot:
-                await self.conn.execute(statement, self.slot)
-        logger.info(f"created replication slot {self.slot} (pgoutput) for verify")
-
     async def close(self) -> None:
-        """Closes the connection, and with it the verify lock; never raises."""
-        try:
-            await asyncio.wait_for(self.conn.close(), timeout=5)
-        except Exception:
-            self.conn.terminate()  # the server is gone or stuck: drop the socket
+        """Closes the session, and with it the verify lock; never raises."""
+        await self.db.close()
 
     async def _progress(self) -> _Progress:
-        record = await self.conn.fetchrow(self.q.progress, self.slot)
+        record = await self.db.progress(self.slot)
         if record is None:
             raise UserError("cdc.verify_slot", f"verify state of slot {self.slot} vanished")
         return _Progress(*record)
 
     async def _confirmed(self) -> int:
-        slot = await self.conn.fetchrow(self.q.slot, self.slot)
+        slot = await self.db.slot(self.slot)
         if slot is None:
             raise SlotUnavailable(
                 "cdc.verify_slot", f"replication slot {self.slot!r} was dropped while verifying"
@@ -235,7 +203,7 @@ class Verifier:
             await self._skipped_ahead(position, confirmed)
             position = confirmed
         while stop is None or not stop.is_set():
-            upto: int = await self.conn.fetchval(self.q.flush_lsn)
+            upto = await self.db.flush_lsn()
             if upto <= position:
                 break
             position, full = await self._read_chunk(position, upto)
@@ -249,59 +217,42 @@ class Verifier:
             f"the slot moved from {int_to_lsn(position)} to {int_to_lsn(confirmed)} without "
             "verify: another reader consumed those changes, so their batches cannot be proven"
         )
-        async with self.conn.transaction():
-            await self.conn.execute(
-                self.q.record_stream_violation, self.slot, None, None, confirmed, reason
-            )
-            await self.conn.execute(self.q.set_position, self.slot, confirmed, self.publication)
+        async with self.db.transaction():
+            await self.db.record_stream_violation(self.slot, None, None, confirmed, reason)
+            await self.db.set_position(self.slot, confirmed, self.publication)
         self._found([Violation(None, reason)])
 
     async def _read_chunk(self, position: int, upto: int) -> tuple[int, bool]:
-        reader = StreamReader(self.q.orders_relation, position)
-        conn = self.conn
+        reader = StreamReader(self.db.orders_relation, position)
+        db = self.db
         try:
-            async with conn.transaction():
-                # One chunk ends at a transaction's end: a batch of millions of rows is one
-                # chunk, which may take longer than a statement timeout meant for the load.
-                await conn.execute("SET LOCAL statement_timeout = 0")
-                async for record in conn.cursor(
-                    self.q.peek,
-                    self.slot,
-                    upto,
-                    self.chunk_changes,
-                    self.publication,
-                    prefetch=_PREFETCH,
-                ):
-                    reader.feed(record[0])
+            async with (
+                db.transaction(),
+                aclosing(db.changes(self.slot, upto, self.chunk_changes, self.publication)) as data,
+            ):
+                async for message in data:
+                    reader.feed(message)
                 reader.finish()
                 full = reader.messages >= self.chunk_changes
                 # Not full: every transaction committing before `upto` was read.
                 new_position = max(position, reader.last_end if full else upto, reader.last_end)
                 if reader.observations:
-                    await conn.executemany(
-                        self.q.record_pending,
-                        [(self.slot, *_row(o)) for o in reader.observations],
-                    )
+                    await db.record_pending(self.slot, [_row(o) for o in reader.observations])
                 for event in reader.events:
-                    await conn.execute(
-                        self.q.record_stream_violation,
-                        self.slot,
-                        event.batch_id,
-                        event.xid,
-                        event.commit_lsn,
-                        event.reason,
+                    await db.record_stream_violation(
+                        self.slot, event.batch_id, event.xid, event.commit_lsn, event.reason
                     )
-                await conn.execute(self.q.set_position, self.slot, new_position, self.publication)
-        except asyncpg.ObjectInUseError as exc:
+                await db.set_position(self.slot, new_position, self.publication)
+        except SlotBusy as exc:
             raise SlotUnavailable(
-                "cdc.verify_slot", f"slot {self.slot} is in use ({describe_error(exc)})"
+                "cdc.verify_slot", f"slot {self.slot} is in use ({exc})"
             ) from None
-        except asyncpg.UndefinedObjectError as exc:
+        except ObjectMissing as exc:
             await self._confirmed()  # a dropped slot says so
             raise UserError(
                 "cdc.publication",
                 f"the slot cannot decode with publication {self.publication!r} "
-                f"({describe_error(exc)}); the publication must exist before the slot's "
+                f"({exc}); the publication must exist before the slot's "
                 "position: create it, then a new slot (--create-slot with a new --slot)",
             ) from None
         self._found([Violation(e.batch_id, e.reason) for e in reader.events])
@@ -310,33 +261,32 @@ class Verifier:
     async def _advance(self, position: int) -> None:
         if position > await self._confirmed():
             try:
-                await self.conn.fetchval(self.q.advance_slot, self.slot, position)
-            except asyncpg.ObjectInUseError as exc:
+                await self.db.advance_slot(self.slot, position)
+            except SlotBusy as exc:
                 raise SlotUnavailable(
-                    "cdc.verify_slot", f"slot {self.slot} is in use ({describe_error(exc)})"
+                    "cdc.verify_slot", f"slot {self.slot} is in use ({exc})"
                 ) from None
 
     async def _judge(self, progress: _Progress, position: int) -> None:
-        conn = self.conn
-        q = self.q
+        db = self.db
         found: list[Violation] = []
         verdicts: list[str] = []
         amended = 0  # judged batches found violated later: violations, not new verdicts
         rows = 0
         hint = (
             f"the slot read past it without its transaction (is "
-            f"{'.'.join(q.orders_relation)} in publication {self.publication}?)"
+            f"{'.'.join(db.orders_relation)} in publication {self.publication}?)"
         )
         # One snapshot: a batch is either IN_PROGRESS (and waits) or settled (and is judged).
-        async with conn.transaction(isolation="repeatable_read"):
-            waiting: list[int] = await conn.fetchval(q.in_progress_since, progress.scope)
+        async with db.transaction(isolation="repeatable_read"):
+            waiting = await db.in_progress_since(progress.scope)
             while True:
-                ready = await conn.fetch(q.ready_pending, self.slot, _JUDGE_BATCH)
+                ready = await db.ready_pending(self.slot, _JUDGE_BATCH)
                 if not ready:
                     break
                 ids = [r["batch_id"] for r in ready]
                 seen: dict[int, list[Observation]] = {i: [] for i in ids}
-                for o in await conn.fetch(q.pending_of, self.slot, ids):
+                for o in await db.pending_of(self.slot, ids):
                     seen[o["batch_id"]].append(_observation(o))
                 for record in ready:
                     batch_id = record["batch_id"]
@@ -345,15 +295,12 @@ class Verifier:
                     if record["verdict_id"] is not None:
                         amendment = judge_again(batch_id, batch, observations)
                         if amendment is not None:
-                            await conn.execute(
-                                q.amend_verdict, record["verdict_id"], amendment.reason
-                            )
+                            await db.amend_verdict(record["verdict_id"], amendment.reason)
                             found.append(amendment)
                             amended += 1
                         continue
                     verdict = judge_seen(batch_id, batch, observations)
-                    await conn.execute(
-                        q.record_verdict,
+                    await db.record_verdict(
                         self.slot,
                         batch_id,
                         verdict.status,
@@ -367,10 +314,9 @@ class Verifier:
                     verdicts.append(verdict.result)
                     if verdict.violation is not None:
                         found.append(verdict.violation)
-                await conn.execute(q.drop_pending, self.slot, ids)
+                await db.drop_pending(self.slot, ids)
             while True:
-                unseen = await conn.fetch(
-                    q.unobserved,
+                unseen = await db.unobserved(
                     self.slot,
                     progress.scope,
                     progress.checked,
@@ -382,8 +328,7 @@ class Verifier:
                     verdict = judge_unseen(batch_id, status, row_count, end_lsn, hint)
                     if verdict.violation is not None:
                         found.append(verdict.violation)
-                    await conn.execute(
-                        q.record_verdict,
+                    await db.record_verdict(
                         self.slot,
                         batch_id,
                         status,
@@ -396,7 +341,7 @@ class Verifier:
                     verdicts.append(verdict.result)
                 if len(unseen) < _JUDGE_BATCH:
                     break
-            await conn.execute(q.set_checked, self.slot, position, waiting)
+            await db.set_checked(self.slot, position, waiting)
         self.run.batches += len(verdicts)
         self.run.rows += rows
         if self.metrics is not None:
@@ -416,20 +361,18 @@ class Verifier:
     async def lag_bytes(self) -> int:
         """WAL written since the position verify has read to."""
         progress = await self._progress()
-        insert: int = await self.conn.fetchval(self.q.insert_lsn)
+        insert = await self.db.insert_lsn()
         return max(0, insert - progress.position)
 
     async def report(self, limit: int = REPORT_VIOLATIONS) -> Report:
-        q = self.q
         progress = await self._progress()
-        totals = await self.conn.fetchrow(q.totals, self.slot)
-        assert totals is not None
-        waiting: int = await self.conn.fetchval(
-            q.waiting, self.slot, progress.checked, progress.scope, progress.waiting
+        totals = await self.db.totals(self.slot)
+        waiting = await self.db.waiting(
+            self.slot, progress.checked, progress.scope, progress.waiting
         )
         violations = [
-            Violation(r["batch_id"], r["reason"])
-            for r in await self.conn.fetch(q.violations, self.slot, limit)
+            Violation(batch_id, reason)
+            for batch_id, reason in await self.db.violations(self.slot, limit)
         ]
         return Report(
             slot=self.slot,
@@ -459,36 +402,6 @@ def _row(o: Observation) -> tuple[int, ...]:
     )
 
 
-async def ensure_publication(conn: asyncpg.Connection, names: Names, publication: str) -> bool:
-    """Creates the publication over orders and the ledger; adds a table it lacks. Idempotent.
-
-    Returns True when something changed. A slot decodes only with publications that existed
-    at its position, so this belongs before the slot is created.
-    """
-    q = CdcStatements(names)
-    async with conn.transaction():
-        await conn.execute(names.q.lock_schema, SCHEMA_LOCK_KEY)
-        record = await conn.fetchrow(q.publication, publication)
-        if record is None:
-            await conn.execute(
-                f"CREATE PUBLICATION {quote_ident(publication)} FOR TABLE {q.publication_tables}"
-            )
-            return True
-        if record[0]:  # FOR ALL TABLES covers ours already
-            return False
-        missing = [
-            table
-            for table, relation in (
-                (q.qualified_orders, ".".join(q.orders_relation)),
-                (q.qualified_batches, f"{names.schema}.{names.batches}"),
-            )
-            if relation not in record[1]
-        ]
-        for table in missing:
-            await conn.execute(f"ALTER PUBLICATION {quote_ident(publication)} ADD TABLE {table}")
-        return bool(missing)
-
-
 async def open_verifier(
     database: DatabaseSettings,
     names: Names,
@@ -500,11 +413,13 @@ async def open_verifier(
     metrics: Metrics | None = None,
     on_violation: Callable[[Violation], None] | None = None,
     run: Tally | None = None,
+    patient: bool = False,
 ) -> Verifier:
-    """A prepared verifier on a connection of its own (one attempt; the caller retries)."""
-    conn = await asyncpg.connect(**connect_kwargs(database, "cdcfeed verify"))
+    """A prepared verifier on a connection of its own. One attempt, the caller retries;
+    `patient`: bounded retries and a one-line UserError, for a first opening from the CLI."""
+    session = await VerifySession.open(database, names, patient=patient)
     verifier = Verifier(
-        conn, names, slot, publication, metrics=metrics, on_violation=on_violation, run=run
+        session, slot, publication, metrics=metrics, on_violation=on_violation, run=run
     )
     try:
         await verifier.prepare(create_slot=create_slot, create_publication=create_publication)
@@ -526,42 +441,54 @@ async def run_passes(
     Rides out a database outage, and a slot held by another reader, by reopening the
     verifier with backoff: the state tables make the next pass resume where the last ended.
     """
-    policy = RetryPolicy(initial_delay=poll_interval, max_delay=max(poll_interval, 10.0))
-    failures = 0
+    backoff = Backoff(initial=poll_interval, maximum=max(poll_interval, 10.0))
+    current = verifier
+    paused = False
+
+    def log(attempt: int, exc: BaseException, pause: float) -> None:
+        nonlocal paused
+        if not paused:
+            what = exc.message if isinstance(exc, SlotUnavailable) else str(exc)
+            logger.warning(f"verify paused: {what}; retrying")
+        paused = True
+
+    async def one_pass() -> None:
+        nonlocal current, paused
+        try:
+            if current is None:
+                current = await reopen()
+                if paused:
+                    logger.info(f"verify: reading slot {current.slot} again")
+                paused = False
+            await current.run_pass(stop)
+            if metrics is not None:
+                metrics.verify_lag.set(await current.lag_bytes())
+        except (DatabaseUnavailable, SlotUnavailable):
+            if current is not None:
+                await current.close()
+                current = None
+            raise
+
     try:
         while stop is None or not stop.is_set():
             try:
-                if verifier is None:
-                    verifier = await reopen()
-                    if failures:
-                        logger.info(f"verify: reading slot {verifier.slot} again")
-                    failures = 0
-                await verifier.run_pass(stop)
-                if metrics is not None:
-                    metrics.verify_lag.set(await verifier.lag_bytes())
-                pause = poll_interval
-            except Exception as exc:
-                if not (isinstance(exc, SlotUnavailable) or is_unavailable(exc)):
-                    raise
-                if verifier is not None:
-                    await verifier.close()
-                    verifier = None
-                failures += 1
-                if failures == 1:
-                    what = exc.message if isinstance(exc, SlotUnavailable) else describe_error(exc)
-                    logger.warning(f"verify paused: {what}; retrying")
-                pause = policy.delay(min(failures, 10))
-            if stop is None:
-                await asyncio.sleep(pause)
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=pause)
-        if verifier is None:
-            verifier = await reopen()
-        return await verifier.report()
+                await retry(
+                    one_pass,
+                    what="verify",
+                    backoff=backoff,
+                    stop=stop,
+                    retry_on=(DatabaseUnavailable, SlotUnavailable),
+                    log=log,
+                )
+            except (DatabaseUnavailable, SlotUnavailable):
+                break  # stopped while waiting for the database or the slot
+            await pause_until(stop, poll_interval)
+        if current is None:
+            current = await reopen()
+        return await current.report()
     finally:
-        if verifier is not None:
-            await verifier.close()
+        if current is not None:
+            await current.close()
 
 
 async def verify_continuously(

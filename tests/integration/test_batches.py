@@ -10,7 +10,7 @@ import pytest
 from loguru import logger
 
 from cdcfeed.config import load_settings
-from cdcfeed.ledger import init_schema
+from cdcfeed.database.schema import init_schema
 from tests.support import (
     check_invariant,
     ledger_rows,

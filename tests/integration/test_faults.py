@@ -23,7 +23,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from cdcfeed.reconcile import settle_abandoned
+from cdcfeed.database.catalog import statements
+from cdcfeed.database.ledger import Ledger
 from tests.support import (
     FAULTS,
     PostgresCluster,
@@ -262,6 +263,7 @@ async def test_a_settler_never_decides_a_running_copy_and_a_settled_batch_never_
     """The row lock of batch.py step 4 against reconcile.py, statement by statement."""
     names = names_for(dsn)
     await create_schema(dsn)
+    q = statements(names)
     loader = await asyncpg.connect(dsn)
     settler = await asyncpg.connect(dsn)
     try:
@@ -277,21 +279,21 @@ async def test_a_settler_never_decides_a_running_copy_and_a_settled_batch_never_
         now = datetime.now(UTC)
 
         # Batch 1's COPY is running (its row locked): the settler must pass over it.
-        assert await loader.execute(names.q.claim_batch(1)) == "UPDATE 1"  # opens the transaction
+        assert await loader.execute(q.claim_batch(1)) == "UPDATE 1"  # opens the transaction
         await loader.execute(
             "INSERT INTO orders SELECT g, 1, 1, 1.00, now() FROM generate_series(1, 10) g"
         )
-        decided = await settle_abandoned(settler, names, "settler", now)
+        decided = await Ledger(settler, names).settle_abandoned("settler", now)
         assert [(s.batch_id, s.status) for s in decided] == [(2, "FAILED")]
-        await loader.execute(names.q.commit)
-        decided = await settle_abandoned(settler, names, "settler", now)
+        await loader.execute(q.commit)
+        decided = await Ledger(settler, names).settle_abandoned("settler", now)
         assert [(s.batch_id, s.status, s.row_count) for s in decided] == [(1, "COMPLETED", 10)]
         xid = await settler.fetchval("SELECT xid::text FROM batch_control WHERE batch_id = 1")
         assert xid is not None and int(xid) > 0
 
         # Batch 2 was settled FAILED before its COPY: the loader finds nothing to claim.
-        assert await loader.execute(names.q.claim_batch(2)) == "UPDATE 0"
-        await loader.execute(names.q.rollback)
+        assert await loader.execute(q.claim_batch(2)) == "UPDATE 0"
+        await loader.execute(q.rollback)
     finally:
         await loader.close()
         await settler.close()

@@ -14,40 +14,43 @@ from contextlib import asynccontextmanager
 import asyncpg
 import pytest
 
-from cdcfeed import ledger
+from cdcfeed.database import Allocation, Database, Names
+from cdcfeed.database.catalog import statements
+from cdcfeed.database.ledger import Ledger
+from cdcfeed.database.schema import init_schema
 from cdcfeed.ids import IdReservations
-from cdcfeed.sql import Names
 from tests.support import wait_until
 
 NAMES = Names(schema="public", orders="orders", batches="batch_control")
+Q = statements(NAMES)
 
 
 @pytest.fixture
 async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     connection = await asyncpg.connect(dsn)
-    await ledger.init_schema(connection, NAMES)
+    await init_schema(connection, NAMES)
     try:
         yield connection
     finally:
         await connection.close()
 
 
-async def _opened(conn: asyncpg.Connection, rows: int = 10) -> ledger.Allocation:
+async def _opened(conn: asyncpg.Connection, rows: int = 10) -> Allocation:
     """A batch through step 3: ids reserved, its IN_PROGRESS row committed."""
-    (allocation,) = await ledger.reserve(conn, NAMES, rows, 1)
-    await ledger.open_batch(conn, NAMES, allocation, "test", rows, "f.csv", 0.0, 0.0)
+    (allocation,) = await Ledger(conn, NAMES).reserve(rows, 1)
+    await Ledger(conn, NAMES).open_batch(allocation, "test", rows, "f.csv", 0.0, 0.0)
     return allocation
 
 
 @asynccontextmanager
 async def _copy_running(
-    dsn: str, allocation: ledger.Allocation, rows: int = 10
+    dsn: str, allocation: Allocation, rows: int = 10
 ) -> AsyncIterator[asyncpg.Connection]:
     """Step 4 up to, not including, its commit (claim, then the rows), on a connection of its
     own that is closed on the way out: without a commit first, a lost connection."""
     loader = await asyncpg.connect(dsn)
     try:
-        assert await loader.execute(NAMES.q.claim_batch(allocation.batch_id)) == "UPDATE 1"
+        assert await loader.execute(Q.claim_batch(allocation.batch_id)) == "UPDATE 1"
         await loader.execute(
             "INSERT INTO orders SELECT g, $2, 1, 1.00, now() "
             "FROM generate_series($1::bigint, $1::bigint + $3 - 1) g",
@@ -64,8 +67,10 @@ async def test_reservations_from_two_instances_never_overlap(dsn: str) -> None:
     pools = [await asyncpg.create_pool(dsn, min_size=1, max_size=4) for _ in range(2)]
     try:
         async with pools[0].acquire() as conn:
-            await ledger.init_schema(conn, NAMES)
-        reservations = [IdReservations(pool, NAMES, rows=100, batches=5) for pool in pools]
+            await init_schema(conn, NAMES)
+        reservations = [
+            IdReservations(Database(pool, NAMES), rows=100, batches=5) for pool in pools
+        ]
         taken = await asyncio.gather(*(r.take() for r in reservations for _ in range(23)))
     finally:
         for pool in pools:
@@ -83,8 +88,8 @@ async def test_reservations_from_two_instances_never_overlap(dsn: str) -> None:
 
 
 async def test_settling_a_batch_whose_row_never_arrived(conn: asyncpg.Connection) -> None:
-    (allocation,) = await ledger.reserve(conn, NAMES, 10, 1)
-    settled = await ledger.settle(conn, NAMES, allocation.batch_id, "lost")
+    (allocation,) = await Ledger(conn, NAMES).reserve(10, 1)
+    settled = await Ledger(conn, NAMES).settle(allocation.batch_id, "lost")
     assert settled.status == "NOT_STARTED"
 
 
@@ -92,10 +97,10 @@ async def test_settling_waits_for_a_copy_still_running(dsn: str, conn: asyncpg.C
     allocation = await _opened(conn)
     async with _copy_running(dsn, allocation) as loader:
         # The COPY's transaction holds the row: nothing is decided while it runs.
-        running = await ledger.settle(conn, NAMES, allocation.batch_id, "lost")
+        running = await Ledger(conn, NAMES).settle(allocation.batch_id, "lost")
         assert running.status == "IN_PROGRESS"
-        await loader.execute(NAMES.q.commit)
-    settled = await ledger.settle(conn, NAMES, allocation.batch_id, "lost")
+        await loader.execute(Q.commit)
+    settled = await Ledger(conn, NAMES).settle(allocation.batch_id, "lost")
     assert (settled.status, settled.row_count) == ("COMPLETED", 10)
     row = await conn.fetchrow(
         "SELECT status, recovered, xid::text, end_lsn::text FROM batch_control WHERE batch_id = $1",
@@ -113,7 +118,7 @@ async def test_settling_a_copy_that_rolled_back(dsn: str, conn: asyncpg.Connecti
     # Until the backend has gone and released the row.
     settled = await wait_until(
         "the lost connection's backend releases the row",
-        lambda: ledger.settle(conn, NAMES, allocation.batch_id, "lost"),
+        lambda: Ledger(conn, NAMES).settle(allocation.batch_id, "lost"),
         lambda settled: settled.status != "IN_PROGRESS",
         timeout=5,
         every=0.05,
@@ -128,8 +133,8 @@ async def test_settling_a_copy_that_rolled_back(dsn: str, conn: asyncpg.Connecti
 
 async def test_settling_a_batch_already_decided_reports_it(conn: asyncpg.Connection) -> None:
     allocation = await _opened(conn)
-    await ledger.fail_batch(conn, NAMES, allocation.batch_id, "refused", None)
-    settled = await ledger.settle(conn, NAMES, allocation.batch_id, "lost")
+    await Ledger(conn, NAMES).fail_batch(allocation.batch_id, "refused", None)
+    settled = await Ledger(conn, NAMES).settle(allocation.batch_id, "lost")
     assert settled.status == "FAILED"
     error = await conn.fetchval(
         "SELECT error FROM batch_control WHERE batch_id = $1", allocation.batch_id

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from cdcfeed.database import VerifySession
 from cdcfeed.verify import Verifier
 from tests.support import (
     PUBLICATION,
@@ -101,7 +102,8 @@ async def test_verify_reads_in_bounded_chunks(dsn: str, feed_dir: Path) -> None:
     assert await run_in_process(settings_for(dsn, feed_dir, batch_size=200, max_batches=12)) == 0
     conn = await asyncpg.connect(dsn)
     try:
-        verifier = Verifier(conn, names_for(dsn), SLOT, PUBLICATION, chunk_changes=50)
+        session = VerifySession(conn, names_for(dsn))
+        verifier = Verifier(session, SLOT, PUBLICATION, chunk_changes=50)
         await verifier.prepare(create_slot=False)
         await verifier.run_pass()
         report = await verifier.report()

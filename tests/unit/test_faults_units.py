@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from cdcfeed.config import load_settings
-from cdcfeed.db import connect_kwargs, is_unavailable
+from cdcfeed.database import connect_kwargs, is_unavailable
 from cdcfeed.errors import UserError
 
 

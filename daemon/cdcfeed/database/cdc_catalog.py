@@ -1,33 +1,37 @@
 """The SQL of the CDC side: replication slots, publications, and verify's own state.
 
-Kept apart from `sql.py` (the load's statements) so each side can change without the other.
-Identifiers from configuration are quoted with `quote_ident`; values are always parameters.
-LSNs travel as integers: asyncpg's pg_lsn codec maps them both ways.
+Kept apart from `catalog.py` (the load's statements) so each side can change without the
+other. Identifiers are quoted in `names.py`; values are always parameters. LSNs travel as
+integers: asyncpg's pg_lsn codec maps them both ways.
 """
 
 from __future__ import annotations
 
-from cdcfeed.sql import Names, quote_ident
+from cdcfeed.database.names import (
+    PENDING_TABLE,
+    PROGRESS_TABLE,
+    RESULTS_TABLE,
+    Names,
+    quote_ident,
+)
 
-PROGRESS_TABLE = "cdcfeed_verify_progress"
-PENDING_TABLE = "cdcfeed_verify_pending"
-RESULTS_TABLE = "cdcfeed_verify_results"
+# safe_wal_size arrived in PostgreSQL 13; older servers report nothing for it.
+SAFE_WAL_SIZE_SINCE = 13
 
 
 class CdcStatements:
     def __init__(self, names: Names) -> None:
-        schema = quote_ident(names.schema)
-        batches = f"{schema}.{quote_ident(names.batches)}"
-        progress = f"{schema}.{quote_ident(PROGRESS_TABLE)}"
-        pending = f"{schema}.{quote_ident(PENDING_TABLE)}"
-        results = f"{schema}.{quote_ident(RESULTS_TABLE)}"
+        batches = names.table(names.batches)
+        progress = names.table(PROGRESS_TABLE)
+        pending = names.table(PENDING_TABLE)
+        results = names.table(RESULTS_TABLE)
         end_lsn_index = quote_ident(f"{names.batches}_end_lsn_idx")
         start_lsn_index = quote_ident(f"{names.batches}_start_lsn_idx")
-        self.orders_relation = (names.schema, names.orders)
-        self.qualified_orders = f"{schema}.{quote_ident(names.orders)}"
+        self.orders_relation = names.orders_relation
+        self.qualified_orders = names.table(names.orders)
         self.qualified_batches = batches
 
-        # Run by `ledger.init_schema` under the schema lock, after the load's own DDL.
+        # Run by `schema.init_schema` under the schema lock, after the load's own DDL.
         self.ledger_indexes_ddl = f"""
             -- Slot metrics count and time batches by end_lsn every poll, and verify walks
             -- batches by start_lsn; the ledger grows for weeks, so both are index ranges.
@@ -85,6 +89,7 @@ class CdcStatements:
                 ON {results} (slot, id) WHERE result = 'violation';
         """
         self.verify_ddl = self.ledger_indexes_ddl + verify_tables
+        self.ledger_exists = "SELECT to_regclass($1)"
 
         # --- replication slots and publications -------------------------------------------
         self.slot = """
@@ -103,6 +108,11 @@ class CdcStatements:
             FROM pg_publication p WHERE pubname = $1
         """
         self.publication_tables = f"{self.qualified_orders}, {batches}"
+        # The tables a publication must cover, as (quoted, as pg_publication_tables names it).
+        self.published = (
+            (self.qualified_orders, ".".join(names.orders_relation)),
+            (batches, f"{names.schema}.{names.batches}"),
+        )
 
         # --- reading the stream --------------------------------------------------------------
         # Peek, not get: the slot is advanced only after what was read is committed here,
@@ -111,6 +121,9 @@ class CdcStatements:
             SELECT data FROM pg_logical_slot_peek_binary_changes(
                 $1, $2::pg_lsn, $3, 'proto_version', '1', 'publication_names', $4)
         """
+        # One chunk ends at a transaction's end: a batch of millions of rows is one chunk,
+        # which may take longer than a statement timeout meant for the load.
+        self.no_statement_timeout = "SET LOCAL statement_timeout = 0"
         self.try_lock = "SELECT pg_try_advisory_lock(hashtextextended('cdcfeed verify ' || $1, 0))"
         self.progress = f"""
             SELECT scope_lsn, position, checked, waiting FROM {progress} WHERE slot = $1
@@ -228,14 +241,18 @@ class CdcStatements:
         """
 
         # --- slot monitoring -----------------------------------------------------------------
-        self.watched_slots = """
+        # Two variants, for servers with and without safe_wal_size (`watched_slots`).
+        self._watched_slots = tuple(
+            f"""
             SELECT slot_name::text, active, confirmed_flush_lsn, restart_lsn,
                    {safe_wal_size} AS safe_wal_size, pg_current_wal_insert_lsn() AS insert_lsn
             FROM pg_replication_slots
             WHERE slot_type = 'logical' AND database = current_database()
               AND (cardinality($1::text[]) = 0 OR slot_name = ANY($1::text[]))
             ORDER BY slot_name
-        """
+            """
+            for safe_wal_size in ("NULL::bigint", "safe_wal_size")
+        )
         self.in_progress_ids = f"SELECT batch_id FROM {batches} WHERE status = 'IN_PROGRESS'"
         # The batches a slot confirmed since the last poll: end_lsn in (previous, current],
         # plus those IN_PROGRESS at the last poll, whose COMPLETED mark may have committed
@@ -254,3 +271,15 @@ class CdcStatements:
         self.unconfirmed = f"""
             SELECT count(*) FROM {batches} WHERE status = 'COMPLETED' AND end_lsn > $1
         """
+
+    def watched_slots(self, server_major: int) -> str:
+        """The watched logical slots of this database, for a server of this major version."""
+        return self._watched_slots[server_major >= SAFE_WAL_SIZE_SINCE]
+
+    @staticmethod
+    def create_publication(publication: str, tables: str) -> str:
+        return f"CREATE PUBLICATION {quote_ident(publication)} FOR TABLE {tables}"
+
+    @staticmethod
+    def add_to_publication(publication: str, table: str) -> str:
+        return f"ALTER PUBLICATION {quote_ident(publication)} ADD TABLE {table}"

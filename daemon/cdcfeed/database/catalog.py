@@ -1,50 +1,41 @@
-"""Every SQL statement cdcfeed runs, by name.
+"""Every SQL statement of the load, by name; the CDC side's are in `cdc_catalog.py`.
 
-Identifiers come from configuration, so they are always quoted with `quote_ident`; values
-are always parameters. Statements are rendered once per `Names` and kept.
+Identifiers are quoted in `names.py`; values are always parameters. Statements are rendered
+once per `Names` and kept (`statements`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from functools import lru_cache
 
-ORDER_COLUMNS = ("order_id", "batch_id", "customer_id", "amount", "created_at")
+from cdcfeed.database.cdc_catalog import CdcStatements
+from cdcfeed.database.names import INSTANCES_TABLE, ORDER_IDS_TABLE, Names, quote_ident
 
-# Serialises concurrent `init-db` runs: CREATE ... IF NOT EXISTS alone races on the catalog.
-SCHEMA_LOCK_KEY = 0x63646366  # "cdcf"
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+# The embedded server's bootstrap (run before any cdcfeed schema exists).
+DATABASE_EXISTS = "SELECT 1 FROM pg_database WHERE datname = $1"
 
 
-@dataclass(frozen=True)
-class Names:
-    schema: str
-    orders: str
-    batches: str
-    # Rendered statements, derived from the names above.
-    q: Statements = field(init=False)
+def create_database(name: str) -> str:
+    return f"CREATE DATABASE {quote_ident(name)}"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "q", Statements(self))
 
-    @property
-    def batch_sequence(self) -> str:
-        return f"{self.batches}_batch_id_seq"
-
-    @property
-    def regclass_batch_sequence(self) -> str:
-        return f"{quote_ident(self.schema)}.{quote_ident(self.batch_sequence)}"
+@lru_cache(maxsize=16)
+def statements(names: Names) -> Statements:
+    """The statements for `names`, rendered on first use."""
+    return Statements(names)
 
 
 class Statements:
+    """The load's statements (and, as `cdc`, the CDC side's), rendered for one `Names`."""
+
     def __init__(self, names: Names) -> None:
+        self.names = names
+        self.cdc = CdcStatements(names)
         schema = quote_ident(names.schema)
-        orders = f"{schema}.{quote_ident(names.orders)}"
-        batches = f"{schema}.{quote_ident(names.batches)}"
-        order_ids = f"{schema}.{quote_ident('cdcfeed_order_ids')}"
-        instances = f"{schema}.{quote_ident('cdcfeed_instances')}"
+        orders = names.table(names.orders)
+        batches = names.table(names.batches)
+        order_ids = names.table(ORDER_IDS_TABLE)
+        instances = names.table(INSTANCES_TABLE)
         sequence = names.regclass_batch_sequence
         in_progress_index = quote_ident(f"{names.batches}_in_progress_idx")
 
@@ -139,7 +130,7 @@ class Statements:
             SET status = 'FAILED', error = $2, completed_at = now(), copy_seconds = $3
             WHERE batch_id = $1 AND status = 'IN_PROGRESS'
         """
-        # Settling one batch whose COPY outcome is unknown (ledger.settle): its row, locked.
+        # Settling one batch whose COPY outcome is unknown (Ledger.settle): its row, locked.
         # NOWAIT: a lock held means its COPY transaction (or another settler) is still at it.
         self.lock_batch = f"""
             SELECT status, first_order_id, row_count, xid::text, end_lsn::text FROM {batches}
@@ -164,7 +155,7 @@ class Statements:
                    generate_seconds, write_seconds, copy_seconds
             FROM {batches} ORDER BY batch_id DESC LIMIT $1
         """
-        # Leases (reconcile.py): each instance renews its row every heartbeat; the batches of
+        # Leases (leases.py): each instance renews its row every heartbeat; the batches of
         # an instance whose lease lapsed are settled by the others.
         self.register_instance = f"""
             WITH previous AS (

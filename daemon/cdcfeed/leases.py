@@ -19,53 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
 from datetime import datetime
 
-import asyncpg
 from loguru import logger
 
 from cdcfeed.config import DaemonSettings
-from cdcfeed.db import Connection, describe_error, with_connection
-from cdcfeed.errors import DatabaseUnavailable
-from cdcfeed.ledger import decide
-from cdcfeed.sql import Names
-
-# Batches settled per transaction: bounds how long a settler holds row locks after a crash
-# that left many batches behind; the next heartbeat takes the next slice.
-SETTLE_SLICE = 100
-INTERRUPTED = "interrupted"
-
-
-@dataclass(frozen=True, slots=True)
-class Settled:
-    batch_id: int
-    instance: str
-    status: str  # COMPLETED or FAILED
-    row_count: int
-    end_lsn: str | None
-
-
-async def settle_abandoned(
-    conn: Connection, names: Names, instance: str, run_started: datetime, *, own: bool = False
-) -> list[Settled]:
-    """Settles one slice of abandoned batches in one transaction; returns what it decided.
-
-    `own`: only this instance's earlier runs' batches, waiting for the locks of any COPY still
-    running (see `claim_earlier_runs`); otherwise every abandoned batch, skipping locked ones.
-    """
-    settled: list[Settled] = []
-    claim = names.q.claim_earlier_runs if own else names.q.claim_abandoned
-    async with conn.transaction():
-        claimed = await conn.fetch(claim, instance, run_started, SETTLE_SLICE)
-        for batch_id, first_order_id, row_count, xid, owner in claimed:
-            decided = await decide(
-                conn, names, batch_id, first_order_id, row_count, xid, INTERRUPTED
-            )
-            settled.append(
-                Settled(batch_id, owner, decided.status, decided.row_count, decided.end_lsn)
-            )
-    return settled
+from cdcfeed.database import Database, Settled
+from cdcfeed.database.ledger import INTERRUPTED, SETTLE_SLICE
+from cdcfeed.errors import DatabaseBusy, DatabaseUnavailable
+from cdcfeed.retry import Backoff, retry
 
 
 def _log(batch: Settled, instance: str) -> None:
@@ -80,14 +42,11 @@ def _log(batch: Settled, instance: str) -> None:
         log.warning(f"batch {batch.batch_id} left IN_PROGRESS by {whose}: FAILED ({INTERRUPTED})")
 
 
-class Lease:
+class InstanceLease:
     """This instance's lease, and the reconciliation that runs on its heartbeat."""
 
-    def __init__(
-        self, pool: asyncpg.Pool, names: Names, instance: str, settings: DaemonSettings
-    ) -> None:
-        self._pool = pool
-        self._names = names
+    def __init__(self, database: Database, instance: str, settings: DaemonSettings) -> None:
+        self._database = database
         self.instance = instance
         self.heartbeat_interval = settings.heartbeat_interval
         self.lease_duration = settings.lease_duration
@@ -96,14 +55,9 @@ class Lease:
 
     async def acquire(self) -> None:
         """Takes the lease (before the first batch) and settles what was left behind."""
-        record = await with_connection(
-            self._pool,
-            lambda conn: conn.fetchrow(
-                self._names.q.register_instance, self.instance, self.lease_duration
-            ),
+        self.started_at, was_live = await self._database.register_lease(
+            self.instance, self.lease_duration
         )
-        assert record is not None
-        self.started_at, was_live = record[0], record[1]
         if was_live:
             # A restart after a crash looks the same; but two processes under one name would
             # settle each other's batches (safely, yet needlessly), so say so.
@@ -113,7 +67,7 @@ class Lease:
             )
         try:
             await self.reconcile(own=True)
-        except asyncpg.QueryCanceledError:
+        except DatabaseBusy:
             # A lock held past the statement timeout: the heartbeat's passes retry it.
             logger.warning("an earlier run's batch is still locked; settling it later")
         await self.reconcile()
@@ -121,13 +75,9 @@ class Lease:
     async def reconcile(self, own: bool = False) -> int:
         """Settles abandoned batches, a slice per transaction, until none is left to claim."""
         assert self.started_at is not None
-        started = self.started_at
         total = 0
         while True:
-            settled = await with_connection(
-                self._pool,
-                lambda conn: settle_abandoned(conn, self._names, self.instance, started, own=own),
-            )
+            settled = await self._database.settle_abandoned(self.instance, self.started_at, own=own)
             for batch in settled:
                 _log(batch, self.instance)
             total += len(settled)
@@ -135,11 +85,9 @@ class Lease:
                 return total
 
     async def renew(self) -> None:
-        started = await with_connection(
-            self._pool,
-            lambda conn: conn.fetchval(
-                self._names.q.renew_lease, self.instance, self.lease_duration, self.started_at
-            ),
+        assert self.started_at is not None
+        started = await self._database.renew_lease(
+            self.instance, self.lease_duration, self.started_at
         )
         if started != self.started_at and not self._warned_duplicate:
             self._warned_duplicate = True
@@ -148,35 +96,38 @@ class Lease:
                 "cdcfeed its own [daemon] instance"
             )
 
+    async def _beat(self) -> None:
+        await self.renew()
+        await self.reconcile()
+
     async def keep(self) -> None:
         """The supervised heartbeat: renew, then reconcile, every interval, until cancelled.
 
         An unreachable database only pauses it (the lease may lapse meanwhile, which is
-        safe: see the module docstring); any other error ends it, and so the daemon.
+        safe: see the module docstring); a statement timeout or a serialization hiccup is
+        retried next beat; any other error ends it, and so the daemon.
         """
+        every_beat = Backoff(self.heartbeat_interval, self.heartbeat_interval, jitter=False)
         unreachable = False
+
+        def log(attempt: int, exc: BaseException, pause: float) -> None:
+            nonlocal unreachable
+            if not isinstance(exc, DatabaseUnavailable):
+                logger.warning(f"lease heartbeat: {exc}; retrying")
+                return
+            if not unreachable:
+                logger.warning(f"lease not renewed: database unavailable ({exc})")
+            unreachable = True
+
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            try:
-                await self.renew()
-                await self.reconcile()
-            except DatabaseUnavailable as exc:
-                if not unreachable:
-                    logger.warning(f"lease not renewed: database unavailable ({exc})")
-                unreachable = True
-                continue
-            except asyncpg.PostgresError as exc:
-                # A statement timeout or a serialization hiccup is worth a retry next beat;
-                # anything else (a dropped table, say) is not something to run on with.
-                if not isinstance(
-                    exc,
-                    asyncpg.QueryCanceledError
-                    | asyncpg.LockNotAvailableError
-                    | asyncpg.TransactionRollbackError,
-                ):
-                    raise
-                logger.warning(f"lease heartbeat: {describe_error(exc)}; retrying")
-                continue
+            await retry(
+                self._beat,
+                what="lease heartbeat",
+                backoff=every_beat,
+                retry_on=(DatabaseUnavailable, DatabaseBusy),
+                log=log,
+            )
             if unreachable:
                 logger.info("lease renewed")
             unreachable = False
@@ -185,9 +136,5 @@ class Lease:
         """Ends the lease at a clean stop, so others may settle what shutdown left at once."""
         if self.started_at is None:
             return
-        started = self.started_at
         with contextlib.suppress(DatabaseUnavailable):
-            await with_connection(
-                self._pool,
-                lambda conn: conn.execute(self._names.q.release_lease, self.instance, started),
-            )
+            await self._database.release_lease(self.instance, self.started_at)

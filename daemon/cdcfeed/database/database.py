@@ -1,0 +1,240 @@
+"""`Database`: the pool, the statement catalog and the translation of driver errors, in one.
+
+Callers ask for what they mean (reserve ids, settle a batch, renew a lease); every method
+borrows a pooled connection for its statements and gives it back. Driver errors leave as
+`DatabaseUnavailable` (retry), `DatabaseRefused` (the server said no), or as themselves
+(a bug).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any, TypeVar
+
+import asyncpg
+
+from cdcfeed.config import DatabaseSettings
+from cdcfeed.database.catalog import Statements, statements
+from cdcfeed.database.connect import close_pool, create_pool
+from cdcfeed.database.errors import raise_translated, translated
+from cdcfeed.database.ledger import Allocation, Connection, Ledger, Settled, Settlement
+from cdcfeed.database.names import ORDER_COLUMNS, Names
+from cdcfeed.database.schema import ensure_publication, init_schema
+from cdcfeed.database.slots import SlotSnapshot, read_slots
+from cdcfeed.errors import BatchAborted, CdcfeedError
+
+T = TypeVar("T")
+
+# How long the ROLLBACK after a failed or cancelled COPY may take before the connection is
+# closed instead.
+ROLLBACK_WAIT_SECONDS = 1.0
+
+
+class Database:
+    def __init__(self, pool: asyncpg.Pool, names: Names) -> None:
+        self._pool = pool
+        self.names = names
+        self._q: Statements = statements(names)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls, settings: DatabaseSettings, names: Names, size: int, application_name: str
+    ) -> AsyncIterator[Database]:
+        """A pool opened with bounded retries (a UserError when the database stays away),
+        closed with a timeout and terminate() as the fallback."""
+        pool = await create_pool(settings, size, application_name)
+        try:
+            yield cls(pool, names)
+        finally:
+            await close_pool(pool)
+
+    @translated
+    async def _run(self, operation: Callable[[Ledger], Awaitable[T]]) -> T:
+        async with self._pool.acquire() as conn:
+            return await operation(Ledger(conn, self._q))
+
+    # --- the batch protocol ------------------------------------------------------------------
+
+    async def reserve_ids(self, rows: int, batches: int) -> list[Allocation]:
+        """Step 1: batch ids and order-id blocks for `batches` batches, committed."""
+        return await self._run(lambda ledger: ledger.reserve(rows, batches))
+
+    @asynccontextmanager
+    async def batch_session(self) -> AsyncIterator[BatchSession]:
+        """One pooled connection for steps 3 to 5 of one batch."""
+        try:
+            async with self._pool.acquire() as conn:
+                yield BatchSession(conn, self._q)
+        except CdcfeedError:
+            raise
+        except Exception as exc:
+            raise_translated(exc)
+
+    async def fail_batch(self, batch_id: int, error: str, copy_seconds: float | None) -> None:
+        await self._run(lambda ledger: ledger.fail_batch(batch_id, error, copy_seconds))
+
+    async def record_unstarted_failure(
+        self, allocation: Allocation, instance: str, rows: int, error: str
+    ) -> None:
+        await self._run(
+            lambda ledger: ledger.record_unstarted_failure(allocation, instance, rows, error)
+        )
+
+    async def settle(self, batch_id: int, reason: str) -> Settlement:
+        """Decides a batch whose COPY outcome is unknown from what the database holds."""
+        return await self._run(lambda ledger: ledger.settle(batch_id, reason))
+
+    async def recent_batches(self, limit: int) -> list[dict[str, Any]]:
+        return await self._run(lambda ledger: ledger.recent_batches(limit))
+
+    # --- leases ------------------------------------------------------------------------------
+
+    async def register_lease(self, instance: str, duration: float) -> tuple[datetime, bool]:
+        return await self._run(lambda ledger: ledger.register_lease(instance, duration))
+
+    async def renew_lease(self, instance: str, duration: float, started_at: datetime) -> datetime:
+        return await self._run(lambda ledger: ledger.renew_lease(instance, duration, started_at))
+
+    async def release_lease(self, instance: str, started_at: datetime) -> None:
+        await self._run(lambda ledger: ledger.release_lease(instance, started_at))
+
+    async def settle_abandoned(
+        self, instance: str, run_started: datetime, *, own: bool = False
+    ) -> list[Settled]:
+        return await self._run(
+            lambda ledger: ledger.settle_abandoned(instance, run_started, own=own)
+        )
+
+    # --- health, schema, slots ---------------------------------------------------------------
+
+    @translated
+    async def ping(self, timeout: float) -> None:
+        """One round trip; DatabaseUnavailable when no answer comes within `timeout`."""
+        async with self._pool.acquire(timeout=timeout) as conn:
+            await conn.fetchval(self._q.ping, timeout=timeout)
+
+    @translated
+    async def expire_connections(self) -> None:
+        """Replaces every pooled connection: after an outage, idle ones may point at a
+        server that is gone without having said so (failover, partition)."""
+        await self._pool.expire_connections()
+
+    @translated
+    async def init_schema(self) -> None:
+        async with self._pool.acquire() as conn:
+            await init_schema(conn, self.names)
+
+    @translated
+    async def ensure_publication(self, publication: str) -> bool:
+        async with self._pool.acquire() as conn:
+            return await ensure_publication(conn, self.names, publication)
+
+    @translated
+    async def slot_confirmations(self, watched: Sequence[str]) -> dict[str, int | None]:
+        """Each watched slot's confirmed_flush_lsn, for `cdcfeed status`."""
+        async with self._pool.acquire() as conn:
+            slots = await read_slots(conn, self._q, watched)
+        return {slot.name: slot.confirmed_flush_lsn for slot in slots}
+
+    @asynccontextmanager
+    async def slot_snapshot(self) -> AsyncIterator[SlotSnapshot]:
+        """The slots and the ledger in one read-only snapshot."""
+        try:
+            async with (
+                self._pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                yield SlotSnapshot(conn, self._q)
+        except CdcfeedError:
+            raise
+        except Exception as exc:
+            raise_translated(exc)
+
+
+class BatchSession:
+    """Steps 3 to 5 of one batch on one connection: four round trips in all."""
+
+    def __init__(self, conn: Connection, q: Statements) -> None:
+        self._conn = conn
+        self._q = q
+        self._ledger = Ledger(conn, q)
+
+    @translated
+    async def open_batch(
+        self,
+        allocation: Allocation,
+        instance: str,
+        rows: int,
+        feed_file: str,
+        generate_seconds: float,
+        write_seconds: float,
+    ) -> str:
+        """Step 3: the IN_PROGRESS row, committed, with the WAL position before the COPY."""
+        return await self._ledger.open_batch(
+            allocation, instance, rows, feed_file, generate_seconds, write_seconds
+        )
+
+    @translated
+    async def copy(self, batch_id: int, data: bytes, timeout: float | None) -> None:
+        """Step 4: claim the batch row, COPY, commit; rolled back whole on any failure.
+
+        BatchAborted when a settler decided the batch first: nothing is loaded.
+        """
+        q = self._q
+        conn = self._conn
+        try:
+            claimed = await conn.execute(q.claim_batch(batch_id))
+            if claimed != "UPDATE 1":
+                raise BatchAborted(
+                    "settled by another instance before its COPY "
+                    "(was this instance's lease lapsing?)"
+                )
+            await conn.copy_to_table(
+                q.names.orders,
+                # The bytes just written whole to the feed file: the COPY loads the file's
+                # content without reading it back through a thread hop per call. A
+                # memoryview, because asyncpg takes plain bytes for a file name (buffers are
+                # documented sources; the stubs only list paths, files and iterables).
+                source=memoryview(data),  # type: ignore[arg-type]
+                schema_name=q.names.schema,
+                columns=ORDER_COLUMNS,
+                format="csv",
+                header=True,
+                timeout=timeout,
+            )
+            await conn.execute(q.commit)
+        except BaseException:
+            # Shielded: shutdown cancels batches, and the transaction must end all the same.
+            await asyncio.shield(self._end_transaction())
+            raise
+
+    async def _end_transaction(self) -> None:
+        """Rolls back step 4's transaction after a failure, or closes the connection; never
+        raises.
+
+        After a cancelled or timed-out COPY, asyncpg first waits for the server to
+        acknowledge the cancel (CopyFail and a cancel request), then sends the ROLLBACK. A
+        server that does not answer in time (a hung backend) or a lost connection gets the
+        connection closed instead, which ends the transaction as surely; the pool replaces it.
+        """
+        try:
+            await self._conn.execute(self._q.rollback, timeout=ROLLBACK_WAIT_SECONDS)
+            return
+        except Exception:
+            pass
+        # A connection asyncpg already closed itself is back in the pool; its handle then
+        # refuses even this, and there is nothing left to end.
+        with contextlib.suppress(asyncpg.InterfaceError):
+            self._conn.terminate()
+
+    @translated
+    async def complete(
+        self, batch_id: int, rows: int, copy_seconds: float
+    ) -> tuple[str, str] | None:
+        """Step 5: COMPLETED; (end LSN, xid), or None if a settler decided it first."""
+        return await self._ledger.complete_batch(batch_id, rows, copy_seconds)

@@ -1,0 +1,191 @@
+"""The ledger on one connection: `batch_control` rows, the order-id blocks behind them, and
+the instances' leases.
+
+Each method is one step of the batch protocol (see `batch.py`) or of settling batches whose
+outcome a run could not record. A `Ledger` wraps a connection it does not own; `Database`
+hands them out, one per operation, and translates driver errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from cdcfeed.database.catalog import Statements, statements
+from cdcfeed.database.names import Names
+
+# A plain connection or one borrowed from the pool: the ledger works on either.
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+# Batches settled per transaction: bounds how long a settler holds row locks after a crash
+# that left many batches behind; the next heartbeat takes the next slice.
+SETTLE_SLICE = 100
+INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    batch_id: int
+    first_order_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    # COMPLETED or FAILED (decided now, or before by another settler); IN_PROGRESS when its
+    # COPY transaction (or a settler) still holds the row; NOT_STARTED when the ledger has no
+    # row: the batch never got past step 3.
+    status: str
+    end_lsn: str | None = None
+    row_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """A batch an abandoned run left IN_PROGRESS, as a settler decided it."""
+
+    batch_id: int
+    instance: str
+    status: str  # COMPLETED or FAILED
+    row_count: int
+    end_lsn: str | None
+
+
+class Ledger:
+    def __init__(self, conn: Connection, names: Names | Statements) -> None:
+        self.conn = conn
+        self.q = names if isinstance(names, Statements) else statements(names)
+
+    async def reserve(self, rows: int, batches: int) -> list[Allocation]:
+        """Batch ids and order-id blocks for `batches` batches of `rows` orders, committed."""
+        q = self.q
+        record = await self.conn.fetchrow(
+            q.reserve_ids, q.names.orders, rows, q.sequence_regclass, batches
+        )
+        if record is None or record[0] is None:
+            raise RuntimeError("order id allocation row is missing; run `cdcfeed init-db`")
+        first: int = record[0]
+        return [
+            Allocation(batch_id=batch_id, first_order_id=first + index * rows)
+            for index, batch_id in enumerate(record[1])
+        ]
+
+    async def open_batch(
+        self,
+        allocation: Allocation,
+        instance: str,
+        rows: int,
+        feed_file: str,
+        generate_seconds: float,
+        write_seconds: float,
+    ) -> str:
+        """Inserts the IN_PROGRESS row (committed on return) and returns its start LSN."""
+        start_lsn: str = await self.conn.fetchval(
+            self.q.open_batch,
+            allocation.batch_id,
+            instance,
+            rows,
+            allocation.first_order_id,
+            feed_file,
+            generate_seconds,
+            write_seconds,
+        )
+        return start_lsn
+
+    async def complete_batch(
+        self, batch_id: int, rows: int, copy_seconds: float
+    ) -> tuple[str, str] | None:
+        """Marks the batch COMPLETED; its (end LSN, xid), or None if it was settled already."""
+        record = await self.conn.fetchrow(self.q.complete_batch, batch_id, rows, copy_seconds)
+        return None if record is None else (record[0], record[1])
+
+    async def fail_batch(self, batch_id: int, error: str, copy_seconds: float | None) -> None:
+        await self.conn.execute(self.q.fail_batch, batch_id, error[:2000], copy_seconds)
+
+    async def record_unstarted_failure(
+        self, allocation: Allocation, instance: str, rows: int, error: str
+    ) -> None:
+        """A batch that failed before its COPY could start: FAILED, no rows, in one commit."""
+        async with self.conn.transaction():
+            await self.open_batch(allocation, instance, rows, "", 0.0, 0.0)
+            await self.fail_batch(allocation.batch_id, error, None)
+
+    async def decide(
+        self, batch_id: int, first_order_id: int, row_count: int, xid: str | None, reason: str
+    ) -> Settlement:
+        """Settles an IN_PROGRESS batch whose row lock the caller holds, in its transaction.
+
+        Under the lock no COPY of the batch is running and none will start, so the block's
+        count is final: a COPY commits all of its rows or none. The COPY's transaction wrote
+        its xid into the row; a row without one (written by an older cdcfeed) gets it from
+        its orders.
+        """
+        q = self.q
+        present = await self.conn.fetchval(q.count_block, first_order_id, row_count, batch_id)
+        if not present:
+            await self.fail_batch(batch_id, reason, None)
+            return Settlement("FAILED")
+        if xid is None:
+            xid = await self.conn.fetchval(q.block_xid, first_order_id, row_count, batch_id)
+        end_lsn = await self.conn.fetchval(q.recover_batch, batch_id, present, xid)
+        return Settlement("COMPLETED", end_lsn, present)
+
+    async def settle(self, batch_id: int, reason: str) -> Settlement:
+        """Decides a batch of this process whose COPY outcome was not recorded (connection
+        lost, shutdown), from what the database holds: under its row lock, as reconciliation
+        does."""
+        async with self.conn.transaction():
+            try:
+                row = await self.conn.fetchrow(self.q.lock_batch, batch_id)
+            except asyncpg.LockNotAvailableError:
+                return Settlement("IN_PROGRESS")
+            if row is None:
+                return Settlement("NOT_STARTED")
+            status, first_order_id, row_count, xid, end_lsn = row
+            if status != "IN_PROGRESS":
+                return Settlement(status, end_lsn, row_count)
+            return await self.decide(batch_id, first_order_id, row_count, xid, reason)
+
+    async def settle_abandoned(
+        self, instance: str, run_started: datetime, *, own: bool = False
+    ) -> list[Settled]:
+        """Settles one slice of abandoned batches in one transaction; returns what it decided.
+
+        `own`: only this instance's earlier runs' batches, waiting for the locks of any COPY
+        still running (see `claim_earlier_runs`); otherwise every abandoned batch, skipping
+        locked ones.
+        """
+        settled: list[Settled] = []
+        claim = self.q.claim_earlier_runs if own else self.q.claim_abandoned
+        async with self.conn.transaction():
+            claimed = await self.conn.fetch(claim, instance, run_started, SETTLE_SLICE)
+            for batch_id, first_order_id, row_count, xid, owner in claimed:
+                decided = await self.decide(batch_id, first_order_id, row_count, xid, INTERRUPTED)
+                settled.append(
+                    Settled(batch_id, owner, decided.status, decided.row_count, decided.end_lsn)
+                )
+        return settled
+
+    async def recent_batches(self, limit: int) -> list[dict[str, Any]]:
+        records = await self.conn.fetch(self.q.recent_batches, limit)
+        return [dict(record) for record in records]
+
+    # --- leases (leases.py) -----------------------------------------------------------------
+
+    async def register_lease(self, instance: str, duration: float) -> tuple[datetime, bool]:
+        """Takes the lease; (this run's start, whether a live lease of the name was there)."""
+        record = await self.conn.fetchrow(self.q.register_instance, instance, duration)
+        assert record is not None
+        return record[0], record[1]
+
+    async def renew_lease(self, instance: str, duration: float, started_at: datetime) -> datetime:
+        """Renews the lease; the start of the run that holds it now."""
+        started: datetime = await self.conn.fetchval(
+            self.q.renew_lease, instance, duration, started_at
+        )
+        return started
+
+    async def release_lease(self, instance: str, started_at: datetime) -> None:
+        await self.conn.execute(self.q.release_lease, instance, started_at)
