@@ -31,9 +31,9 @@ import uvloop
 from cdcfeed.config import load_settings
 from cdcfeed.embedded import PostgresCluster
 from cdcfeed.endpoint import Readiness
+from cdcfeed.load.profiles import arrivals_of
+from cdcfeed.load.scheduler import LoadScheduler
 from cdcfeed.metrics import Metrics
-from cdcfeed.profiles import arrivals_of
-from cdcfeed.scheduler import LoadScheduler
 from harness import (
     CpuMeter,
     Daemon,

@@ -28,7 +28,7 @@ from pathlib import Path
 import asyncpg
 
 from cdcfeed.embedded import PostgresCluster
-from cdcfeed.generate import batch_rng, orders_csv
+from cdcfeed.load.generate import batch_rng, orders_csv
 from harness import (
     DEBIAN_PG15,
     CpuMeter,

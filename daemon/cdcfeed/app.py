@@ -16,19 +16,19 @@ from loguru import logger
 from pydantic import SecretStr
 
 from cdcfeed import __version__
-from cdcfeed.batch import BatchEnvironment, run_batch
-from cdcfeed.cdc import start_cdc_tasks
 from cdcfeed.config import DatabaseSettings, Settings, redact_dsn, uses_libpq_environment
 from cdcfeed.database import Database, ensure_database, names_of
 from cdcfeed.embedded import PostgresCluster, default_data_dir, wheel_bin_dir
 from cdcfeed.endpoint import Endpoint, Readiness
-from cdcfeed.feed import FeedDirectory
-from cdcfeed.ids import IdReservations
-from cdcfeed.leases import InstanceLease
+from cdcfeed.load.batch import BatchEnvironment, run_batch
+from cdcfeed.load.feed import FeedDirectory
+from cdcfeed.load.ids import IdReservations
+from cdcfeed.load.leases import InstanceLease
+from cdcfeed.load.profiles import arrivals_of, describe_load
+from cdcfeed.load.scheduler import LoadScheduler, settle_reserve
 from cdcfeed.metrics import Metrics
-from cdcfeed.profiles import arrivals_of, describe_load
+from cdcfeed.proof.tasks import start_cdc_tasks
 from cdcfeed.retry import Backoff, retry
-from cdcfeed.scheduler import LoadScheduler, settle_reserve
 
 EMBEDDED_DATABASE = "cdcfeed"
 HEALTHY_POLL_SECONDS = 1.0

@@ -18,7 +18,7 @@ from cdcfeed.database import Allocation, Database, Names
 from cdcfeed.database.catalog import statements
 from cdcfeed.database.ledger import Ledger
 from cdcfeed.database.schema import init_schema
-from cdcfeed.ids import IdReservations
+from cdcfeed.load.ids import IdReservations
 from tests.support import wait_until
 
 NAMES = Names(schema="public", orders="orders", batches="batch_control")

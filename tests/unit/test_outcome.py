@@ -14,8 +14,6 @@ from typing import Any
 
 import pytest
 
-from cdcfeed import batch
-from cdcfeed.batch import BatchEnvironment, run_batch
 from cdcfeed.config import load_settings
 from cdcfeed.database import Allocation, Settlement
 from cdcfeed.errors import (
@@ -25,10 +23,12 @@ from cdcfeed.errors import (
     DatabaseSilent,
     DatabaseUnavailable,
 )
-from cdcfeed.feed import FeedDirectory
-from cdcfeed.ids import IdReservations
+from cdcfeed.load import batch
+from cdcfeed.load.batch import BatchEnvironment, run_batch
+from cdcfeed.load.feed import FeedDirectory
+from cdcfeed.load.ids import IdReservations
+from cdcfeed.load.outcome import Action, Outcome, Reached, decide
 from cdcfeed.metrics import Metrics
-from cdcfeed.outcome import Action, Outcome, Reached, decide
 from cdcfeed.retry import Backoff
 
 LOST = DatabaseUnavailable("ConnectionDoesNotExistError: connection was closed")

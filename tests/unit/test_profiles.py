@@ -19,9 +19,9 @@ from cdcfeed.cli import to_toml
 from cdcfeed.config import LoadSettings, effective_view, load_settings
 from cdcfeed.endpoint import Readiness
 from cdcfeed.errors import UserError
+from cdcfeed.load.profiles import Arrivals, Profile, arrivals_of, profile_of
+from cdcfeed.load.scheduler import EARLY_SECONDS, ArrivalTrigger, LoadScheduler, SkipLog
 from cdcfeed.metrics import Metrics
-from cdcfeed.profiles import Arrivals, Profile, arrivals_of, profile_of
-from cdcfeed.scheduler import EARLY_SECONDS, ArrivalTrigger, LoadScheduler, SkipLog
 
 
 def _load(**values: Any) -> LoadSettings:

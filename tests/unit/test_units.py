@@ -21,8 +21,8 @@ from cdcfeed.config import (
     split_address,
 )
 from cdcfeed.errors import UserError
-from cdcfeed.feed import FeedDirectory
-from cdcfeed.generate import HEADER, batch_rng, orders_csv
+from cdcfeed.load.feed import FeedDirectory
+from cdcfeed.load.generate import HEADER, batch_rng, orders_csv
 
 
 def _parse(data: bytes) -> list[dict[str, str]]:

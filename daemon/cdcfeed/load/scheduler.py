@@ -24,8 +24,8 @@ from apscheduler.triggers.base import BaseTrigger
 from loguru import logger
 
 from cdcfeed.endpoint import Readiness
+from cdcfeed.load.profiles import Arrivals
 from cdcfeed.metrics import Metrics
-from cdcfeed.profiles import Arrivals
 
 SKIP_SUMMARY_SECONDS = 10.0
 # A run this late means the daemon is not keeping up (a GC pause or a busy loop stays below).

@@ -7,7 +7,7 @@ import asyncio
 from cdcfeed.config import CdcSettings, DatabaseSettings
 from cdcfeed.database import Database, Names
 from cdcfeed.metrics import Metrics
-from cdcfeed.slots import watch_slots
+from cdcfeed.proof.slots import watch_slots
 from cdcfeed.verify import verify_continuously
 
 

@@ -27,12 +27,12 @@ from loguru import logger
 
 from cdcfeed.database import Allocation, Database, Settlement
 from cdcfeed.errors import DatabaseUnavailable, FeedError
-from cdcfeed.feed import FeedDirectory
-from cdcfeed.generate import batch_rng, orders_csv
-from cdcfeed.ids import IdReservations
+from cdcfeed.load.feed import FeedDirectory
+from cdcfeed.load.generate import batch_rng, orders_csv
+from cdcfeed.load.ids import IdReservations
+from cdcfeed.load.outcome import Action, Outcome, Reached, decide
 from cdcfeed.lsn import lsn_to_int
 from cdcfeed.metrics import Metrics
-from cdcfeed.outcome import Action, Outcome, Reached, decide
 from cdcfeed.retry import Backoff, retry
 
 SETTLE_BACKOFF = Backoff(initial=0.05, maximum=10.0)
