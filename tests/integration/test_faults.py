@@ -260,7 +260,7 @@ async def test_a_dead_instance_is_settled_by_the_live_ones_and_a_live_one_never(
 async def test_a_settler_never_decides_a_running_copy_and_a_settled_batch_never_loads(
     dsn: str,
 ) -> None:
-    """The row lock of batch.py step 4 against reconcile.py, statement by statement."""
+    """The row lock of batch.py step 4 against leases.py, statement by statement."""
     names = names_for(dsn)
     await create_schema(dsn)
     q = statements(names)
