@@ -32,8 +32,8 @@ from cdcfeed.lsn import lsn_to_int
 from cdcfeed.memory import pin_mmap_threshold
 from cdcfeed.proof.events import Violation
 from cdcfeed.proof.report import Report
+from cdcfeed.proof.runner import open_verifier, run_passes
 from cdcfeed.proof.sources.slot import StreamError
-from cdcfeed.verify import open_verifier, run_passes
 
 T = TypeVar("T")
 

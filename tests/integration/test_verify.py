@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from cdcfeed.database import VerifySession
-from cdcfeed.verify import Verifier
+from cdcfeed.proof.runner import Verifier
 from tests.support import (
     PUBLICATION,
     PostgresCluster,

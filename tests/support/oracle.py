@@ -1,6 +1,6 @@
 """What the tests check: the ledger's invariant (README), from the ledger and from a pgoutput slot.
 
-The oracle shares no code with `cdcfeed.verify`: it decodes the stream itself.
+The oracle shares no code with `cdcfeed.proof`: it decodes the stream itself.
 """
 
 from __future__ import annotations

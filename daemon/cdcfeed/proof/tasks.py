@@ -7,8 +7,8 @@ import asyncio
 from cdcfeed.config import CdcSettings, DatabaseSettings
 from cdcfeed.database import Database, Names
 from cdcfeed.metrics import Metrics
+from cdcfeed.proof.runner import verify_continuously
 from cdcfeed.proof.slots import watch_slots
-from cdcfeed.verify import verify_continuously
 
 
 def start_cdc_tasks(
