@@ -1,0 +1,501 @@
+"""Decoder for Debezium's PostgreSQL change events as Kafka Connect's JsonConverter writes them.
+
+One record value (bytes, as read from Kafka) becomes one small typed record:
+
+- `OrderChange` for the orders topic (`<prefix>.<schema>.<orders>`),
+- `LedgerChange` for the ledger topic (`<prefix>.<schema>.<batch_table>`),
+- `TransactionEvent` for the transaction topic (`<prefix>.transaction`),
+- `Truncate` for a truncate event (op `t`) on either table,
+- None for a tombstone (a record without a value, which follows every delete).
+
+Both converter forms are accepted: with the schema envelope (`schemas.enable=true`:
+`{"schema": {...}, "payload": {...}}`) and without (`{...}` is the payload). Numeric
+`amount` arrives in any `decimal.handling.mode`: `precise` (base64 of the unscaled value's
+big-endian two's-complement bytes; the scale comes from the embedded schema, else the
+decoder's default), `string` ("12.34") or `double` (12.34). Every amount decodes to a
+`Decimal`.
+
+The decoder is strict: bytes that are not a JSON object (Avro, Protobuf, another converter),
+a change event without its `source` block, an unknown `op` or a field of the wrong type raise
+`DebeziumFormatError` with one line saying what was found, because a record skipped silently
+could hide a lost row.
+
+PostgreSQL's `pg_lsn` and `xid8` columns are not among the types Debezium maps: the ledger's
+`start_lsn`, `end_lsn` and `xid` are absent from its events unless the connector runs with
+`include.unknown.datatypes=true`; they decode to None when absent.
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+from decimal import Decimal
+from typing import Final, Literal, TypeAlias
+
+import msgspec
+
+from cdcfeed.errors import CdcfeedError
+
+__all__ = [
+    "DEFAULT_SCALE",
+    "DebeziumDecoder",
+    "DebeziumFormatError",
+    "DecimalMode",
+    "Decoded",
+    "LedgerChange",
+    "Op",
+    "OrderChange",
+    "TransactionEvent",
+    "Truncate",
+    "decode_amount",
+]
+
+DEFAULT_SCALE: Final = 2
+"""The scale of `amount` (numeric(10,2)) when a precise value comes without its schema."""
+
+Op: TypeAlias = Literal["c", "u", "d", "r"]
+DecimalMode: TypeAlias = Literal["precise", "string", "double"]
+
+_ROW_OPS: Final = frozenset("cudr")
+_NOT_SNAPSHOT: Final = frozenset({"false", ""})
+_LSN_TEXT = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
+
+
+class DebeziumFormatError(CdcfeedError):
+    """A record that is not a Debezium JSON change event this decoder knows. One line."""
+
+    def __init__(self, topic: str, message: str) -> None:
+        super().__init__(f"{topic}: {message}")
+        self.topic = topic
+        self.message = message
+
+
+# -- What the decoder returns -------------------------------------------------------------
+
+
+class OrderChange(msgspec.Struct, frozen=True, gc=False):
+    """One change event of the orders table.
+
+    `tx_id` is `source.txId`: PostgreSQL's 32-bit xid (compare with the ledger's xid8 modulo
+    2**32). `lsn` is `source.lsn`, the change's WAL position. For a delete only the key
+    columns are certain (`before` holds the replica identity); the others are None.
+    """
+
+    op: Op
+    order_id: int
+    batch_id: int | None
+    customer_id: int | None
+    amount: Decimal | None
+    tx_id: int | None
+    lsn: int | None
+    snapshot: bool
+    source_ts_ms: int
+    ts_ms: int | None
+
+
+class LedgerChange(msgspec.Struct, frozen=True, gc=False):
+    """One change event of the ledger table (the row after the change; before for a delete)."""
+
+    op: Op
+    batch_id: int
+    status: str | None
+    row_count: int | None
+    first_order_id: int | None
+    start_lsn: int | None
+    end_lsn: int | None
+    xid: int | None
+    tx_id: int | None
+    lsn: int | None
+    snapshot: bool
+    source_ts_ms: int
+    ts_ms: int | None
+
+
+class Truncate(msgspec.Struct, frozen=True, gc=False):
+    """A truncate event (op `t`) of the orders or the ledger table."""
+
+    table: str
+    tx_id: int | None
+    lsn: int | None
+    source_ts_ms: int
+
+
+class TransactionEvent(msgspec.Struct, frozen=True, gc=False):
+    """A BEGIN or END event of the transaction topic (`provide.transaction.metadata`).
+
+    `id` is Debezium's "<txId>:<lsn>"; `tx_id` its 32-bit xid part, equal to the data events'
+    `source.txId`. An END carries the total `event_count` and `event_counts` per data
+    collection ("schema.table" -> events); a BEGIN has neither (None and {}).
+    """
+
+    status: Literal["BEGIN", "END"]
+    id: str
+    tx_id: int
+    event_count: int | None
+    event_counts: dict[str, int]
+    ts_ms: int
+
+
+Decoded: TypeAlias = OrderChange | LedgerChange | TransactionEvent | Truncate | None
+
+
+# -- The wire shapes (fields the decoder does not name are skipped unread) ------------------
+
+_Scalar: TypeAlias = str | int | float | None
+_Amount: TypeAlias = str | float | int | None
+
+
+class _Source(msgspec.Struct, gc=False):
+    ts_ms: int
+    snapshot: str | bool | None = None
+    txId: int | None = None  # Debezium's field name
+    lsn: int | None = None
+
+
+class _Order(msgspec.Struct, gc=False):
+    order_id: int
+    batch_id: int | None = None
+    customer_id: int | None = None
+    amount: _Amount = None
+
+
+class _Ledger(msgspec.Struct, gc=False):
+    batch_id: int
+    status: str | None = None
+    row_count: int | None = None
+    first_order_id: int | None = None
+    start_lsn: _Scalar = None
+    end_lsn: _Scalar = None
+    xid: _Scalar = None
+
+
+class _OrderPayload(msgspec.Struct, gc=False):
+    op: str | None = None
+    source: _Source | None = None
+    before: _Order | None = None
+    after: _Order | None = None
+    ts_ms: int | None = None
+
+
+class _LedgerPayload(msgspec.Struct, gc=False):
+    op: str | None = None
+    source: _Source | None = None
+    before: _Ledger | None = None
+    after: _Ledger | None = None
+    ts_ms: int | None = None
+
+
+class _Collection(msgspec.Struct, gc=False):
+    data_collection: str
+    event_count: int
+
+
+class _TxPayload(msgspec.Struct, gc=False):
+    status: str | None = None
+    id: str | None = None
+    event_count: int | None = None
+    data_collections: list[_Collection] | None = None
+    ts_ms: int | None = None
+
+
+_NO_SCHEMA: Final = msgspec.Raw(b"")
+
+# A value with the schema envelope has "schema" and "payload"; one without is the payload
+# itself. One struct holds both forms: decoding never needs a second pass. A payload that is
+# there and null is a tombstone written as JSON ({"schema": null, "payload": null}).
+class _OrderValue(_OrderPayload, gc=False):
+    schema: msgspec.Raw = _NO_SCHEMA
+    payload: _OrderPayload | msgspec.UnsetType | None = msgspec.UNSET
+
+
+class _LedgerValue(_LedgerPayload, gc=False):
+    schema: msgspec.Raw = _NO_SCHEMA
+    payload: _LedgerPayload | msgspec.UnsetType | None = msgspec.UNSET
+
+
+class _TxValue(_TxPayload, gc=False):
+    schema: msgspec.Raw = _NO_SCHEMA
+    payload: _TxPayload | msgspec.UnsetType | None = msgspec.UNSET
+
+
+class _Field(msgspec.Struct, gc=False):
+    field: str = ""
+    type: str = ""
+    parameters: dict[str, str] | None = None
+    fields: list[_Field] | None = None
+
+
+class _Schema(msgspec.Struct, gc=False):
+    fields: list[_Field] = []
+
+
+# -- Decoding ------------------------------------------------------------------------------
+
+
+def decode_amount(value: _Amount, mode: DecimalMode | None, scale: int) -> Decimal | None:
+    """An `amount` in any decimal.handling.mode as a Decimal.
+
+    `mode` None infers it from the value: a number is `double`; a string with a "." is
+    `string` (Debezium writes numeric(p,s>0) as plain text with its scale); any other string
+    is `precise` base64 (its alphabet has no ".").
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if mode == "string" or (mode is None and "." in value):
+            return Decimal(value)
+        raw = binascii.a2b_base64(value, strict_mode=True)
+        return Decimal(int.from_bytes(raw, "big", signed=True)).scaleb(-scale)
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    return Decimal(value)
+
+
+class DebeziumDecoder:
+    """Decodes the values of one pipeline's topics.
+
+    `decimal_mode` None infers each amount's form (see `decode_amount`); set it when known.
+    `default_scale` is the precise amount's scale when a value comes without its schema.
+    """
+
+    def __init__(
+        self,
+        *,
+        topic_prefix: str = "cdcfeed",
+        schema: str = "public",
+        orders_table: str = "orders",
+        ledger_table: str = "batch_control",
+        decimal_mode: DecimalMode | None = None,
+        default_scale: int = DEFAULT_SCALE,
+    ) -> None:
+        self.orders_topic: Final = f"{topic_prefix}.{schema}.{orders_table}"
+        self.ledger_topic: Final = f"{topic_prefix}.{schema}.{ledger_table}"
+        self.transaction_topic: Final = f"{topic_prefix}.transaction"
+        self.orders_collection: Final = f"{schema}.{orders_table}"
+        self.ledger_collection: Final = f"{schema}.{ledger_table}"
+        self.decimal_mode = decimal_mode
+        self.default_scale = default_scale
+        self._orders = msgspec.json.Decoder(_OrderValue)
+        self._ledger = msgspec.json.Decoder(_LedgerValue)
+        self._tx = msgspec.json.Decoder(_TxValue)
+        self._schema = msgspec.json.Decoder(_Schema)
+        # Embedded schemas repeat on every record: the amount's scale once per distinct one.
+        self._scales: dict[bytes, int] = {}
+
+    def decode(self, topic: str, value: bytes | None) -> Decoded:
+        """One record's value from `topic`; None for a tombstone."""
+        if topic == self.orders_topic:
+            return self.decode_order(value, topic)
+        if topic == self.transaction_topic:
+            return self.decode_transaction(value, topic)
+        if topic == self.ledger_topic:
+            return self.decode_ledger(value, topic)
+        raise DebeziumFormatError(topic, "not a topic of this pipeline")
+
+    def decode_order(self, value: bytes | None, topic: str = "") -> OrderChange | Truncate | None:
+        if value is None:
+            return None
+        topic = topic or self.orders_topic
+        try:
+            outer = self._orders.decode(value)
+        except msgspec.DecodeError as exc:
+            raise _not_understood(topic, value, exc) from None
+        if outer.payload is None:
+            return None
+        payload: _OrderPayload = outer if outer.payload is msgspec.UNSET else outer.payload
+        op, source = _op_and_source(topic, payload.op, payload.source, payload)
+        if op == "t":
+            return Truncate(self.orders_collection, source.txId, source.lsn, source.ts_ms)
+        row = payload.before if op == "d" else payload.after
+        if row is None:
+            raise DebeziumFormatError(topic, f"op {op} without its {_row_name(op)} row")
+        if op == "d" and not row.batch_id:
+            # Without REPLICA IDENTITY FULL a delete's before row holds the key alone; Debezium
+            # fills the other columns with defaults (0, "0.00") that are no row's values.
+            return OrderChange(
+                op, row.order_id, None, None, None, source.txId, source.lsn,
+                _is_snapshot(source.snapshot), source.ts_ms, payload.ts_ms,
+            )  # fmt: skip
+        scale = self.default_scale
+        if outer.schema and isinstance(row.amount, str):
+            scale = self._scale_of(outer.schema)
+        try:
+            amount = decode_amount(row.amount, self.decimal_mode, scale)
+        except (ValueError, ArithmeticError) as exc:
+            raise DebeziumFormatError(
+                topic, f"order {row.order_id}: amount {row.amount!r} is not a decimal ({exc})"
+            ) from None
+        return OrderChange(
+            op,
+            row.order_id,
+            row.batch_id,
+            row.customer_id,
+            amount,
+            source.txId,
+            source.lsn,
+            op == "r" or _is_snapshot(source.snapshot),
+            source.ts_ms,
+            payload.ts_ms,
+        )
+
+    def decode_ledger(self, value: bytes | None, topic: str = "") -> LedgerChange | Truncate | None:
+        if value is None:
+            return None
+        topic = topic or self.ledger_topic
+        try:
+            outer = self._ledger.decode(value)
+        except msgspec.DecodeError as exc:
+            raise _not_understood(topic, value, exc) from None
+        if outer.payload is None:
+            return None
+        payload: _LedgerPayload = outer if outer.payload is msgspec.UNSET else outer.payload
+        op, source = _op_and_source(topic, payload.op, payload.source, payload)
+        if op == "t":
+            return Truncate(self.ledger_collection, source.txId, source.lsn, source.ts_ms)
+        row = payload.before if op == "d" else payload.after
+        if row is None:
+            raise DebeziumFormatError(topic, f"op {op} without its {_row_name(op)} row")
+        return LedgerChange(
+            op,
+            row.batch_id,
+            row.status,
+            row.row_count,
+            row.first_order_id,
+            _lsn(topic, row.start_lsn),
+            _lsn(topic, row.end_lsn),
+            _xid(topic, row.xid),
+            source.txId,
+            source.lsn,
+            op == "r" or _is_snapshot(source.snapshot),
+            source.ts_ms,
+            payload.ts_ms,
+        )
+
+    def decode_transaction(self, value: bytes | None, topic: str = "") -> TransactionEvent | None:
+        if value is None:
+            return None
+        topic = topic or self.transaction_topic
+        try:
+            outer = self._tx.decode(value)
+        except msgspec.DecodeError as exc:
+            raise _not_understood(topic, value, exc) from None
+        if outer.payload is None:
+            return None
+        payload: _TxPayload = outer if outer.payload is msgspec.UNSET else outer.payload
+        status: Literal["BEGIN", "END"]
+        if payload.status == "BEGIN":
+            status = "BEGIN"
+        elif payload.status == "END":
+            status = "END"
+        else:
+            raise DebeziumFormatError(
+                topic, f"transaction event with status {payload.status!r}, not BEGIN or END"
+            )
+        if payload.id is None or payload.ts_ms is None:
+            raise DebeziumFormatError(topic, f"{status} event without its id or ts_ms")
+        xid, _, _ = payload.id.partition(":")
+        if not xid.isdigit():
+            raise DebeziumFormatError(topic, f"transaction id {payload.id!r} is not <txId>:<lsn>")
+        counts = {c.data_collection: c.event_count for c in payload.data_collections or ()}
+        return TransactionEvent(
+            status, payload.id, int(xid), payload.event_count, counts, payload.ts_ms
+        )
+
+    def _scale_of(self, schema: msgspec.Raw) -> int:
+        key = bytes(schema)
+        scale = self._scales.get(key)
+        if scale is None:
+            scale = _amount_scale(self._schema.decode(schema), self.default_scale)
+            if len(self._scales) > 64:  # schemas change rarely; never grow without bound
+                self._scales.clear()
+            self._scales[key] = scale
+        return scale
+
+
+def _op_and_source(
+    topic: str, op: str | None, source: _Source | None, payload: object
+) -> tuple[Literal["c", "u", "d", "r", "t"], _Source]:
+    if source is None:
+        if op is None:
+            raise DebeziumFormatError(
+                topic, "a JSON value without op or source: not a Debezium change event"
+            )
+        raise DebeziumFormatError(topic, f"op {op} without a source block")
+    if op in _ROW_OPS or op == "t":
+        return op, source  # type: ignore[return-value]
+    raise DebeziumFormatError(topic, f"unknown op {op!r}")
+
+
+def _row_name(op: str) -> str:
+    return "before" if op == "d" else "after"
+
+
+def _is_snapshot(flag: str | bool | None) -> bool:
+    if flag is None or flag is False:
+        return False
+    return flag is True or flag not in _NOT_SNAPSHOT
+
+
+def _amount_scale(schema: _Schema, default: int) -> int:
+    for envelope_field in schema.fields:
+        if envelope_field.field not in ("after", "before"):
+            continue
+        for column in envelope_field.fields or ():
+            if column.field == "amount":
+                scale = (column.parameters or {}).get("scale")
+                return int(scale) if scale is not None else default
+    return default
+
+
+def _lsn(topic: str, value: _Scalar) -> int | None:
+    """A pg_lsn column: absent, an int, or its text "X/Y" (include.unknown.datatypes)."""
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        match = _LSN_TEXT.fullmatch(value)
+        if match:
+            return (int(match[1], 16) << 32) | int(match[2], 16)
+        text = _text_of_base64(value)
+        if text is not None and (match := _LSN_TEXT.fullmatch(text)):
+            return (int(match[1], 16) << 32) | int(match[2], 16)
+    raise DebeziumFormatError(topic, f"LSN column value {value!r} is not an LSN")
+
+
+def _xid(topic: str, value: _Scalar) -> int | None:
+    """An xid8 column: absent, an int, or its decimal text (possibly base64 of it)."""
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        if value.isdigit():
+            return int(value)
+        text = _text_of_base64(value)
+        if text is not None and text.isdigit():
+            return int(text)
+    raise DebeziumFormatError(topic, f"xid column value {value!r} is not a transaction id")
+
+
+def _text_of_base64(value: str) -> str | None:
+    try:
+        return binascii.a2b_base64(value, strict_mode=True).decode("ascii")
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _not_understood(topic: str, value: bytes, exc: msgspec.DecodeError) -> DebeziumFormatError:
+    head = bytes(value[:1])
+    if not head:
+        return DebeziumFormatError(topic, "an empty value: not a Debezium JSON event")
+    if head == b"\x00":
+        return DebeziumFormatError(
+            topic,
+            f"value starts with byte 0x00 (Confluent wire format: Avro/Protobuf/JSON Schema, "
+            f"schema id {int.from_bytes(value[1:5], 'big')}): cdcfeed reads JsonConverter "
+            f"output only",
+        )
+    if head not in (b"{", b" ", b"\n", b"\t", b"\r"):
+        return DebeziumFormatError(
+            topic,
+            f"value is not JSON (starts with {bytes(value[:8])!r}): cdcfeed reads "
+            f"JsonConverter output only",
+        )
+    return DebeziumFormatError(topic, f"not a Debezium JSON event: {exc}")
