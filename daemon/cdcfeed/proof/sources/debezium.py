@@ -30,7 +30,7 @@ from __future__ import annotations
 import binascii
 import re
 from decimal import Decimal
-from typing import Final, Literal, TypeAlias
+from typing import Final, Generic, Literal, Protocol, TypeAlias, TypeVar, cast
 
 import msgspec
 
@@ -200,6 +200,7 @@ class _TxPayload(msgspec.Struct, gc=False):
 
 _NO_SCHEMA: Final = msgspec.Raw(b"")
 
+
 # A value with the schema envelope has "schema" and "payload"; one without is the payload
 # itself. One struct holds both forms: decoding never needs a second pass. A payload that is
 # there and null is a tombstone written as JSON ({"schema": null, "payload": null}).
@@ -227,6 +228,49 @@ class _Field(msgspec.Struct, gc=False):
 
 class _Schema(msgspec.Struct, gc=False):
     fields: list[_Field] = []
+
+
+_P = TypeVar("_P", _OrderPayload, _LedgerPayload, _TxPayload)
+_SCHEMA_HEAD: Final = b'{"schema":'
+_PAYLOAD_HEAD: Final = b',"payload":'
+
+
+class _Enveloped(Protocol[_P]):
+    schema: msgspec.Raw
+    payload: _P | msgspec.UnsetType | None
+
+
+class _Reader(Generic[_P]):
+    """Reads one topic's values into their payload, in either converter form.
+
+    With schemas enabled, every value repeats the same schema (about 3 KB) before a payload a
+    fifth of that size. Once a value has shown it, a value starting with exactly the same
+    bytes has only its payload decoded: a byte comparison instead of a parse. Anything else
+    (another schema, other spacing) takes the full decode, which is always right.
+    """
+
+    def __init__(self, value_type: type[_Enveloped[_P]], payload_type: type[_P]) -> None:
+        self._full: msgspec.json.Decoder[_Enveloped[_P]] = msgspec.json.Decoder(value_type)
+        self._payload: msgspec.json.Decoder[_P | None] = msgspec.json.Decoder(payload_type | None)
+        self.prefix = b""
+        self.schema = _NO_SCHEMA
+
+    def read(self, topic: str, value: bytes) -> tuple[_P | None, msgspec.Raw]:
+        """The payload (None: a tombstone written as JSON) and the embedded schema, if any."""
+        prefix = self.prefix
+        try:
+            if prefix and value.startswith(prefix) and value.endswith(b"}"):
+                return self._payload.decode(memoryview(value)[len(prefix) : -1]), self.schema
+            outer = self._full.decode(value)
+        except msgspec.DecodeError as exc:
+            raise _not_understood(topic, value, exc) from None
+        if outer.payload is msgspec.UNSET:
+            return cast(_P, outer), _NO_SCHEMA
+        if outer.schema and outer.payload is not None:
+            learned = _SCHEMA_HEAD + bytes(outer.schema) + _PAYLOAD_HEAD
+            if value.startswith(learned):
+                self.prefix, self.schema = learned, outer.schema
+        return outer.payload, outer.schema
 
 
 # -- Decoding ------------------------------------------------------------------------------
@@ -275,12 +319,13 @@ class DebeziumDecoder:
         self.ledger_collection: Final = f"{schema}.{ledger_table}"
         self.decimal_mode = decimal_mode
         self.default_scale = default_scale
-        self._orders = msgspec.json.Decoder(_OrderValue)
-        self._ledger = msgspec.json.Decoder(_LedgerValue)
-        self._tx = msgspec.json.Decoder(_TxValue)
+        self._orders = _Reader(_OrderValue, _OrderPayload)
+        self._ledger = _Reader(_LedgerValue, _LedgerPayload)
+        self._tx = _Reader(_TxValue, _TxPayload)
         self._schema = msgspec.json.Decoder(_Schema)
         # Embedded schemas repeat on every record: the amount's scale once per distinct one.
         self._scales: dict[bytes, int] = {}
+        self._last_schema, self._last_scale = _NO_SCHEMA, default_scale
 
     def decode(self, topic: str, value: bytes | None) -> Decoded:
         """One record's value from `topic`; None for a tombstone."""
@@ -296,13 +341,9 @@ class DebeziumDecoder:
         if value is None:
             return None
         topic = topic or self.orders_topic
-        try:
-            outer = self._orders.decode(value)
-        except msgspec.DecodeError as exc:
-            raise _not_understood(topic, value, exc) from None
-        if outer.payload is None:
+        payload, schema = self._orders.read(topic, value)
+        if payload is None:
             return None
-        payload: _OrderPayload = outer if outer.payload is msgspec.UNSET else outer.payload
         op, source = _op_and_source(topic, payload.op, payload.source, payload)
         if op == "t":
             return Truncate(self.orders_collection, source.txId, source.lsn, source.ts_ms)
@@ -317,8 +358,8 @@ class DebeziumDecoder:
                 _is_snapshot(source.snapshot), source.ts_ms, payload.ts_ms,
             )  # fmt: skip
         scale = self.default_scale
-        if outer.schema and isinstance(row.amount, str):
-            scale = self._scale_of(outer.schema)
+        if schema and isinstance(row.amount, str):
+            scale = self._scale_of(schema)
         try:
             amount = decode_amount(row.amount, self.decimal_mode, scale)
         except (ValueError, ArithmeticError) as exc:
@@ -342,13 +383,9 @@ class DebeziumDecoder:
         if value is None:
             return None
         topic = topic or self.ledger_topic
-        try:
-            outer = self._ledger.decode(value)
-        except msgspec.DecodeError as exc:
-            raise _not_understood(topic, value, exc) from None
-        if outer.payload is None:
+        payload, _ = self._ledger.read(topic, value)
+        if payload is None:
             return None
-        payload: _LedgerPayload = outer if outer.payload is msgspec.UNSET else outer.payload
         op, source = _op_and_source(topic, payload.op, payload.source, payload)
         if op == "t":
             return Truncate(self.ledger_collection, source.txId, source.lsn, source.ts_ms)
@@ -375,13 +412,9 @@ class DebeziumDecoder:
         if value is None:
             return None
         topic = topic or self.transaction_topic
-        try:
-            outer = self._tx.decode(value)
-        except msgspec.DecodeError as exc:
-            raise _not_understood(topic, value, exc) from None
-        if outer.payload is None:
+        payload, _ = self._tx.read(topic, value)
+        if payload is None:
             return None
-        payload: _TxPayload = outer if outer.payload is msgspec.UNSET else outer.payload
         status: Literal["BEGIN", "END"]
         if payload.status == "BEGIN":
             status = "BEGIN"
@@ -402,6 +435,8 @@ class DebeziumDecoder:
         )
 
     def _scale_of(self, schema: msgspec.Raw) -> int:
+        if schema is self._last_schema:
+            return self._last_scale
         key = bytes(schema)
         scale = self._scales.get(key)
         if scale is None:
@@ -409,6 +444,7 @@ class DebeziumDecoder:
             if len(self._scales) > 64:  # schemas change rarely; never grow without bound
                 self._scales.clear()
             self._scales[key] = scale
+        self._last_schema, self._last_scale = schema, scale
         return scale
 
 
