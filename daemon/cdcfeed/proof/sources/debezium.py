@@ -28,13 +28,28 @@ PostgreSQL's `pg_lsn` and `xid8` columns are not among the types Debezium maps: 
 from __future__ import annotations
 
 import binascii
-import re
 from decimal import Decimal
-from typing import Final, Generic, Literal, Protocol, TypeAlias, TypeVar, cast
+from typing import Final, Literal, TypeAlias
 
 import msgspec
 
-from cdcfeed.errors import CdcfeedError
+from cdcfeed.proof.sources.debezium_wire import (
+    NO_SCHEMA,
+    Amount,
+    DebeziumFormatError,
+    LedgerPayload,
+    LedgerValue,
+    OrderPayload,
+    OrderValue,
+    Reader,
+    Schema,
+    Source,
+    TxPayload,
+    TxValue,
+    amount_scale,
+    lsn_value,
+    xid_value,
+)
 
 __all__ = [
     "DEFAULT_SCALE",
@@ -56,18 +71,7 @@ DEFAULT_SCALE: Final = 2
 Op: TypeAlias = Literal["c", "u", "d", "r"]
 DecimalMode: TypeAlias = Literal["precise", "string", "double"]
 
-_ROW_OPS: Final = frozenset("cudr")
 _NOT_SNAPSHOT: Final = frozenset({"false", ""})
-_LSN_TEXT = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
-
-
-class DebeziumFormatError(CdcfeedError):
-    """A record that is not a Debezium JSON change event this decoder knows. One line."""
-
-    def __init__(self, topic: str, message: str) -> None:
-        super().__init__(f"{topic}: {message}")
-        self.topic = topic
-        self.message = message
 
 
 # -- What the decoder returns -------------------------------------------------------------
@@ -139,144 +143,10 @@ class TransactionEvent(msgspec.Struct, frozen=True, gc=False):
 Decoded: TypeAlias = OrderChange | LedgerChange | TransactionEvent | Truncate | None
 
 
-# -- The wire shapes (fields the decoder does not name are skipped unread) ------------------
-
-_Scalar: TypeAlias = str | int | float | None
-_Amount: TypeAlias = str | float | int | None
-
-
-class _Source(msgspec.Struct, gc=False):
-    ts_ms: int
-    snapshot: str | bool | None = None
-    txId: int | None = None  # Debezium's field name
-    lsn: int | None = None
-
-
-class _Order(msgspec.Struct, gc=False):
-    order_id: int
-    batch_id: int | None = None
-    customer_id: int | None = None
-    amount: _Amount = None
-
-
-class _Ledger(msgspec.Struct, gc=False):
-    batch_id: int
-    status: str | None = None
-    row_count: int | None = None
-    first_order_id: int | None = None
-    start_lsn: _Scalar = None
-    end_lsn: _Scalar = None
-    xid: _Scalar = None
-
-
-class _OrderPayload(msgspec.Struct, gc=False):
-    op: str | None = None
-    source: _Source | None = None
-    before: _Order | None = None
-    after: _Order | None = None
-    ts_ms: int | None = None
-
-
-class _LedgerPayload(msgspec.Struct, gc=False):
-    op: str | None = None
-    source: _Source | None = None
-    before: _Ledger | None = None
-    after: _Ledger | None = None
-    ts_ms: int | None = None
-
-
-class _Collection(msgspec.Struct, gc=False):
-    data_collection: str
-    event_count: int
-
-
-class _TxPayload(msgspec.Struct, gc=False):
-    status: str | None = None
-    id: str | None = None
-    event_count: int | None = None
-    data_collections: list[_Collection] | None = None
-    ts_ms: int | None = None
-
-
-_NO_SCHEMA: Final = msgspec.Raw(b"")
-
-
-# A value with the schema envelope has "schema" and "payload"; one without is the payload
-# itself. One struct holds both forms: decoding never needs a second pass. A payload that is
-# there and null is a tombstone written as JSON ({"schema": null, "payload": null}).
-class _OrderValue(_OrderPayload, gc=False):
-    schema: msgspec.Raw = _NO_SCHEMA
-    payload: _OrderPayload | msgspec.UnsetType | None = msgspec.UNSET
-
-
-class _LedgerValue(_LedgerPayload, gc=False):
-    schema: msgspec.Raw = _NO_SCHEMA
-    payload: _LedgerPayload | msgspec.UnsetType | None = msgspec.UNSET
-
-
-class _TxValue(_TxPayload, gc=False):
-    schema: msgspec.Raw = _NO_SCHEMA
-    payload: _TxPayload | msgspec.UnsetType | None = msgspec.UNSET
-
-
-class _Field(msgspec.Struct, gc=False):
-    field: str = ""
-    type: str = ""
-    parameters: dict[str, str] | None = None
-    fields: list[_Field] | None = None
-
-
-class _Schema(msgspec.Struct, gc=False):
-    fields: list[_Field] = []
-
-
-_P = TypeVar("_P", _OrderPayload, _LedgerPayload, _TxPayload)
-_SCHEMA_HEAD: Final = b'{"schema":'
-_PAYLOAD_HEAD: Final = b',"payload":'
-
-
-class _Enveloped(Protocol[_P]):
-    schema: msgspec.Raw
-    payload: _P | msgspec.UnsetType | None
-
-
-class _Reader(Generic[_P]):
-    """Reads one topic's values into their payload, in either converter form.
-
-    With schemas enabled, every value repeats the same schema (about 3 KB) before a payload a
-    fifth of that size. Once a value has shown it, a value starting with exactly the same
-    bytes has only its payload decoded: a byte comparison instead of a parse. Anything else
-    (another schema, other spacing) takes the full decode, which is always right.
-    """
-
-    def __init__(self, value_type: type[_Enveloped[_P]], payload_type: type[_P]) -> None:
-        self._full: msgspec.json.Decoder[_Enveloped[_P]] = msgspec.json.Decoder(value_type)
-        self._payload: msgspec.json.Decoder[_P | None] = msgspec.json.Decoder(payload_type | None)
-        self.prefix = b""
-        self.schema = _NO_SCHEMA
-
-    def read(self, topic: str, value: bytes) -> tuple[_P | None, msgspec.Raw]:
-        """The payload (None: a tombstone written as JSON) and the embedded schema, if any."""
-        prefix = self.prefix
-        try:
-            if prefix and value.startswith(prefix) and value.endswith(b"}"):
-                return self._payload.decode(memoryview(value)[len(prefix) : -1]), self.schema
-            outer = self._full.decode(value)
-        except msgspec.DecodeError as exc:
-            raise _not_understood(topic, value, exc) from None
-        if outer.payload is msgspec.UNSET:
-            return cast(_P, outer), _NO_SCHEMA
-        if outer.schema and outer.payload is not None:
-            learned = _SCHEMA_HEAD + bytes(outer.schema) + _PAYLOAD_HEAD
-            if value.startswith(learned):
-                self.prefix, self.schema = learned, outer.schema
-        return outer.payload, outer.schema
-
-
 # -- Decoding ------------------------------------------------------------------------------
 
 
-def decode_amount(value: _Amount, mode: DecimalMode | None, scale: int) -> Decimal | None:
+def decode_amount(value: Amount, mode: DecimalMode | None, scale: int) -> Decimal | None:
     """An `amount` in any decimal.handling.mode as a Decimal.
 
     `mode` None infers it from the value: a number is `double`; a string with a "." is
@@ -319,13 +189,13 @@ class DebeziumDecoder:
         self.ledger_collection: Final = f"{schema}.{ledger_table}"
         self.decimal_mode = decimal_mode
         self.default_scale = default_scale
-        self._orders = _Reader(_OrderValue, _OrderPayload)
-        self._ledger = _Reader(_LedgerValue, _LedgerPayload)
-        self._tx = _Reader(_TxValue, _TxPayload)
-        self._schema = msgspec.json.Decoder(_Schema)
+        self._orders = Reader(OrderValue, OrderPayload)
+        self._ledger = Reader(LedgerValue, LedgerPayload)
+        self._tx = Reader(TxValue, TxPayload)
+        self._schema = msgspec.json.Decoder(Schema)
         # Embedded schemas repeat on every record: the amount's scale once per distinct one.
         self._scales: dict[bytes, int] = {}
-        self._last_schema, self._last_scale = _NO_SCHEMA, default_scale
+        self._last_schema, self._last_scale = NO_SCHEMA, default_scale
 
     def decode(self, topic: str, value: bytes | None) -> Decoded:
         """One record's value from `topic`; None for a tombstone."""
@@ -344,7 +214,7 @@ class DebeziumDecoder:
         payload, schema = self._orders.read(topic, value)
         if payload is None:
             return None
-        op, source = _op_and_source(topic, payload.op, payload.source, payload)
+        op, source = _op_and_source(topic, payload.op, payload.source)
         if op == "t":
             return Truncate(self.orders_collection, source.txId, source.lsn, source.ts_ms)
         row = payload.before if op == "d" else payload.after
@@ -386,7 +256,7 @@ class DebeziumDecoder:
         payload, _ = self._ledger.read(topic, value)
         if payload is None:
             return None
-        op, source = _op_and_source(topic, payload.op, payload.source, payload)
+        op, source = _op_and_source(topic, payload.op, payload.source)
         if op == "t":
             return Truncate(self.ledger_collection, source.txId, source.lsn, source.ts_ms)
         row = payload.before if op == "d" else payload.after
@@ -398,9 +268,9 @@ class DebeziumDecoder:
             row.status,
             row.row_count,
             row.first_order_id,
-            _lsn(topic, row.start_lsn),
-            _lsn(topic, row.end_lsn),
-            _xid(topic, row.xid),
+            lsn_value(topic, row.start_lsn),
+            lsn_value(topic, row.end_lsn),
+            xid_value(topic, row.xid),
             source.txId,
             source.lsn,
             op == "r" or _is_snapshot(source.snapshot),
@@ -440,7 +310,7 @@ class DebeziumDecoder:
         key = bytes(schema)
         scale = self._scales.get(key)
         if scale is None:
-            scale = _amount_scale(self._schema.decode(schema), self.default_scale)
+            scale = amount_scale(self._schema.decode(schema), self.default_scale)
             if len(self._scales) > 64:  # schemas change rarely; never grow without bound
                 self._scales.clear()
             self._scales[key] = scale
@@ -448,18 +318,24 @@ class DebeziumDecoder:
         return scale
 
 
+_OPS: Final[dict[str, Literal["c", "u", "d", "r", "t"]]] = {
+    "c": "c", "u": "u", "d": "d", "r": "r", "t": "t"
+}  # fmt: skip
+
+
 def _op_and_source(
-    topic: str, op: str | None, source: _Source | None, payload: object
-) -> tuple[Literal["c", "u", "d", "r", "t"], _Source]:
+    topic: str, op: str | None, source: Source | None
+) -> tuple[Literal["c", "u", "d", "r", "t"], Source]:
     if source is None:
         if op is None:
             raise DebeziumFormatError(
                 topic, "a JSON value without op or source: not a Debezium change event"
             )
         raise DebeziumFormatError(topic, f"op {op} without a source block")
-    if op in _ROW_OPS or op == "t":
-        return op, source  # type: ignore[return-value]
-    raise DebeziumFormatError(topic, f"unknown op {op!r}")
+    known = _OPS.get(op or "")
+    if known is None:
+        raise DebeziumFormatError(topic, f"unknown op {op!r}")
+    return known, source
 
 
 def _row_name(op: str) -> str:
@@ -470,68 +346,3 @@ def _is_snapshot(flag: str | bool | None) -> bool:
     if flag is None or flag is False:
         return False
     return flag is True or flag not in _NOT_SNAPSHOT
-
-
-def _amount_scale(schema: _Schema, default: int) -> int:
-    for envelope_field in schema.fields:
-        if envelope_field.field not in ("after", "before"):
-            continue
-        for column in envelope_field.fields or ():
-            if column.field == "amount":
-                scale = (column.parameters or {}).get("scale")
-                return int(scale) if scale is not None else default
-    return default
-
-
-def _lsn(topic: str, value: _Scalar) -> int | None:
-    """A pg_lsn column: absent, an int, or its text "X/Y" (include.unknown.datatypes)."""
-    if value is None or isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        match = _LSN_TEXT.fullmatch(value)
-        if match:
-            return (int(match[1], 16) << 32) | int(match[2], 16)
-        text = _text_of_base64(value)
-        if text is not None and (match := _LSN_TEXT.fullmatch(text)):
-            return (int(match[1], 16) << 32) | int(match[2], 16)
-    raise DebeziumFormatError(topic, f"LSN column value {value!r} is not an LSN")
-
-
-def _xid(topic: str, value: _Scalar) -> int | None:
-    """An xid8 column: absent, an int, or its decimal text (possibly base64 of it)."""
-    if value is None or isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        if value.isdigit():
-            return int(value)
-        text = _text_of_base64(value)
-        if text is not None and text.isdigit():
-            return int(text)
-    raise DebeziumFormatError(topic, f"xid column value {value!r} is not a transaction id")
-
-
-def _text_of_base64(value: str) -> str | None:
-    try:
-        return binascii.a2b_base64(value, strict_mode=True).decode("ascii")
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def _not_understood(topic: str, value: bytes, exc: msgspec.DecodeError) -> DebeziumFormatError:
-    head = bytes(value[:1])
-    if not head:
-        return DebeziumFormatError(topic, "an empty value: not a Debezium JSON event")
-    if head == b"\x00":
-        return DebeziumFormatError(
-            topic,
-            f"value starts with byte 0x00 (Confluent wire format: Avro/Protobuf/JSON Schema, "
-            f"schema id {int.from_bytes(value[1:5], 'big')}): cdcfeed reads JsonConverter "
-            f"output only",
-        )
-    if head not in (b"{", b" ", b"\n", b"\t", b"\r"):
-        return DebeziumFormatError(
-            topic,
-            f"value is not JSON (starts with {bytes(value[:8])!r}): cdcfeed reads "
-            f"JsonConverter output only",
-        )
-    return DebeziumFormatError(topic, f"not a Debezium JSON event: {exc}")
