@@ -215,10 +215,12 @@ def not_understood(topic: str, value: bytes, exc: msgspec.DecodeError) -> Debezi
             f"schema id {int.from_bytes(value[1:5], 'big')}): cdcfeed reads JsonConverter "
             f"output only",
         )
-    if head not in (b"{", b" ", b"\n", b"\t", b"\r"):
+    try:
+        msgspec.json.decode(value)
+    except msgspec.DecodeError as not_json:
         return DebeziumFormatError(
             topic,
-            f"value is not JSON (starts with {bytes(value[:8])!r}): cdcfeed reads "
+            f"value is not JSON ({not_json}; starts with {bytes(value[:8])!r}): cdcfeed reads "
             f"JsonConverter output only",
         )
     return DebeziumFormatError(topic, f"not a Debezium JSON event: {exc}")
