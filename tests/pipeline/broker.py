@@ -9,6 +9,7 @@ high-water marks: `read_topic` reads from the earliest offset until a count or a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import importlib.util
 import socket
@@ -58,7 +59,10 @@ class BrokerError(RuntimeError):
 
 @dataclass
 class Broker:
-    """One tansu process on a loopback port. `start()` returns once it answers metadata."""
+    """One tansu process on a loopback port. `start()` returns once it answers metadata.
+
+    Use it as a context manager (`with Broker(path) as broker:`), or `start()` / `stop()`.
+    """
 
     log_path: Path
     port: int = 0
@@ -95,7 +99,9 @@ class Broker:
             stdin=subprocess.DEVNULL,
         )
         try:
-            asyncio.run(self.wait_ready(timeout))
+            # In a thread of its own: start() may be called where an event loop runs.
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                pool.submit(asyncio.run, self.wait_ready(timeout)).result()
         except BaseException:
             self.stop()
             raise
