@@ -1,0 +1,348 @@
+"""Decoder for Debezium's PostgreSQL change events as Kafka Connect's JsonConverter writes them.
+
+One record value (bytes, as read from Kafka) becomes one small typed record:
+
+- `OrderChange` for the orders topic (`<prefix>.<schema>.<orders>`),
+- `LedgerChange` for the ledger topic (`<prefix>.<schema>.<batch_table>`),
+- `TransactionEvent` for the transaction topic (`<prefix>.transaction`),
+- `Truncate` for a truncate event (op `t`) on either table,
+- None for a tombstone (a record without a value, which follows every delete).
+
+Both converter forms are accepted: with the schema envelope (`schemas.enable=true`:
+`{"schema": {...}, "payload": {...}}`) and without (`{...}` is the payload). Numeric
+`amount` arrives in any `decimal.handling.mode`: `precise` (base64 of the unscaled value's
+big-endian two's-complement bytes; the scale comes from the embedded schema, else the
+decoder's default), `string` ("12.34") or `double` (12.34). Every amount decodes to a
+`Decimal`.
+
+The decoder is strict: bytes that are not a JSON object (Avro, Protobuf, another converter),
+a change event without its `source` block, an unknown `op` or a field of the wrong type raise
+`DebeziumFormatError` with one line saying what was found, because a record skipped silently
+could hide a lost row.
+
+PostgreSQL's `pg_lsn` and `xid8` columns are not among the types Debezium maps: the ledger's
+`start_lsn`, `end_lsn` and `xid` are absent from its events unless the connector runs with
+`include.unknown.datatypes=true`; they decode to None when absent.
+"""
+
+from __future__ import annotations
+
+import binascii
+from decimal import Decimal
+from typing import Final, Literal, TypeAlias
+
+import msgspec
+
+from cdcfeed.proof.sources.debezium_wire import (
+    NO_SCHEMA,
+    Amount,
+    DebeziumFormatError,
+    LedgerPayload,
+    LedgerValue,
+    OrderPayload,
+    OrderValue,
+    Reader,
+    Schema,
+    Source,
+    TxPayload,
+    TxValue,
+    amount_scale,
+    lsn_value,
+    xid_value,
+)
+
+__all__ = [
+    "DEFAULT_SCALE",
+    "DebeziumDecoder",
+    "DebeziumFormatError",
+    "DecimalMode",
+    "Decoded",
+    "LedgerChange",
+    "Op",
+    "OrderChange",
+    "TransactionEvent",
+    "Truncate",
+    "decode_amount",
+]
+
+DEFAULT_SCALE: Final = 2
+"""The scale of `amount` (numeric(10,2)) when a precise value comes without its schema."""
+
+Op: TypeAlias = Literal["c", "u", "d", "r"]
+DecimalMode: TypeAlias = Literal["precise", "string", "double"]
+
+_NOT_SNAPSHOT: Final = frozenset({"false", ""})
+
+
+# -- What the decoder returns -------------------------------------------------------------
+
+
+class OrderChange(msgspec.Struct, frozen=True, gc=False):
+    """One change event of the orders table.
+
+    `tx_id` is `source.txId`: PostgreSQL's 32-bit xid (compare with the ledger's xid8 modulo
+    2**32). `lsn` is `source.lsn`, the change's WAL position. For a delete only the key
+    columns are certain (`before` holds the replica identity); the others are None.
+    """
+
+    op: Op
+    order_id: int
+    batch_id: int | None
+    customer_id: int | None
+    amount: Decimal | None
+    tx_id: int | None
+    lsn: int | None
+    snapshot: bool
+    source_ts_ms: int
+    ts_ms: int | None
+
+
+class LedgerChange(msgspec.Struct, frozen=True, gc=False):
+    """One change event of the ledger table (the row after the change; before for a delete)."""
+
+    op: Op
+    batch_id: int
+    status: str | None
+    row_count: int | None
+    first_order_id: int | None
+    start_lsn: int | None
+    end_lsn: int | None
+    xid: int | None
+    tx_id: int | None
+    lsn: int | None
+    snapshot: bool
+    source_ts_ms: int
+    ts_ms: int | None
+
+
+class Truncate(msgspec.Struct, frozen=True, gc=False):
+    """A truncate event (op `t`) of the orders or the ledger table."""
+
+    table: str
+    tx_id: int | None
+    lsn: int | None
+    source_ts_ms: int
+
+
+class TransactionEvent(msgspec.Struct, frozen=True, gc=False):
+    """A BEGIN or END event of the transaction topic (`provide.transaction.metadata`).
+
+    `id` is Debezium's "<txId>:<lsn>"; `tx_id` its 32-bit xid part, equal to the data events'
+    `source.txId`. An END carries the total `event_count` and `event_counts` per data
+    collection ("schema.table" -> events); a BEGIN has neither (None and {}).
+    """
+
+    status: Literal["BEGIN", "END"]
+    id: str
+    tx_id: int
+    event_count: int | None
+    event_counts: dict[str, int]
+    ts_ms: int
+
+
+Decoded: TypeAlias = OrderChange | LedgerChange | TransactionEvent | Truncate | None
+
+
+# -- Decoding ------------------------------------------------------------------------------
+
+
+def decode_amount(value: Amount, mode: DecimalMode | None, scale: int) -> Decimal | None:
+    """An `amount` in any decimal.handling.mode as a Decimal.
+
+    `mode` None infers it from the value: a number is `double`; a string with a "." is
+    `string` (Debezium writes numeric(p,s>0) as plain text with its scale); any other string
+    is `precise` base64 (its alphabet has no ".").
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if mode == "string" or (mode is None and "." in value):
+            return Decimal(value)
+        raw = binascii.a2b_base64(value, strict_mode=True)
+        return Decimal(int.from_bytes(raw, "big", signed=True)).scaleb(-scale)
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    return Decimal(value)
+
+
+class DebeziumDecoder:
+    """Decodes the values of one pipeline's topics.
+
+    `decimal_mode` None infers each amount's form (see `decode_amount`); set it when known.
+    `default_scale` is the precise amount's scale when a value comes without its schema.
+    """
+
+    def __init__(
+        self,
+        *,
+        topic_prefix: str = "cdcfeed",
+        schema: str = "public",
+        orders_table: str = "orders",
+        ledger_table: str = "batch_control",
+        decimal_mode: DecimalMode | None = None,
+        default_scale: int = DEFAULT_SCALE,
+    ) -> None:
+        self.orders_topic: Final = f"{topic_prefix}.{schema}.{orders_table}"
+        self.ledger_topic: Final = f"{topic_prefix}.{schema}.{ledger_table}"
+        self.transaction_topic: Final = f"{topic_prefix}.transaction"
+        self.orders_collection: Final = f"{schema}.{orders_table}"
+        self.ledger_collection: Final = f"{schema}.{ledger_table}"
+        self.decimal_mode = decimal_mode
+        self.default_scale = default_scale
+        self._orders = Reader(OrderValue, OrderPayload)
+        self._ledger = Reader(LedgerValue, LedgerPayload)
+        self._tx = Reader(TxValue, TxPayload)
+        self._schema = msgspec.json.Decoder(Schema)
+        # Embedded schemas repeat on every record: the amount's scale once per distinct one.
+        self._scales: dict[bytes, int] = {}
+        self._last_schema, self._last_scale = NO_SCHEMA, default_scale
+
+    def decode(self, topic: str, value: bytes | None) -> Decoded:
+        """One record's value from `topic`; None for a tombstone."""
+        if topic == self.orders_topic:
+            return self.decode_order(value, topic)
+        if topic == self.transaction_topic:
+            return self.decode_transaction(value, topic)
+        if topic == self.ledger_topic:
+            return self.decode_ledger(value, topic)
+        raise DebeziumFormatError(topic, "not a topic of this pipeline")
+
+    def decode_order(self, value: bytes | None, topic: str = "") -> OrderChange | Truncate | None:
+        if value is None:
+            return None
+        topic = topic or self.orders_topic
+        payload, schema = self._orders.read(topic, value)
+        if payload is None:
+            return None
+        op, source = _op_and_source(topic, payload.op, payload.source)
+        if op == "t":
+            return Truncate(self.orders_collection, source.txId, source.lsn, source.ts_ms)
+        row = payload.before if op == "d" else payload.after
+        if row is None:
+            raise DebeziumFormatError(topic, f"op {op} without its {_row_name(op)} row")
+        if op == "d" and not row.batch_id:
+            # Without REPLICA IDENTITY FULL a delete's before row holds the key alone; Debezium
+            # fills the other columns with defaults (0, "0.00") that are no row's values.
+            return OrderChange(
+                op, row.order_id, None, None, None, source.txId, source.lsn,
+                _is_snapshot(source.snapshot), source.ts_ms, payload.ts_ms,
+            )  # fmt: skip
+        scale = self.default_scale
+        if schema and isinstance(row.amount, str):
+            scale = self._scale_of(schema)
+        try:
+            amount = decode_amount(row.amount, self.decimal_mode, scale)
+        except (ValueError, ArithmeticError) as exc:
+            raise DebeziumFormatError(
+                topic, f"order {row.order_id}: amount {row.amount!r} is not a decimal ({exc})"
+            ) from None
+        return OrderChange(
+            op,
+            row.order_id,
+            row.batch_id,
+            row.customer_id,
+            amount,
+            source.txId,
+            source.lsn,
+            op == "r" or _is_snapshot(source.snapshot),
+            source.ts_ms,
+            payload.ts_ms,
+        )
+
+    def decode_ledger(self, value: bytes | None, topic: str = "") -> LedgerChange | Truncate | None:
+        if value is None:
+            return None
+        topic = topic or self.ledger_topic
+        payload, _ = self._ledger.read(topic, value)
+        if payload is None:
+            return None
+        op, source = _op_and_source(topic, payload.op, payload.source)
+        if op == "t":
+            return Truncate(self.ledger_collection, source.txId, source.lsn, source.ts_ms)
+        row = payload.before if op == "d" else payload.after
+        if row is None:
+            raise DebeziumFormatError(topic, f"op {op} without its {_row_name(op)} row")
+        return LedgerChange(
+            op,
+            row.batch_id,
+            row.status,
+            row.row_count,
+            row.first_order_id,
+            lsn_value(topic, row.start_lsn),
+            lsn_value(topic, row.end_lsn),
+            xid_value(topic, row.xid),
+            source.txId,
+            source.lsn,
+            op == "r" or _is_snapshot(source.snapshot),
+            source.ts_ms,
+            payload.ts_ms,
+        )
+
+    def decode_transaction(self, value: bytes | None, topic: str = "") -> TransactionEvent | None:
+        if value is None:
+            return None
+        topic = topic or self.transaction_topic
+        payload, _ = self._tx.read(topic, value)
+        if payload is None:
+            return None
+        status: Literal["BEGIN", "END"]
+        if payload.status == "BEGIN":
+            status = "BEGIN"
+        elif payload.status == "END":
+            status = "END"
+        else:
+            raise DebeziumFormatError(
+                topic, f"transaction event with status {payload.status!r}, not BEGIN or END"
+            )
+        if payload.id is None or payload.ts_ms is None:
+            raise DebeziumFormatError(topic, f"{status} event without its id or ts_ms")
+        xid, _, _ = payload.id.partition(":")
+        if not xid.isdigit():
+            raise DebeziumFormatError(topic, f"transaction id {payload.id!r} is not <txId>:<lsn>")
+        counts = {c.data_collection: c.event_count for c in payload.data_collections or ()}
+        return TransactionEvent(
+            status, payload.id, int(xid), payload.event_count, counts, payload.ts_ms
+        )
+
+    def _scale_of(self, schema: msgspec.Raw) -> int:
+        if schema is self._last_schema:
+            return self._last_scale
+        key = bytes(schema)
+        scale = self._scales.get(key)
+        if scale is None:
+            scale = amount_scale(self._schema.decode(schema), self.default_scale)
+            if len(self._scales) > 64:  # schemas change rarely; never grow without bound
+                self._scales.clear()
+            self._scales[key] = scale
+        self._last_schema, self._last_scale = schema, scale
+        return scale
+
+
+_OPS: Final[dict[str, Literal["c", "u", "d", "r", "t"]]] = {
+    "c": "c", "u": "u", "d": "d", "r": "r", "t": "t"
+}  # fmt: skip
+
+
+def _op_and_source(
+    topic: str, op: str | None, source: Source | None
+) -> tuple[Literal["c", "u", "d", "r", "t"], Source]:
+    if source is None:
+        if op is None:
+            raise DebeziumFormatError(
+                topic, "a JSON value without op or source: not a Debezium change event"
+            )
+        raise DebeziumFormatError(topic, f"op {op} without a source block")
+    known = _OPS.get(op or "")
+    if known is None:
+        raise DebeziumFormatError(topic, f"unknown op {op!r}")
+    return known, source
+
+
+def _row_name(op: str) -> str:
+    return "before" if op == "d" else "after"
+
+
+def _is_snapshot(flag: str | bool | None) -> bool:
+    if flag is None or flag is False:
+        return False
+    return flag is True or flag not in _NOT_SNAPSHOT

@@ -1,0 +1,134 @@
+"""Capture the Debezium event samples under tests/pipeline/samples/ from the real rig.
+
+    PYTHONPATH=$PWD/daemon:$PWD python tests/pipeline/capture_samples.py [OUT_DIR]
+
+For each converter form it starts PostgreSQL 15, tansu and the Debezium runner (snapshot
+mode `initial`), and records: a batch loaded before the engine started (snapshot events,
+op r), a batch streamed (op c, and the ledger's updates, op u), one deleted order (op d and
+its tombstone) and the transaction topic. Each sample file holds one record a line:
+`{"topic", "partition", "offset", "timestamp", "key", "value"}` with key and value as the
+record's bytes decoded from UTF-8 (JSON text, so the bytes round-trip exactly) or null.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import asyncpg
+
+from cdcfeed.embedded import PostgresCluster
+from tests.pipeline.broker import Broker
+from tests.pipeline.debezium_runner import DebeziumRunner
+
+PG15 = Path("/usr/lib/postgresql/15/bin")
+PREFIX = "cdcfeed"
+TOPICS = (f"{PREFIX}.public.orders", f"{PREFIX}.public.batch_control", f"{PREFIX}.transaction")
+FORMS = {
+    "schemas_precise_tx": {"schemas": True, "decimal": "precise", "transaction_metadata": True},
+    "plain_string_tx": {"schemas": False, "decimal": "string", "transaction_metadata": True},
+    "plain_double": {"schemas": False, "decimal": "double", "transaction_metadata": False},
+    "schemas_string": {"schemas": True, "decimal": "string", "transaction_metadata": False},
+}
+
+
+def load(dsn: str, feed: Path, rows: int) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cdcfeed",
+            "run",
+            "--dsn",
+            dsn,
+            "--batch-size",
+            str(rows),
+            "--max-batches",
+            "1",
+            "--rate",
+            "1",
+            "--feed-dir",
+            str(feed),
+            "--metrics-address",
+            "127.0.0.1:0",
+            # One seed: every form carries the same amounts, so tests compare them.
+            "--seed",
+            "11",
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+async def sql(dsn: str, statement: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+def capture(cluster: PostgresCluster, root: Path, name: str, form: dict[str, object]) -> list[str]:
+    asyncio.run(sql(cluster.dsn(), f'CREATE DATABASE "{name}"'))
+    dsn = cluster.dsn(name)
+    load(dsn, root / "feed", 3)  # before the engine: snapshot events
+    lines: list[str] = []
+    with Broker(root / f"{name}-tansu.log") as broker:
+        asyncio.run(broker.create_topics(TOPICS))
+        runner = DebeziumRunner(
+            root / name,
+            dsn,
+            broker.bootstrap,
+            slot=name,
+            publication=name,
+            **form,  # type: ignore[arg-type]
+        )
+        runner.extra = {"snapshot.mode": "initial"}
+        with runner:
+            load(dsn, root / "feed", 3)
+            asyncio.run(
+                sql(dsn, "DELETE FROM orders WHERE order_id = (SELECT max(order_id) FROM orders)")
+            )
+            # 3 snapshot + 3 streamed + delete + tombstone
+            asyncio.run(broker.read_topic(TOPICS[0], count=8, timeout=60))
+        for topic in TOPICS:
+            for record in asyncio.run(broker.read_topic(topic, timeout=10, idle=1.5)):
+                lines.append(
+                    json.dumps(
+                        {
+                            "topic": record.topic,
+                            "partition": record.partition,
+                            "offset": record.offset,
+                            "timestamp": record.timestamp,
+                            "key": None if record.key is None else record.key.decode(),
+                            "value": None if record.value is None else record.value.decode(),
+                        }
+                    )
+                )
+    return lines
+
+
+def main() -> None:
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="cdcfeed-samples-"))
+    root.chmod(0o755)
+    cluster = PostgresCluster(PG15, root / "pg")
+    cluster.start()
+    try:
+        for name, form in FORMS.items():
+            lines = capture(cluster, root, name, form)
+            (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+            print(f"{name}: {len(lines)} records")
+    finally:
+        cluster.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
