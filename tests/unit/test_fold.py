@@ -6,6 +6,8 @@ import pytest
 
 from cdcfeed.proof.events import ChangeEvent, Observation, TransactionEnd
 from cdcfeed.proof.fold import Fold
+from tests.pgoutput_builders import begin, commit
+from tests.unit.test_verify_units import ORDERS_RELATION, insert, read
 
 
 def orders(
@@ -148,3 +150,14 @@ def test_transactional_flush_and_discard() -> None:
     f.discard()
     f.flush()
     assert (len(f.observations), len(f.events), f.batches) == (1, 1, [])
+
+
+def test_the_slot_source_hands_its_ranges_to_the_judge() -> None:
+    reader = read(
+        begin(700),
+        ORDERS_RELATION,
+        *(insert(order_id, 7) for order_id in (12, 10, 11, 13, 20)),
+        commit(0x100, 0x130),
+    )
+    (o,) = reader.observations
+    assert (o.order_ranges, o.duplicates, o.declared_rows) == (((10, 13), (20, 20)), 0, None)
