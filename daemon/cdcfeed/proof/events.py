@@ -1,8 +1,52 @@
-"""The records a source produces and the judge consumes, whatever the source reads."""
+"""The records a source produces and the judge consumes, whatever the source reads.
+
+A source turns what it reads into `ChangeEvent`s and `TransactionEnd`s, which carry what any
+change data capture consumer sees; `fold` turns those into `Observation`s and `StreamEvent`s,
+which `judge` weighs against the ledger's `LedgerBatch`es.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
+
+Table: TypeAlias = Literal["orders", "ledger"]
+
+Op: TypeAlias = Literal["c", "u", "d", "r", "t"]
+"""Debezium's letters: c insert, u update, d delete, r a snapshot's read, t truncate."""
+
+OrderRanges: TypeAlias = tuple[tuple[int, int], ...]
+"""Order ids as sorted, disjoint, inclusive (first, last) ranges."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeEvent:
+    """One row change as the stream carried it."""
+
+    table: Table
+    op: Op
+    order_id: int | None  # the orders row's key; None for a ledger row or a truncate
+    batch_id: int | None  # None when the event lacks it (a delete's key-only old row)
+    xid: int  # 32 bits: pgoutput's Begin, Debezium's source.txId
+    lsn: int  # pgoutput: its transaction's commit LSN; Debezium: source.lsn
+    # A digest of the row's values, telling a redelivered copy from one that differs.
+    fingerprint: int | None = None
+    # When the event reached the stream (a Kafka record's timestamp), in seconds since the
+    # epoch; None when the source does not know.
+    timestamp: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionEnd:
+    """A transaction's end, and what it declares it carried when the source says so."""
+
+    xid: int
+    # Where its commit record starts and ends; None when the source does not say (Debezium's
+    # END event names its transaction, not its commit record).
+    commit_lsn: int | None
+    end_lsn: int | None
+    declared_orders: int | None = None  # the END's event_count for orders
+    declared_ledger: int | None = None  # and for the ledger table
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,11 +71,17 @@ class Observation:
     min_order_id: int
     max_order_id: int
     sum_order_id: int
+    # What only some sources know, and what a stored observation does not keep; never compared,
+    # so two observations of the same rows are equal whichever way they were made.
+    order_ranges: OrderRanges = field(default=(), compare=False)  # () when not tracked
+    declared_rows: int | None = field(default=None, compare=False)  # the END's orders count
+    declared_ledger_rows: int | None = field(default=None, compare=False)
+    duplicates: int = field(default=0, compare=False)  # redelivered copies, not in `rows`
 
 
 @dataclass(frozen=True, slots=True)
 class StreamEvent:
-    """A change to orders that cdcfeed never makes."""
+    """A change to orders that cdcfeed never makes, or an order delivered twice, differently."""
 
     batch_id: int | None
     xid: int

@@ -11,11 +11,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cdcfeed.lsn import int_to_lsn
-from cdcfeed.proof.events import LedgerBatch, Observation, Violation
+from cdcfeed.proof.events import LedgerBatch, Observation, OrderRanges, Violation
 
 # Change streams carry the 32-bit xid (pgoutput's Begin, Debezium's source.txId); the ledger
 # keeps the epoch-extended xid8.
 _XID_MASK = 0xFFFF_FFFF
+
+# How many ranges of missing or stray ids a reason names before it only counts the rest.
+_SHOWN_RANGES = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,27 @@ def reasons_against(
     ):
         # Same count and bounds but another sum: some id twice, another missing.
         reasons.append(f"its order ids are not each id of {first}..{last} once")
+    if all(o.order_ranges for o in seen):  # the source kept the ids: name them
+        delivered = _merged([r for o in seen for r in o.order_ranges])
+        missing = _without(((first, last),), delivered)
+        if missing:
+            reasons.append(
+                f"missing order ids {_show(missing)} ({_count(missing)} of {batch.row_count})"
+            )
+        outside = _without(delivered, ((first, last),))
+        if outside:
+            reasons.append(f"order ids outside its block: {_show(outside)} ({_count(outside)})")
+    for o in seen:
+        if o.declared_rows is not None and o.declared_rows != batch.row_count:
+            reasons.append(
+                f"the transaction END declares {o.declared_rows} orders events, "
+                f"the ledger says {batch.row_count}"
+            )
+        if o.declared_ledger_rows is not None and o.declared_ledger_rows != 1:
+            # The COPY's transaction changes the ledger once: it records its xid.
+            reasons.append(
+                f"the transaction END declares {o.declared_ledger_rows} ledger events, not 1"
+            )
     if batch.xid is not None:
         expected = batch.xid & _XID_MASK
         for o in seen:
@@ -134,3 +158,46 @@ def judge_unseen(
 
 def _lsn(value: int | None) -> str:
     return "-" if value is None else int_to_lsn(value)
+
+
+def _merged(ranges: list[tuple[int, int]]) -> OrderRanges:
+    """Sorted, disjoint ranges covering the same ids (transactions may overlap)."""
+    out: list[tuple[int, int]] = []
+    for low, high in sorted(ranges):
+        if out and low <= out[-1][1] + 1:
+            if high > out[-1][1]:
+                out[-1] = (out[-1][0], high)
+        else:
+            out.append((low, high))
+    return tuple(out)
+
+
+def _without(ranges: OrderRanges, removed: OrderRanges) -> OrderRanges:
+    """The ids of `ranges` not in `removed`, both sorted and disjoint."""
+    out = []
+    i = 0
+    for low, high in ranges:
+        while i < len(removed) and removed[i][1] < low:
+            i += 1
+        j = i
+        while low <= high:
+            if j == len(removed) or removed[j][0] > high:
+                out.append((low, high))
+                break
+            if removed[j][0] > low:
+                out.append((low, removed[j][0] - 1))
+            low = removed[j][1] + 1
+            j += 1
+    return tuple(out)
+
+
+def _count(ranges: OrderRanges) -> int:
+    return sum(high - low + 1 for low, high in ranges)
+
+
+def _show(ranges: OrderRanges) -> str:
+    shown = ", ".join(
+        str(low) if low == high else f"{low}..{high}" for low, high in ranges[:_SHOWN_RANGES]
+    )
+    hidden = len(ranges) - _SHOWN_RANGES
+    return shown if hidden <= 0 else f"{shown} and {hidden} more ranges"
