@@ -40,7 +40,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from cdcfeed.config_kafka import KafkaSettings
+from cdcfeed.config_kafka import KafkaSettings as KafkaSettings  # `[kafka]`, re-exported
 from cdcfeed.errors import UserError
 
 ENV_PREFIX = "CDCFEED_"
