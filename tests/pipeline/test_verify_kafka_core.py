@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.pipeline.broker import Broker
+from tests.pipeline.broker import Broker, produce
 from tests.pipeline.debezium_runner import DebeziumRunner
 from tests.pipeline.test_rig import load_batch, prepare, wait_for_end
 
@@ -95,3 +95,14 @@ async def test_the_rows_lost_by_a_restart_mid_batch_are_named(
     assert f"violation: batch {lossy['batch_id']}: " in output
     assert missing in output
     assert f"batch {later['batch_id']}" not in output
+
+
+async def test_an_event_of_unknown_shape_is_one_line_and_exit_2(broker: Broker, dsn: str) -> None:
+    await prepare(broker, dsn, "avro")
+    # Confluent's Avro wire format: a magic byte and a schema id, then binary.
+    await produce(broker.bootstrap, "avro.public.orders", [(b"k", b"\x00\x00\x00\x00\x01\x02\x06")])
+    code, output = await verify_kafka(dsn, broker, "avro")
+    assert code == 2, output
+    lines = output.strip().splitlines()
+    assert lines[-1].startswith("cdcfeed: avro.public.orders: "), output
+    assert "Traceback" not in output
