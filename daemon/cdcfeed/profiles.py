@@ -203,8 +203,10 @@ class Arrivals:
         else:
             count = math.floor(reached - self._work) + 1
             last = self._work + count - 1
+            if self.profile.arrival_time(last) is None:  # W ends on it: an arrival never due
+                count, last = count - 1, last - 1
             self._work += count
-        return count, self.profile.arrival_time(last)
+        return count, self.profile.arrival_time(last) if count else None
 
 
 def _poisson(rng: random.Random, mean: float) -> int:

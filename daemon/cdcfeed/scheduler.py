@@ -122,10 +122,10 @@ class ArrivalTrigger(BaseTrigger):  # type: ignore[misc]
             if last is not None:
                 arrival = self.start + timedelta(seconds=last)
                 kept = (arrival, arrival)
+                self._last_arrival = last  # no gap before the next: it is not fired early
         if keep_latest and kept is not None:
             fire_time, arrival = kept
             self.planned[fire_time] = arrival
-            self._last_arrival = (arrival - self.start).total_seconds()
             return dropped - 1, fire_time
         if ahead:
             self.planned.update(ahead)
