@@ -30,7 +30,7 @@ from cdcfeed import ledger
 from cdcfeed.db import Connection, RetryPolicy, describe_error, is_unavailable, with_connection
 from cdcfeed.errors import BatchAborted, DatabaseUnavailable, FeedError
 from cdcfeed.feed import FeedDirectory
-from cdcfeed.generate import batch_rng, orders_csv
+from cdcfeed.generate import batch_rng, render_orders
 from cdcfeed.ids import IdReservations
 from cdcfeed.metrics import Metrics
 from cdcfeed.sql import ORDER_COLUMNS, Names
@@ -89,7 +89,9 @@ async def run_batch(env: BatchEnvironment, sequence: int) -> None:
         _skip_database_down(env, str(exc))
         return
     batch_id = allocation.batch_id
-    data = orders_csv(batch_id, allocation.first_order_id, rows, batch_rng(env.seed, sequence))
+    data = await render_orders(
+        batch_id, allocation.first_order_id, rows, batch_rng(env.seed, sequence)
+    )
     generated = time.perf_counter()
     env.metrics.duration.labels("generate").observe(generated - started)
 

@@ -15,6 +15,7 @@ import pytest
 
 from cdcfeed.config import LoadSettings, load_settings
 from cdcfeed.endpoint import Readiness
+from cdcfeed.generate import INLINE_ROWS, batch_rng, render_orders
 from cdcfeed.metrics import Metrics
 from cdcfeed.profiles import Arrivals, arrivals_of, profile_of
 from cdcfeed.scheduler import ArrivalTrigger, LoadScheduler
@@ -154,3 +155,23 @@ async def test_runs_blocked_by_an_outage_are_counted_without_a_run_each() -> Non
     assert result["skipped_down"] >= 0.5 * 50_000 * 1.0  # the first second's arrivals
     assert result["completed"] >= 0.4 * 370 * 1.0  # loading once the outage is over
     assert result["worst_beat_gap"] < 1.0
+
+
+async def test_a_large_batch_renders_off_the_event_loop() -> None:
+    rows = 100 * INLINE_ROWS
+    ticks: list[float] = []
+
+    async def tick() -> None:
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.001)
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.01)
+    before = len(ticks)
+    data = await render_orders(1, 1, rows, batch_rng(1, 0))
+    ticker.cancel()
+    assert data.count(b"\n") == rows + 1
+    assert len(ticks) - before >= 5  # the loop went on ticking while the rows were rendered
+    small = await render_orders(2, 1, INLINE_ROWS, batch_rng(1, 1))
+    assert small.count(b"\n") == INLINE_ROWS + 1
