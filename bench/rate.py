@@ -430,7 +430,10 @@ async def overload(
         )
         capacity = window.rate
         capacities.append(capacity)
-        line = [f"  repetition {repetition + 1}: capacity {capacity:.0f}/s"]
+        line = [
+            f"  repetition {repetition + 1}: capacity {capacity:.0f}/s, cdcfeed CPU "
+            f"{window.client_cpu / window.completed * 1e3:.2f} ms/batch"
+        ]
         for factor in OVERLOADS:
             rate = min(MAX_RATE, factor * capacity)
             window, daemon = await run_window(
@@ -439,7 +442,9 @@ async def overload(
             ratios[factor].append(window.rate / capacity)
             line.append(
                 f"{factor:g}x ({rate:.0f}/s): {window.rate:.0f}/s = {window.rate / capacity:.2f}, "
-                f"skipped {window.skips:.0f}, stop {window.stop_seconds:.1f} s, "
+                f"skipped {window.skips:.0f}, cdcfeed CPU "
+                f"{window.client_cpu / window.completed * 1e3:.2f} ms/batch, "
+                f"stop {window.stop_seconds:.1f} s, "
                 f"error lines {len(daemon.error_lines())}"
             )
         print("; ".join(line), flush=True)
