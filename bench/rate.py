@@ -403,8 +403,9 @@ async def overload(
 
     Capacity is what the daemon completes when asked a little more than it can do (1.2x what
     a first probe completed): above capacity, the least overload there is. Every repetition
-    measures capacity again next to its overload runs, so that a noisy neighbour weighs on
-    both sides of the ratio alike.
+    measures it again, before and after its overload runs, so that a noisy neighbour weighs
+    on both sides of the ratio alike. The CPU cdcfeed spends per completed batch shows what
+    the skipped runs cost: next to nothing when it is the same at every overload.
     """
     size, concurrency, seconds = args.overload_batch_size, args.overload_concurrency, args.window
     print()
@@ -425,27 +426,36 @@ async def overload(
     ratios: dict[float, list[float]] = {factor: [] for factor in OVERLOADS}
     capacities: list[float] = []
     for repetition in range(args.repeat):
-        window, _ = await run_window(
+        # Capacity before and after the overload runs, their mean the reference: the machine's
+        # load drifts, and bracketing puts the drift on both sides of the ratio.
+        before, _ = await run_window(
             cluster, dsn, root, "capacity", asked_for_capacity, concurrency, seconds, 3.0, size
         )
-        capacity = window.rate
-        capacities.append(capacity)
-        line = [
-            f"  repetition {repetition + 1}: capacity {capacity:.0f}/s, cdcfeed CPU "
-            f"{window.client_cpu / window.completed * 1e3:.2f} ms/batch"
-        ]
+        runs: list[tuple[float, float, Window, int]] = []
         for factor in OVERLOADS:
-            rate = min(MAX_RATE, factor * capacity)
+            rate = min(MAX_RATE, factor * before.rate)
             window, daemon = await run_window(
                 cluster, dsn, root, f"overload-{factor:g}x", rate, concurrency, seconds, 3.0, size
             )
+            runs.append((factor, rate, window, len(daemon.error_lines())))
+        after, _ = await run_window(
+            cluster, dsn, root, "capacity", asked_for_capacity, concurrency, seconds, 3.0, size
+        )
+        capacity = (before.rate + after.rate) / 2
+        capacities.append(capacity)
+        line = [
+            f"  repetition {repetition + 1}: capacity {capacity:.0f}/s ({before.rate:.0f} before, "
+            f"{after.rate:.0f} after), cdcfeed CPU "
+            f"{before.client_cpu / before.completed * 1e3:.2f} ms/batch"
+        ]
+        for factor, rate, window, errors in runs:
             ratios[factor].append(window.rate / capacity)
             line.append(
-                f"{factor:g}x ({rate:.0f}/s): {window.rate:.0f}/s = {window.rate / capacity:.2f}, "
+                f"{factor:g}x ({rate:.0f}/s): "
+                f"{window.rate:.0f}/s = {window.rate / capacity:.2f}, "
                 f"skipped {window.skips:.0f}, cdcfeed CPU "
                 f"{window.client_cpu / window.completed * 1e3:.2f} ms/batch, "
-                f"stop {window.stop_seconds:.1f} s, "
-                f"error lines {len(daemon.error_lines())}"
+                f"stop {window.stop_seconds:.1f} s, error lines {errors}"
             )
         print("; ".join(line), flush=True)
     verdicts = []
