@@ -163,8 +163,17 @@ class Endpoint:
                 self._room.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._room.wait(), timeout=EVICT_SECONDS / 4)
-            conn, _ = await loop.sock_accept(listener)
-            reader, writer = await asyncio.open_connection(sock=conn, limit=MAX_HEAD_BYTES)
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError:
+                # Out of file descriptors, say: the endpoint must outlive it.
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                reader, writer = await asyncio.open_connection(sock=conn, limit=MAX_HEAD_BYTES)
+            except OSError:  # the client went away before it was accepted
+                conn.close()
+                continue
             self._idle_since[writer] = time.monotonic()
             handler = loop.create_task(self._serve(reader, writer))
             self._handlers.add(handler)
@@ -174,7 +183,11 @@ class Endpoint:
         """Closes the longest-idle connection if it has waited EVICT_SECONDS; True if closed."""
         now = time.monotonic()
         waited, writer = max(
-            ((now - since, writer) for writer, since in self._idle_since.items() if since),
+            (
+                (now - since, writer)
+                for writer, since in self._idle_since.items()
+                if since is not None
+            ),
             default=(0.0, None),
             key=lambda pair: pair[0],
         )
