@@ -40,7 +40,7 @@ config_option = click.option(
     "--config",
     "-c",
     "config",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(readable=False, path_type=Path),  # config.py says what is wrong, and the fix
     help=f"TOML settings file (default: $CDCFEED_CONFIG, then {DEFAULT_CONFIG_PATH} when "
     "present). Every key is documented in config/cdcfeed.toml.",
 )

@@ -12,7 +12,10 @@ so a caller (a test, a bench) that passes its own mapping gets exactly that.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
+import pwd
 import re
 import socket
 import tomllib
@@ -272,18 +275,41 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+MAX_CONFIG_BYTES = 16 << 20  # far above any settings file: `--config /dev/zero` is an error
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
+    """The file's settings; each way it can fail is one line naming --config and the fix.
+    An empty file means every default. A UTF-8 byte order mark (some editors write one) is
+    skipped."""
     try:
         with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError:
-        raise UserError(
-            "--config", f"file {path} does not exist; pass an existing TOML file"
-        ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError("--config", f"{path} is not valid TOML ({exc}); fix the syntax") from None
+            data = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise UserError("--config", f"cannot read {path} ({exc.strerror})") from None
+        raise UserError("--config", f"{path} {_unreadable(exc, path)}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UserError("--config", f"{path} is over 16 MiB: not a settings file; check the path")
+    try:
+        return tomllib.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        problem = f"is not UTF-8 (byte 0x{data[exc.start]:02x} on line {line}); save it as UTF-8"
+    except tomllib.TOMLDecodeError as exc:
+        problem = f"is not valid TOML ({exc}); fix the syntax"
+    raise UserError("--config", f"{path} {problem}")
+
+
+def _unreadable(exc: OSError, path: Path) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "does not exist; pass an existing TOML file"
+    if isinstance(exc, IsADirectoryError):
+        return f"is a directory; pass the TOML file itself, e.g. --config {path / 'cdcfeed.toml'}"
+    if isinstance(exc, PermissionError):
+        user = f"uid {os.geteuid()}"
+        with contextlib.suppress(KeyError):  # a uid without a name (containers) stays a number
+            user = f"user {pwd.getpwuid(os.geteuid()).pw_name}"
+        return f"cannot be read by {user} (permission denied); give that user read access"
+    return f"cannot be read ({exc.strerror}); pass a readable TOML file"
 
 
 def _describe(error: ErrorDetails, from_file: Path | None) -> UserError:
