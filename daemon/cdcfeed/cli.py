@@ -27,10 +27,10 @@ from cdcfeed.database import Database, names_of
 from cdcfeed.errors import CdcfeedError, DatabaseUnavailable, UserError
 from cdcfeed.memory import pin_mmap_threshold
 from cdcfeed.proof.events import Violation
-from cdcfeed.proof.kafka_state import source_name
-from cdcfeed.proof.report import Report
-from cdcfeed.proof.runner import open_verifier, run_passes
-from cdcfeed.proof.sources.slot import StreamError
+from cdcfeed.proof.kafka.state import source_name
+from cdcfeed.proof.slot.report import Report
+from cdcfeed.proof.slot.runner import open_verifier, run_passes
+from cdcfeed.proof.slot.stream import StreamError
 from cdcfeed.runtime import run_async as _run_async
 from cdcfeed.runtime import stop_on_signals as _stop_on_signals
 from cdcfeed.status_view import json_default, status_table, with_confirmations, with_delivery

@@ -23,10 +23,10 @@ from cdcfeed.database import KafkaSession, Names
 from cdcfeed.errors import DatabaseUnavailable
 from cdcfeed.metrics import Metrics
 from cdcfeed.proof.events import Violation
-from cdcfeed.proof.kafka_report import KafkaReport, KafkaTally
-from cdcfeed.proof.kafka_state import KafkaState
-from cdcfeed.proof.sources.kafka import KafkaSource, KafkaUnavailable
-from cdcfeed.proof.sources.kafka_delivery import Delivery, Judgement
+from cdcfeed.proof.kafka.consumer import KafkaSource, KafkaUnavailable
+from cdcfeed.proof.kafka.delivery import Delivery, Judgement
+from cdcfeed.proof.kafka.report import KafkaReport, KafkaTally
+from cdcfeed.proof.kafka.state import KafkaState
 from cdcfeed.retry import Backoff, retry
 
 IDLE = 2.0  # seconds each partition must be quiet for a one-shot read to end

@@ -45,7 +45,7 @@ from typing import Protocol
 from cdcfeed.proof.events import LedgerBatch, Observation, StreamEvent, TransactionEnd, Violation
 from cdcfeed.proof.fold import Fold
 from cdcfeed.proof.judge import Verdict, judge_again, judge_seen, judge_unseen
-from cdcfeed.proof.sources.debezium import (
+from cdcfeed.proof.kafka.debezium import (
     DebeziumDecoder,
     OrderChange,
     TransactionEvent,

@@ -16,9 +16,9 @@ from typing import Any
 from cdcfeed.database import KafkaSession
 from cdcfeed.errors import UserError
 from cdcfeed.proof.events import LedgerBatch, Violation
-from cdcfeed.proof.kafka_report import KafkaReport, KafkaTally
-from cdcfeed.proof.sources.kafka_delivery import Candidate, JudgedBatch, Judgement
-from cdcfeed.proof.state import REPORT_VIOLATIONS
+from cdcfeed.proof.kafka.delivery import Candidate, JudgedBatch, Judgement
+from cdcfeed.proof.kafka.report import KafkaReport, KafkaTally
+from cdcfeed.proof.slot.state import REPORT_VIOLATIONS
 
 Position = tuple[str, int, int, int | None]
 

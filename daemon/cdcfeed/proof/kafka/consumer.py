@@ -24,8 +24,8 @@ from aiokafka.helpers import create_ssl_context
 from cdcfeed.config import KafkaSettings
 from cdcfeed.database import Names
 from cdcfeed.errors import CdcfeedError, UserError
-from cdcfeed.proof.sources.debezium import DebeziumDecoder
-from cdcfeed.proof.sources.kafka_delivery import TP, Record
+from cdcfeed.proof.kafka.debezium import DebeziumDecoder
+from cdcfeed.proof.kafka.delivery import TP, Record
 
 _MAX_RECORDS = 20_000  # per fetch: bounds what one read holds before it is folded
 
