@@ -19,11 +19,11 @@ from cdcfeed.cli_kafka import verify_kafka
 from cdcfeed.config import (
     DEFAULT_CONFIG_PATH,
     Settings,
-    dsn_password,
     effective_view,
     load_settings,
 )
 from cdcfeed.database import Database, names_of
+from cdcfeed.dsn import dsn_password
 from cdcfeed.errors import CdcfeedError, DatabaseUnavailable, UserError
 from cdcfeed.memory import pin_mmap_threshold
 from cdcfeed.proof.events import Violation
