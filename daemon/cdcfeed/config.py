@@ -40,6 +40,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from cdcfeed.config_kafka import KafkaSettings as KafkaSettings  # `[kafka]`, re-exported
 from cdcfeed.errors import UserError
 
 ENV_PREFIX = "CDCFEED_"
@@ -202,6 +203,7 @@ class CdcSettings(_Section):
     verify: bool = False
     verify_slot: SlotName = "cdcfeed_verify"
     publication: Identifier = "cdcfeed"
+    verify_kafka: bool = False
 
 
 class Settings(BaseSettings):
@@ -220,6 +222,13 @@ class Settings(BaseSettings):
     daemon: DaemonSettings = DaemonSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
     cdc: CdcSettings = CdcSettings()
+    kafka: KafkaSettings = KafkaSettings()
+
+    @model_validator(mode="after")
+    def _kafka_verify_has_a_broker(self) -> Settings:
+        if self.cdc.verify_kafka and not self.kafka.bootstrap:
+            raise _bad("cdc.verify_kafka", "needs [kafka] bootstrap: the brokers to read from")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -292,7 +301,7 @@ def _describe(error: ErrorDetails, from_file: Path | None) -> UserError:
     message = str(error["msg"]).removeprefix("Value error, ")
     setting = (error.get("ctx") or {}).get("setting")
     if setting:
-        return UserError(f"{location}.{setting}", message)
+        return UserError(f"{location}.{setting}" if location else setting, message)
     return UserError(location, f"{message} (got {got!r})")
 
 
@@ -420,4 +429,5 @@ def effective_view(settings: Settings) -> dict[str, Any]:
     data = settings.model_dump(mode="json")
     data["database"]["dsn"] = redact_dsn(settings.database.dsn.get_secret_value())
     data["daemon"]["instance"] = settings.instance_name
+    data["kafka"]["password"] = "***" if settings.kafka.password.get_secret_value() else ""
     return data

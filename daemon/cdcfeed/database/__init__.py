@@ -8,6 +8,7 @@ its own. Callers never see a connection, a statement or a driver exception.
 from cdcfeed.database.connect import connect_kwargs
 from cdcfeed.database.database import BatchSession, Database
 from cdcfeed.database.errors import describe_error, is_unavailable
+from cdcfeed.database.kafka_store import KafkaSession
 from cdcfeed.database.ledger import Allocation, Settled, Settlement
 from cdcfeed.database.names import Names, names_of, quote_ident
 from cdcfeed.database.schema import ensure_database
@@ -18,6 +19,7 @@ __all__ = [
     "Allocation",
     "BatchSession",
     "Database",
+    "KafkaSession",
     "Names",
     "Settled",
     "Settlement",

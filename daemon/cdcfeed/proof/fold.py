@@ -123,6 +123,14 @@ class Fold:
         """The batches with rows folded and not yet flushed or taken."""
         return list(self._batches)
 
+    def rows(self, batch_id: int) -> int:
+        """How many distinct order ids of a batch are folded and not yet taken."""
+        return sum(
+            high - low + 1
+            for part in self._batches.get(batch_id, ())
+            for low, high in zip(part.lows, part.highs, strict=True)
+        )
+
     def change(self, event: ChangeEvent) -> None:
         self.add(
             event.table,

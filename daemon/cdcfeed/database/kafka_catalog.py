@@ -1,0 +1,119 @@
+"""The SQL of `verify --kafka`'s state: verdicts in verify's results table under the source
+name `kafka:<group>`, and two tables of its own for how far the topics were read.
+
+Identifiers are quoted in `names.py`; values are always parameters.
+"""
+
+from __future__ import annotations
+
+from cdcfeed.database.names import RESULTS_TABLE, Names
+
+KAFKA_PROGRESS_TABLE = "cdcfeed_verify_kafka"
+KAFKA_POSITIONS_TABLE = "cdcfeed_verify_kafka_positions"
+
+# How long an INSERT of a ledger row may stay uncommitted after reading its start_lsn: the
+# low-water mark stays this far behind, so a batch that commits late is never passed over.
+OPENING_MARGIN = "5 minutes"
+
+
+class KafkaStatements:
+    def __init__(self, names: Names) -> None:
+        batches = names.table(names.batches)
+        results = names.table(RESULTS_TABLE)
+        progress = names.table(KAFKA_PROGRESS_TABLE)
+        positions = names.table(KAFKA_POSITIONS_TABLE)
+
+        self.ddl = f"""
+            -- One row per Kafka verifier (source 'kafka:<group>'). scope_lsn: the lowest
+            -- source.lsn the orders topic delivered (batches before it are not judged);
+            -- low_water: every batch starting before it is judged or out of scope.
+            CREATE TABLE IF NOT EXISTS {progress} (
+                source          text        PRIMARY KEY,
+                scope_lsn       pg_lsn,
+                low_water       pg_lsn,
+                duplicates      bigint      NOT NULL DEFAULT 0,
+                snapshot_events bigint      NOT NULL DEFAULT 0,
+                tombstones      bigint      NOT NULL DEFAULT 0,
+                updated_at      timestamptz NOT NULL DEFAULT now()
+            );
+            -- Per partition read: every record before `position` is accounted for by the
+            -- stored verdicts (or belongs to a batch not judged yet, whose rows are read
+            -- again after a restart); high_lsn: the highest source.lsn it delivered.
+            CREATE TABLE IF NOT EXISTS {positions} (
+                source    text    NOT NULL,
+                topic     text    NOT NULL,
+                partition integer NOT NULL,
+                position  bigint  NOT NULL,
+                high_lsn  pg_lsn,
+                PRIMARY KEY (source, topic, partition)
+            );
+        """
+        self.start = f"""
+            INSERT INTO {progress} (source) VALUES ($1) ON CONFLICT (source) DO NOTHING
+        """
+        self.progress = f"""
+            SELECT scope_lsn, low_water, duplicates, snapshot_events, tombstones
+            FROM {progress} WHERE source = $1
+        """
+        self.positions = f"""
+            SELECT topic, partition, position, high_lsn FROM {positions} WHERE source = $1
+        """
+        self.save_position = f"""
+            INSERT INTO {positions} (source, topic, partition, position, high_lsn)
+            VALUES ($1, $2, $3, $4, $5)
+            ON CONFLICT (source, topic, partition)
+            DO UPDATE SET position = EXCLUDED.position, high_lsn = EXCLUDED.high_lsn
+        """
+        self.save_progress = f"""
+            UPDATE {progress}
+            SET scope_lsn = CASE WHEN scope_lsn IS NULL OR $2 < scope_lsn THEN $2
+                                 ELSE scope_lsn END,
+                low_water = greatest(low_water, $3),
+                duplicates = duplicates + $4, snapshot_events = snapshot_events + $5,
+                tombstones = tombstones + $6, updated_at = now()
+            WHERE source = $1
+        """
+        ledger_columns = """
+            b.batch_id, b.status, b.row_count, b.first_order_id, b.start_lsn, b.end_lsn,
+            b.xid::text AS xid, extract(epoch FROM b.completed_at)::float8 AS completed_at
+        """
+        # Which of these batch ids were judged before, with their ledger rows.
+        self.judged_among = f"""
+            SELECT r.batch_id, r.rows, b.status, b.row_count, b.first_order_id, b.start_lsn,
+                   b.end_lsn, b.xid::text AS xid
+            FROM {results} r LEFT JOIN {batches} b ON b.batch_id = r.batch_id
+            WHERE r.slot = $1 AND r.kind = 'batch' AND r.batch_id = ANY($2::bigint[])
+        """
+        self.ledger_rows = f"""
+            SELECT {ledger_columns} FROM {batches} b WHERE b.batch_id = ANY($1::bigint[])
+        """
+        # The batches not judged yet that start at or after the low-water mark.
+        self.unjudged = f"""
+            SELECT {ledger_columns} FROM {batches} b
+            WHERE b.start_lsn >= $2
+              AND NOT EXISTS (SELECT 1 FROM {results} r
+                              WHERE r.slot = $1 AND r.kind = 'batch'
+                                AND r.batch_id = b.batch_id)
+            ORDER BY b.start_lsn
+            LIMIT $3
+        """
+        # Where the low-water mark may move: the oldest start of a batch not judged yet, but
+        # never past a batch opened within the margin (its row may not be visible yet).
+        self.next_low_water = f"""
+            SELECT min(b.start_lsn) FROM {batches} b
+            WHERE b.start_lsn >= $2
+              AND (b.started_at > now() - interval '{OPENING_MARGIN}'
+                   OR NOT EXISTS (SELECT 1 FROM {results} r
+                                  WHERE r.slot = $1 AND r.kind = 'batch'
+                                    AND r.batch_id = b.batch_id))
+        """
+        self.last_start = f"SELECT max(start_lsn) FROM {batches} WHERE start_lsn >= $1"
+        self.amend = f"""
+            UPDATE {results}
+            SET result = 'violation', verified_at = now(),
+                reason = CASE WHEN result = 'ok' THEN $3 ELSE reason || '; ' || $3 END
+            WHERE slot = $1 AND kind = 'batch' AND batch_id = $2
+        """
+        self.counts = f"""
+            SELECT duplicates, snapshot_events FROM {progress} WHERE source = $1
+        """

@@ -1,0 +1,162 @@
+"""The Kafka verifier's durable state, through its database session.
+
+Kept in the ledger's schema under the source name `kafka:<group>`: verdicts in verify's
+results table (one per batch, and the violations no batch owns), and per partition the read
+position and highest LSN those verdicts account for, with the scope, the low-water mark and
+the counters. A judging step stores all of it in one transaction; only then does the runner
+commit the consumer's offsets, so a run stopped anywhere resumes with nothing judged twice and
+nothing skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from cdcfeed.database import KafkaSession
+from cdcfeed.errors import UserError
+from cdcfeed.proof.events import LedgerBatch, Violation
+from cdcfeed.proof.kafka_report import KafkaReport, KafkaTally
+from cdcfeed.proof.sources.kafka_delivery import Candidate, JudgedBatch, Judgement
+from cdcfeed.proof.state import REPORT_VIOLATIONS
+
+Position = tuple[str, int, int, int | None]
+
+
+class KafkaBusy(UserError):
+    """Another verifier holds this group's state."""
+
+
+class KafkaState:
+    def __init__(self, db: KafkaSession, group: str, topic_prefix: str) -> None:
+        self.db = db
+        self.group = group
+        self.topic_prefix = topic_prefix
+        self.source = f"kafka:{group}"
+        self.scope: int | None = None
+        self.low_water: int | None = None
+
+    async def prepare(self) -> None:
+        """Creates the state tables when missing and takes the group's verify lock."""
+        if not await self.db.create_kafka_state(self.source):
+            raise UserError(
+                "database.dsn",
+                f"no cdcfeed ledger ({self.db.qualified_batches}) in this database; "
+                "point --dsn at cdcfeed's database or run `cdcfeed init-db`",
+            )
+        if not await self.db.try_lock(self.source):
+            raise KafkaBusy(
+                "kafka.group",
+                f"another cdcfeed verify is reading with group {self.group}; give this one "
+                "its own --group",
+            )
+
+    async def resume(self) -> list[Position]:
+        """The stored read positions; loads the scope and the low-water mark."""
+        progress = await self.db.kafka_progress(self.source)
+        self.scope, self.low_water = progress["scope_lsn"], progress["low_water"]
+        return await self.db.kafka_positions(self.source)
+
+    async def lookup(self, batch_ids: set[int]) -> dict[int, JudgedBatch]:
+        """Which of these batches were judged before (by an earlier run)."""
+        found = await self.db.judged_among(self.source, sorted(batch_ids))
+        return {r["batch_id"]: JudgedBatch(_ledger_batch(r), r["rows"]) for r in found}
+
+    async def candidates(self, held: Iterable[int], scope: int | None) -> list[Candidate]:
+        """The ledger rows of the batches held in memory, and of the batches in scope that
+        are not judged yet."""
+        rows = {r["batch_id"]: r for r in await self.db.ledger_rows(sorted(held))}
+        since = _since(scope, self.low_water)
+        if since is not None:
+            for r in await self.db.unjudged(self.source, since):
+                rows.setdefault(r["batch_id"], r)
+        return [
+            Candidate(batch, r["completed_at"])
+            for r in rows.values()
+            if (batch := _ledger_batch(r)) is not None
+        ]
+
+    async def store(self, judged: Judgement, positions: list[Position], scope: int | None) -> None:
+        """The verdicts, the violations and how far the topics were read, in one transaction."""
+        db = self.db
+        async with db.transaction():
+            for verdict in judged.verdicts:
+                await db.record_verdict(
+                    self.source,
+                    verdict.batch_id,
+                    verdict.status,
+                    verdict.result,
+                    verdict.rows,
+                    verdict.xid,
+                    verdict.commit_lsn,
+                    verdict.reason,
+                )
+            for amendment in judged.amendments:
+                assert amendment.batch_id is not None
+                await db.amend(self.source, amendment.batch_id, amendment.reason)
+            for event in judged.events:
+                await db.record_stream_violation(
+                    self.source, event.batch_id, event.xid, event.commit_lsn, event.reason
+                )
+            low_water = self.low_water
+            since = _since(scope, low_water)
+            if since is not None:
+                low_water = await db.next_low_water(self.source, since) or low_water
+            await db.save_kafka_progress(
+                self.source,
+                positions,
+                scope,
+                low_water,
+                (judged.duplicates, judged.snapshot_events, judged.tombstones),
+            )
+        self.scope, self.low_water = scope, low_water
+
+    async def report(
+        self,
+        run: KafkaTally,
+        pending: int,
+        oldest_pending: float | None,
+        limit: int = REPORT_VIOLATIONS,
+    ) -> KafkaReport:
+        db = self.db
+        totals = await db.totals(self.source)
+        progress = await db.kafka_progress(self.source)
+        violations = [
+            Violation(batch_id, reason)
+            for batch_id, reason in await db.violations(self.source, limit)
+        ]
+        return KafkaReport(
+            group=self.group,
+            topic_prefix=self.topic_prefix,
+            batches=totals["batches"],
+            completed=totals["completed"],
+            failed=totals["failed"],
+            rows=totals["rows"],
+            pending=pending,
+            oldest_pending_seconds=None if oldest_pending is None else round(oldest_pending, 1),
+            duplicates=progress["duplicates"],
+            snapshot_events=progress["snapshot_events"],
+            violation_count=totals["violations"],
+            violations=violations,
+            run=run,
+        )
+
+
+def _since(scope: int | None, low_water: int | None) -> int | None:
+    if scope is None:
+        return None
+    return scope if low_water is None else max(scope, low_water)
+
+
+def _ledger_batch(record: dict[str, Any]) -> LedgerBatch | None:
+    if record["status"] is None:
+        return None
+    return LedgerBatch(
+        batch_id=record["batch_id"],
+        status=record["status"],
+        row_count=record["row_count"],
+        first_order_id=record["first_order_id"],
+        start_lsn=record["start_lsn"],
+        end_lsn=record["end_lsn"],
+        xid=int(record["xid"]) if record["xid"] is not None else None,
+    )

@@ -1,0 +1,417 @@
+"""What Debezium's Kafka topics delivered, folded per batch until each batch is due.
+
+Pure: records in (already fetched), verdicts out; the consumer (kafka.py) and the database
+(kafka_state.py) are the runner's. Four things are decided here.
+
+When a batch is due. The pipeline has *provably moved past* LSN X once every partition of
+the orders topic has delivered an event whose source.lsn is above X: Kafka keeps order within
+a partition and Debezium emits changes in commit order, so a row of a batch ending at X that
+has not arrived on a partition already carrying later changes never will (short of a
+redelivery). A batch the ledger settled is judged
+
+- at once when it is FAILED (no rows expected; rows arriving later amend the verdict), or
+  when its batch id is one the ledger lacks;
+- at once when every one of its rows has arrived (and, when the transaction topic is read,
+  the END of its transaction too): nothing more can change its verdict but a redelivery;
+- once the pipeline has moved past its end_lsn;
+- once `due_after` seconds have passed since the ledger completed it, whatever the topics
+  say (the user's deadline for a pipeline that stalls).
+
+Until then it is *pending*, counted with the age of the oldest. A batch still IN_PROGRESS in
+the ledger waits without being pending.
+
+Which batches. Verification starts at the lowest source.lsn the orders topic has delivered
+(its *scope*): a batch that started before it and left no row in the topics predates the
+pipeline (or its snapshot) and is not judged.
+
+Records read before. `resume()` gives, per partition, the position the stored verdicts
+account for. A record below it was read by an earlier run: it is folded again only when its
+batch is still unjudged (its rows were not stored); counters and stream events from it were
+stored already. A record at or above it is new.
+
+Redeliveries of judged batches. A new record of a batch judged before is a duplicate when it
+matches the ledger (the batch delivered all its rows, the id lies in its block, its txId and
+LSN are the batch's) and is counted; otherwise it amends the verdict as a violation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Protocol
+
+from cdcfeed.proof.events import LedgerBatch, Observation, StreamEvent, TransactionEnd, Violation
+from cdcfeed.proof.fold import Fold
+from cdcfeed.proof.judge import Verdict, judge_again, judge_seen, judge_unseen
+from cdcfeed.proof.sources.debezium import (
+    DebeziumDecoder,
+    OrderChange,
+    TransactionEvent,
+    Truncate,
+)
+
+XID_MASK = 0xFFFF_FFFF
+_MAX_ENDS = 100_000  # END events kept for batches whose rows have not arrived (or never will)
+_MAX_JUDGED = 100_000  # judged batches remembered, to tell their redeliveries without a query
+
+TP = tuple[str, int]  # (topic, partition)
+Lookup = Callable[[set[int]], Awaitable[dict[int, "JudgedBatch"]]]
+
+
+class Record(Protocol):
+    """What is read of a Kafka record (aiokafka's ConsumerRecord has these)."""
+
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp(self) -> int: ...  # milliseconds since the epoch
+    @property
+    def value(self) -> bytes | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A ledger batch that may be due; `completed_at` in seconds since the epoch."""
+
+    batch: LedgerBatch
+    completed_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class JudgedBatch:
+    """A batch judged before: its ledger row (None: the ledger lacks it), rows delivered."""
+
+    batch: LedgerBatch | None
+    rows: int
+
+
+@dataclass
+class Judgement:
+    """What one judging step decided, and the counts to store with it."""
+
+    verdicts: list[Verdict] = field(default_factory=list)
+    amendments: list[Violation] = field(default_factory=list)
+    events: list[StreamEvent] = field(default_factory=list)
+    pending: int = 0
+    oldest_pending: float | None = None  # seconds since the oldest pending batch completed
+    # Per judged batch with rows: (ledger completion -> last record's broker timestamp,
+    # ledger completion -> its arrival here), seconds.
+    latencies: list[tuple[float, float]] = field(default_factory=list)
+    duplicates: int = 0
+    snapshot_events: int = 0
+    tombstones: int = 0
+
+
+class Delivery:
+    """One verifier's view of the topics of one pipeline."""
+
+    def __init__(self, decoder: DebeziumDecoder, *, transactions: bool, due_after: float) -> None:
+        self.decoder = decoder
+        self.transactions = transactions  # the transaction topic is read
+        self.due_after = due_after
+        self.fold = Fold()
+        self.orders_partitions: set[int] = set()
+        self.seen: dict[TP, int] = {}  # the stored positions: below, records were read before
+        self.position: dict[TP, int] = {}  # the next offset to read
+        self.high_lsn: dict[int, int] = {}  # per orders partition, the highest source.lsn
+        self.scope: int | None = None
+        self.held: set[int] = set()  # batches with rows in the fold
+        self.judged: dict[int, JudgedBatch] = {}
+        self._firsts: dict[TP, dict[int, int]] = {}  # per partition: held batch -> 1st offset
+        self._ends: dict[int, tuple[TransactionEnd, TP, int]] = {}  # xid -> END, where
+        self._ledger_xid: dict[int, int] = {}  # held batch -> its ledger xid (32 bits)
+        self._latest: dict[int, tuple[float, float]] = {}  # batch -> (record ts, arrival)
+        self._late: dict[int, list[tuple[int, int, int]]] = {}  # judged -> (id, xid, lsn)
+        self._counts = Judgement()  # counters since the last judgement
+
+    def resume(
+        self, positions: Iterable[tuple[str, int, int, int | None]], scope: int | None
+    ) -> None:
+        """What the stored state accounts for: (topic, partition, position, high LSN)."""
+        self.scope = scope
+        for topic, partition, position, high in positions:
+            self.seen[(topic, partition)] = position
+            if topic == self.decoder.orders_topic and high is not None:
+                self.high_lsn[partition] = high
+
+    @property
+    def moved_past(self) -> int:
+        """The LSN every partition of the orders topic has delivered changes beyond; -1
+        while a partition has delivered none."""
+        if not self.orders_partitions or not self.orders_partitions <= self.high_lsn.keys():
+            return -1
+        return min(self.high_lsn[p] for p in self.orders_partitions)
+
+    async def feed(
+        self,
+        topic: str,
+        partition: int,
+        records: Sequence[Record],
+        lookup: Lookup,
+        arrival: float,
+    ) -> None:
+        """Folds one partition's records, in offset order; `lookup` tells which of the batch
+        ids new to this verifier were judged before (by an earlier run)."""
+        if not records:
+            return
+        tp = (topic, partition)
+        self.position[tp] = records[-1].offset + 1
+        if topic == self.decoder.orders_topic:
+            await self._orders(tp, records, lookup, arrival)
+        elif topic == self.decoder.transaction_topic:
+            self._transactions(tp, records)
+        else:
+            seen = self.seen.get(tp, -1)
+            for record in records:
+                change = self.decoder.decode_ledger(record.value, topic)
+                if change is None and record.offset >= seen:
+                    self._counts.tombstones += 1
+
+    async def _orders(
+        self, tp: TP, records: Sequence[Record], lookup: Lookup, arrival: float
+    ) -> None:
+        decode = self.decoder.decode_order
+        topic = tp[0]
+        decoded = [(r.offset, r.timestamp, decode(r.value, topic)) for r in records]
+        held, judged = self.held, self.judged
+        new = {
+            change.batch_id
+            for _, _, change in decoded
+            if type(change) is OrderChange
+            and change.op == "c"
+            and change.batch_id is not None
+            and change.batch_id not in held
+            and change.batch_id not in judged
+        }
+        if new:
+            judged.update(await lookup(new))
+        fold, counts = self.fold, self._counts
+        seen = self.seen.get(tp, -1)
+        firsts = self._firsts.setdefault(tp, {})
+        high = self.high_lsn.get(tp[1], -1)
+        low = self.scope
+        run: int | None = None
+        run_judged = False
+        run_ts = 0
+        for offset, ts, change in decoded:
+            if change is None:
+                if offset >= seen:
+                    counts.tombstones += 1
+                continue
+            lsn = change.lsn or 0
+            if lsn > high:
+                high = lsn
+            if low is None or lsn < low:
+                low = lsn
+            xid = change.tx_id or 0
+            if type(change) is Truncate:
+                if offset >= seen:
+                    fold.add("orders", "t", None, None, xid, lsn)
+                continue
+            assert type(change) is OrderChange
+            if change.snapshot:
+                if offset >= seen:
+                    counts.snapshot_events += 1
+                continue
+            batch_id = change.batch_id
+            if change.op != "c" or batch_id is None:
+                if offset >= seen:
+                    fold.add("orders", change.op, change.order_id, batch_id, xid, lsn)
+                continue
+            if batch_id != run:
+                if run is not None and not run_judged:
+                    self._arrived(run, run_ts, arrival)
+                run = batch_id
+                run_judged = batch_id in judged
+                if not run_judged and batch_id not in firsts:
+                    firsts[batch_id] = offset
+                    held.add(batch_id)
+            run_ts = ts
+            if run_judged:
+                if offset >= seen:
+                    self._again(batch_id, change.order_id, xid, lsn)
+                continue
+            fingerprint = hash((change.customer_id, change.amount))
+            if offset >= seen:
+                fold.insert(change.order_id, batch_id, xid, lsn, fingerprint)
+            else:  # read before: its stream events were stored then
+                events = len(fold.events)
+                fold.insert(change.order_id, batch_id, xid, lsn, fingerprint)
+                del fold.events[events:]
+        if run is not None and not run_judged:
+            self._arrived(run, run_ts, arrival)
+        self.high_lsn[tp[1]] = high
+        self.scope = low
+
+    def _arrived(self, batch_id: int, timestamp_ms: int, arrival: float) -> None:
+        ts = timestamp_ms / 1000
+        latest = self._latest.get(batch_id)
+        if latest is None or ts > latest[0]:
+            self._latest[batch_id] = (ts, arrival)
+
+    def _again(self, batch_id: int, order_id: int, xid: int, lsn: int) -> None:
+        judged = self.judged[batch_id]
+        batch = judged.batch
+        if (
+            batch is not None
+            and batch.status == "COMPLETED"
+            and judged.rows >= batch.row_count
+            and batch.first_order_id <= order_id < batch.first_order_id + batch.row_count
+            and (batch.xid is None or xid == batch.xid & XID_MASK)
+            and batch.start_lsn is not None
+            and batch.end_lsn is not None
+            and batch.start_lsn < lsn <= batch.end_lsn
+        ):
+            self._counts.duplicates += 1
+        else:
+            self._late.setdefault(batch_id, []).append((order_id, xid, lsn))
+
+    def _transactions(self, tp: TP, records: Sequence[Record]) -> None:
+        decode = self.decoder.decode_transaction
+        seen = self.seen.get(tp, -1)
+        orders, ledger = self.decoder.orders_collection, self.decoder.ledger_collection
+        ends = self._ends
+        for record in records:
+            event = decode(record.value, tp[0])
+            if event is None:
+                if record.offset >= seen:
+                    self._counts.tombstones += 1
+                continue
+            if event.status != "END":
+                continue
+            ends[event.tx_id] = (_end(event, orders, ledger), tp, record.offset)
+        if len(ends) > _MAX_ENDS:
+            for xid in list(islice(ends, len(ends) - _MAX_ENDS)):
+                del ends[xid]
+
+    def judge(self, candidates: Iterable[Candidate], now: float, hint_topic: str) -> Judgement:
+        """Verdicts on every batch due now; `candidates`: the ledger rows of the held batches
+        and of the unjudged batches in scope. Forgets what it judged."""
+        done, self._counts = self._counts, Judgement()
+        moved = self.moved_past
+        ledger: dict[int, Candidate] = {}
+        for candidate in candidates:
+            ledger[candidate.batch.batch_id] = candidate
+        for batch_id in sorted(self.held - ledger.keys()):  # ids the ledger lacks
+            self._judge_held(batch_id, None, None, done)
+        for batch_id in sorted(ledger):
+            candidate = ledger[batch_id]
+            batch = candidate.batch
+            if batch_id in self.judged or batch.status == "IN_PROGRESS":
+                if batch.xid is not None and batch_id in self.held:
+                    self._ledger_xid[batch_id] = batch.xid & XID_MASK
+                continue
+            held = batch_id in self.held
+            if not held and (self.scope is None or (batch.start_lsn or 0) < self.scope):
+                continue  # before the pipeline's first change: not ours to judge
+            age = None if candidate.completed_at is None else max(0.0, now - candidate.completed_at)
+            passed = batch.end_lsn is not None and moved > batch.end_lsn
+            late = age is not None and age >= self.due_after
+            if batch.status == "COMPLETED" and not (passed or late or self._whole(batch)):
+                done.pending += 1
+                if age is not None and (done.oldest_pending is None or age > done.oldest_pending):
+                    done.oldest_pending = age
+                if batch.xid is not None and held:
+                    self._ledger_xid[batch_id] = batch.xid & XID_MASK
+                continue
+            if held:
+                self._judge_held(batch_id, batch, candidate.completed_at, done)
+                continue
+            if passed:
+                hint = f"every partition of {hint_topic} delivered changes past it without its rows"
+            else:
+                hint = (
+                    f"none of its rows reached {hint_topic} in the {self.due_after:g} s "
+                    "after it completed (due_after)"
+                )
+            verdict = judge_unseen(batch_id, batch.status, batch.row_count, batch.end_lsn, hint)
+            done.verdicts.append(verdict)
+            self.judged[batch_id] = JudgedBatch(batch, 0)
+        self._judge_late(done)
+        done.events, self.fold.events = self.fold.events, []
+        if len(self.judged) > 2 * _MAX_JUDGED:  # the oldest are looked up again if redelivered
+            for batch_id in list(islice(self.judged, len(self.judged) - _MAX_JUDGED)):
+                del self.judged[batch_id]
+        return done
+
+    def _whole(self, batch: LedgerBatch) -> bool:
+        """Every row arrived (and the END of its transaction, when those are read)."""
+        if self.fold.rows(batch.batch_id) < batch.row_count:
+            return False
+        return not self.transactions or (
+            batch.xid is not None and (batch.xid & XID_MASK) in self._ends
+        )
+
+    def _judge_held(
+        self, batch_id: int, batch: LedgerBatch | None, completed_at: float | None, done: Judgement
+    ) -> None:
+        if batch is not None and batch.xid is not None:
+            end = self._ends.pop(batch.xid & XID_MASK, None)
+            if end is not None:
+                self.fold.end(end[0])
+        seen = self.fold.take(batch_id)
+        self.held.discard(batch_id)
+        self._ledger_xid.pop(batch_id, None)
+        for firsts in self._firsts.values():
+            firsts.pop(batch_id, None)
+        latest = self._latest.pop(batch_id, None)
+        if not seen:  # only copies of ids another transaction carried: cannot happen alone
+            return
+        verdict = judge_seen(batch_id, batch, seen)
+        done.verdicts.append(verdict)
+        done.duplicates += sum(o.duplicates for o in seen)
+        self.judged[batch_id] = JudgedBatch(batch, verdict.rows)
+        if latest is not None and completed_at is not None:
+            done.latencies.append(
+                (max(0.0, latest[0] - completed_at), max(0.0, latest[1] - completed_at))
+            )
+
+    def _judge_late(self, done: Judgement) -> None:
+        for batch_id, rows in self._late.items():
+            by_xid: dict[int, list[tuple[int, int]]] = {}
+            for order_id, xid, lsn in rows:
+                by_xid.setdefault(xid, []).append((order_id, lsn))
+            seen = [_observation(batch_id, xid, got) for xid, got in by_xid.items()]
+            amendment = judge_again(batch_id, self.judged[batch_id].batch, seen)
+            if amendment is not None:
+                done.amendments.append(amendment)
+        self._late = {}
+
+    def commit_offsets(self) -> dict[TP, int]:
+        """Per partition, where a restart must read from: the first record of a batch not
+        yet judged, else the read position."""
+        offsets = dict(self.position)
+        for tp, firsts in self._firsts.items():
+            if firsts and tp in offsets:
+                offsets[tp] = min(offsets[tp], min(firsts.values()))
+        for batch_id in self.held:
+            xid = self._ledger_xid.get(batch_id)
+            end = None if xid is None else self._ends.get(xid)
+            if end is not None and end[1] in offsets:
+                offsets[end[1]] = min(offsets[end[1]], end[2])
+        return offsets
+
+    def positions(self) -> list[tuple[str, int, int, int | None]]:
+        """What to store: (topic, partition, read position, highest LSN for orders)."""
+        orders = self.decoder.orders_topic
+        return [
+            (topic, partition, position, self.high_lsn.get(partition) if topic == orders else None)
+            for (topic, partition), position in sorted(self.position.items())
+        ]
+
+
+def _end(event: TransactionEvent, orders: str, ledger: str) -> TransactionEnd:
+    return TransactionEnd(
+        event.tx_id,
+        None,
+        None,
+        declared_orders=event.event_counts.get(orders, 0),
+        declared_ledger=event.event_counts.get(ledger),
+    )
+
+
+def _observation(batch_id: int, xid: int, rows: list[tuple[int, int]]) -> Observation:
+    ids = sorted({order_id for order_id, _ in rows})
+    lsns = [lsn for _, lsn in rows]
+    return Observation(batch_id, min(lsns), max(lsns), xid, len(ids), ids[0], ids[-1], sum(ids))

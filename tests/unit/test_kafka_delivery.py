@@ -1,0 +1,220 @@
+"""The Kafka source's pure part: when a batch is due, what the consumer may commit, and how a
+restart reads again what an earlier run read. No broker, no database."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from cdcfeed.proof.events import LedgerBatch
+from cdcfeed.proof.sources.debezium import DebeziumDecoder
+from cdcfeed.proof.sources.kafka_delivery import Candidate, Delivery, JudgedBatch
+
+ORDERS = "cdcfeed.public.orders"
+TX = "cdcfeed.transaction"
+NOW = 1_000_000.0
+
+
+@dataclass(frozen=True)
+class Rec:
+    offset: int
+    timestamp: int
+    value: bytes | None
+
+
+def order(order_id: int, batch_id: int, xid: int, lsn: int, op: str = "c", amount: str = "1.00"):
+    row = {"order_id": order_id, "batch_id": batch_id, "customer_id": 7, "amount": amount}
+    source = {"ts_ms": 0, "snapshot": "true" if op == "r" else "false", "txId": xid, "lsn": lsn}
+    payload = {"before": row if op == "d" else None, "after": None if op == "d" else row}
+    return json.dumps({**payload, "source": source, "op": op, "ts_ms": 0}).encode()
+
+
+def end(xid: int, orders: int, ledger: int = 1) -> bytes:
+    collections = [
+        {"data_collection": "public.orders", "event_count": orders},
+        {"data_collection": "public.batch_control", "event_count": ledger},
+    ]
+    return json.dumps(
+        {"status": "END", "id": f"{xid}:1", "event_count": orders + ledger,
+         "data_collections": collections, "ts_ms": 0}
+    ).encode()  # fmt: skip
+
+
+def batch(
+    batch_id: int,
+    rows: int,
+    first: int,
+    start: int,
+    end_lsn: int,
+    xid: int,
+    status: str = "COMPLETED",
+):
+    return LedgerBatch(batch_id, status, rows, first, start, end_lsn, xid)
+
+
+def candidate(b: LedgerBatch, completed: float | None = NOW - 1) -> Candidate:
+    return Candidate(b, completed)
+
+
+def delivery(partitions: int = 1, transactions: bool = False, due_after: float = 300) -> Delivery:
+    d = Delivery(DebeziumDecoder(), transactions=transactions, due_after=due_after)
+    d.orders_partitions = set(range(partitions))
+    return d
+
+
+async def nothing_judged(ids: set[int]) -> dict[int, JudgedBatch]:
+    return {}
+
+
+async def feed(
+    d: Delivery,
+    partition: int,
+    values: list[bytes | None],
+    first: int = 0,
+    topic: str = ORDERS,
+    lookup=nothing_judged,
+) -> None:
+    records = [Rec(first + i, 1_000, v) for i, v in enumerate(values)]
+    await d.feed(topic, partition, records, lookup, NOW)
+
+
+B1 = batch(1, 4, 1, 100, 200, 501)
+B2 = batch(2, 2, 5, 300, 400, 502)
+
+
+async def test_a_partial_batch_is_pending_until_every_partition_moved_past_it() -> None:
+    d = delivery(partitions=2)
+    await feed(d, 0, [order(1, 1, 501, 150), order(3, 1, 501, 150)])
+    await feed(d, 1, [order(2, 1, 501, 150)])
+    j = d.judge([candidate(B1)], NOW, ORDERS)
+    assert (j.verdicts, j.pending, j.oldest_pending) == ([], 1, 1.0)
+    # Partition 0 moves past, partition 1 does not yet: still pending.
+    await feed(d, 0, [order(5, 2, 502, 350)], first=2)
+    assert d.judge([candidate(B1), candidate(B2)], NOW, ORDERS).pending == 2
+    await feed(d, 1, [order(6, 2, 502, 350)], first=1)
+    j = d.judge([candidate(B1), candidate(B2)], NOW, ORDERS)
+    reasons = {v.batch_id: v.reason for v in j.verdicts}
+    assert reasons[2] is None  # whole: judged at once
+    assert "missing order ids 4 (1 of 4)" in (reasons[1] or "")
+    assert j.pending == 0
+
+
+async def test_a_batch_without_rows_is_missing_once_the_pipeline_passed_it() -> None:
+    d = delivery()
+    b3 = batch(3, 10, 20, 420, 450, 503)
+    await feed(d, 0, [order(5, 2, 502, 350), order(6, 2, 502, 350)])
+    j = d.judge([candidate(B2), candidate(b3)], NOW, ORDERS)
+    assert [v.batch_id for v in j.verdicts] == [2] and j.pending == 1
+    await feed(d, 0, [order(40, 4, 504, 500)], first=2)
+    j = d.judge([candidate(b3), candidate(batch(4, 5, 40, 480, 520, 504))], NOW, ORDERS)
+    (verdict,) = j.verdicts
+    assert verdict.reason == (
+        "missing from the stream: COMPLETED with 10 rows and end_lsn 0/1C2, but every "
+        f"partition of {ORDERS} delivered changes past it without its rows"
+    )
+
+
+async def test_the_deadline_and_failed_batches() -> None:
+    d = delivery()
+    await feed(d, 0, [order(1, 1, 501, 150)])
+    late = candidate(B1, completed=NOW - 301)
+    (verdict,) = d.judge([late], NOW, ORDERS).verdicts
+    assert "missing order ids 2..4 (3 of 4)" in (verdict.reason or "")
+    failed = batch(3, 5, 9, 500, 600, 503, status="FAILED")
+    (verdict,) = d.judge([candidate(failed)], NOW, ORDERS).verdicts
+    assert verdict.batch_id == 3 and verdict.reason is None
+    # Its rows arrive later: the verdict is amended.
+    await feed(d, 0, [order(9, 3, 503, 550)], first=1)
+    j = d.judge([], NOW, ORDERS)
+    (amendment,) = j.amendments
+    assert amendment.batch_id == 3 and "FAILED in the ledger" in amendment.reason
+
+
+async def test_with_transaction_metadata_a_whole_batch_waits_for_its_end() -> None:
+    d = delivery(transactions=True)
+    b = batch(2, 2, 5, 300, 400, 2**32 + 502)  # the ledger's xid8 carries an epoch
+    await feed(d, 0, [order(5, 2, 502, 350), order(6, 2, 502, 350)])
+    assert d.judge([candidate(b)], NOW, ORDERS).pending == 1
+    await feed(d, 0, [end(502, orders=3)], topic=TX)
+    (verdict,) = d.judge([candidate(b)], NOW, ORDERS).verdicts
+    assert verdict.reason == "the transaction END declares 3 orders events, the ledger says 2"
+
+
+async def test_what_is_not_judged_and_what_is_judged_at_once() -> None:
+    d = delivery()
+    old = batch(1, 4, 1, 10, 20, 500)  # before the first change the topic carried
+    running = batch(3, 4, 9, 360, 0, 503, status="IN_PROGRESS")
+    await feed(d, 0, [order(5, 2, 502, 350), order(90, 77, 577, 351)])
+    j = d.judge([candidate(old), candidate(running, None), candidate(B2)], NOW, ORDERS)
+    reasons = {v.batch_id: v.reason for v in j.verdicts}
+    assert sorted(reasons) == [77]  # the ledger lacks it
+    assert "which the ledger lacks" in (reasons[77] or "")
+    assert j.pending == 1  # batch 2 (one row of two); IN_PROGRESS waits uncounted
+
+
+async def test_commits_hold_at_the_first_record_of_an_unjudged_batch() -> None:
+    d = delivery(partitions=2)
+    await feed(d, 0, [order(1, 1, 501, 150), order(2, 1, 501, 150), order(5, 2, 502, 350)])
+    await feed(d, 1, [order(3, 1, 501, 150)], first=10)
+    d.judge([candidate(B1), candidate(B2)], NOW, ORDERS)
+    assert d.commit_offsets() == {(ORDERS, 0): 0, (ORDERS, 1): 10}
+    await feed(d, 1, [order(4, 1, 501, 150), order(6, 2, 502, 350)], first=11)
+    j = d.judge([candidate(B1), candidate(B2)], NOW, ORDERS)
+    assert sorted(v.batch_id for v in j.verdicts) == [1, 2]
+    assert d.commit_offsets() == {(ORDERS, 0): 3, (ORDERS, 1): 13}
+    assert d.positions() == [(ORDERS, 0, 3, 350), (ORDERS, 1, 13, 350)]
+
+
+async def test_a_restart_refolds_unjudged_batches_only_and_counts_nothing_twice() -> None:
+    # The earlier run stored position 5 (with its verdict on batch 1) and read batch 2's first row;
+    # it committed offset 3: the first record of unjudged batch 2.
+    d = delivery()
+    d.resume([(ORDERS, 0, 5, 350)], scope=150)
+    judged = {1: JudgedBatch(B1, 4)}
+
+    async def lookup(ids: set[int]) -> dict[int, JudgedBatch]:
+        return {i: judged[i] for i in ids if i in judged}
+
+    tombstone = None
+    await feed(d, 0, [order(5, 2, 502, 350), tombstone], first=3, lookup=lookup)
+    # New records: a copy of batch 1's row 4 (a duplicate), one that differs (a violation),
+    # the rest of batch 2 and a copy of its first row.
+    await feed(
+        d, 0,
+        [order(4, 1, 501, 150), order(4, 1, 999, 150), order(6, 2, 502, 350),
+         order(5, 2, 502, 350), tombstone],
+        first=5, lookup=lookup,
+    )  # fmt: skip
+    j = d.judge([candidate(B1), candidate(B2)], NOW, ORDERS)
+    assert [(v.batch_id, v.rows, v.reason) for v in j.verdicts] == [(2, 2, None)]
+    (amendment,) = j.amendments
+    assert amendment.batch_id == 1 and "transaction xid 999" in amendment.reason
+    assert (j.duplicates, j.tombstones) == (2, 1)  # batch 1's copy, batch 2's copy; new only
+
+
+async def test_a_copy_that_differs_read_again_is_reported_once() -> None:
+    d = delivery()
+    await feed(d, 0, [order(5, 2, 502, 350), order(5, 2, 502, 350, amount="9.99")])
+    (event,) = d.judge([], NOW, ORDERS).events
+    assert "delivered twice, differently" in event.reason
+    again = delivery()
+    again.resume([(ORDERS, 0, 2, 350)], scope=350)
+    await feed(again, 0, [order(5, 2, 502, 350), order(5, 2, 502, 350, amount="9.99")])
+    assert again.judge([], NOW, ORDERS).events == []
+
+
+@pytest.mark.parametrize("op", ["u", "d"])
+async def test_changes_cdcfeed_never_makes_are_stream_violations(op: str) -> None:
+    d = delivery()
+    await feed(d, 0, [order(5, 2, 502, 350, op=op)])
+    (event,) = d.judge([], NOW, ORDERS).events
+    assert event.reason.startswith("UPDATE of order 5" if op == "u" else "DELETE of order 5")
+
+
+async def test_snapshot_reads_are_counted_apart() -> None:
+    d = delivery()
+    await feed(d, 0, [order(1, 1, 501, 90, op="r"), order(2, 1, 501, 90, op="r")])
+    j = d.judge([candidate(B1)], NOW, ORDERS)
+    assert (j.snapshot_events, j.verdicts, d.scope) == (2, [], 90)
