@@ -656,7 +656,8 @@ async def test_an_injected_fault_is_caught_and_named_by_batch(
 async def test_an_identical_redelivery_after_the_verdict_is_a_duplicate(
     pipeline: Pipeline,
 ) -> None:
-    before, after = (await pipeline.outcome("faults"))["an identical redelivery, after the verdict"]
+    outcomes = await pipeline.outcome("faults")
+    _, (before, after) = outcomes["an identical redelivery, after the verdict"]
     assert (before.code, before["duplicates"]) == (0, 0), before
     assert after.code == 0, after
     assert after.violations == {}, after
