@@ -36,7 +36,9 @@ def verify_kafka(settings: Settings, follow: bool, output: str) -> None:
             )
             verifier = await opener(patient=True)  # bounded retries, one-line errors
             reopen = functools.partial(opener, run=verifier.run)
-            return await follow_kafka(verifier, reopen, stop_on_signals())
+            return await follow_kafka(
+                verifier, reopen, stop_on_signals(), settings.cdc.poll_interval
+            )
 
     try:
         report = run_async(main)

@@ -36,9 +36,7 @@ class KafkaSettings(BaseModel):
                     continue
                 host, sep, port = address.rpartition(":")
                 if not sep or not host or not port.isdigit() or int(port) > 65535:
-                    raise ValueError(
-                        f"{address!r} is not host:port; expected e.g. kafka:9092,kafka2:9092"
-                    )
+                    raise ValueError("expected host:port[,host:port…], e.g. kafka:9092,kafka2:9092")
         return value
 
     @property

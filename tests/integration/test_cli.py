@@ -93,6 +93,19 @@ def test_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
     assert "hunter2" not in line
 
 
+@pytest.mark.parametrize(
+    ("bootstrap", "expected"),
+    [
+        ("nowhere", "cdcfeed: kafka.bootstrap: expected host:port"),
+        ("127.0.0.1:{port}", "cdcfeed: kafka.bootstrap: cannot read from the brokers at 127.0.0.1"),
+    ],
+)
+def test_verify_kafka_without_brokers_is_one_line(dsn: str, bootstrap: str, expected: str) -> None:
+    assert run_cli("init-db", "--dsn", dsn).returncode == 0
+    result = run_cli("verify", "--kafka", bootstrap.format(port=free_port()), "--dsn", dsn)
+    assert _one_line(result).startswith(expected)
+
+
 def test_an_unwritable_feed_dir_is_one_line(tmp_path: Path, dsn: str) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

@@ -173,6 +173,29 @@ def test_config_output_hides_the_password_wherever_it_comes_from(
         assert PASSWORD not in result.stdout + result.stderr
 
 
+def test_the_kafka_password_stays_hidden(scram_server: PostgresCluster, tmp_path: Path) -> None:
+    config = tmp_path / "cdcfeed.toml"
+    config.write_text(
+        '[kafka]\nbootstrap = "127.0.0.1:1"\nsecurity_protocol = "SASL_PLAINTEXT"\n'
+        f'sasl_mechanism = "SCRAM-SHA-256"\nusername = "verifier"\npassword = "{PASSWORD}"\n'
+    )
+    shown = run_cli("config", "--config", str(config))
+    from_env = run_cli("config", CDCFEED_KAFKA__PASSWORD=PASSWORD)
+    for result in (shown, from_env):
+        assert result.returncode == 0, result.stderr
+        assert 'password = "***"' in result.stdout
+        assert PASSWORD not in result.stdout + result.stderr
+    # A run that fails to reach the brokers says so in one line, and nothing of the password.
+    assert run_cli("init-db", "--dsn", dsn(scram_server)).returncode == 0
+    failed = run_cli(
+        "verify", "--kafka", f"127.0.0.1:{free_port()}", "--config", str(config),
+        "--dsn", dsn(scram_server), "--log-format", "json",
+    )  # fmt: skip
+    assert failed.returncode == 2, failed.stderr
+    assert "kafka.bootstrap" in failed.stderr.strip().splitlines()[-1]
+    assert PASSWORD not in failed.stdout + failed.stderr
+
+
 @pytest.mark.parametrize("where", ["dsn", "query", "pgpassword", "passfile"])
 def test_a_wrong_password_is_one_line_without_any_password(
     scram_server: PostgresCluster, tmp_path: Path, where: str

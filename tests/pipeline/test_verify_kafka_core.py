@@ -15,9 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
-from tests.pipeline.broker import Broker
+from tests.pipeline.broker import Broker, produce
 from tests.pipeline.debezium_runner import DebeziumRunner
 from tests.pipeline.test_rig import load_batch, prepare, wait_for_end
 
@@ -95,3 +96,72 @@ async def test_the_rows_lost_by_a_restart_mid_batch_are_named(
     assert f"violation: batch {lossy['batch_id']}: " in output
     assert missing in output
     assert f"batch {later['batch_id']}" not in output
+
+
+async def test_an_event_of_unknown_shape_is_one_line_and_exit_2(broker: Broker, dsn: str) -> None:
+    await prepare(broker, dsn, "avro")
+    # Confluent's Avro wire format: a magic byte and a schema id, then binary.
+    await produce(broker.bootstrap, "avro.public.orders", [(b"k", b"\x00\x00\x00\x00\x01\x02\x06")])
+    code, output = await verify_kafka(dsn, broker, "avro")
+    assert code == 2, output
+    lines = output.strip().splitlines()
+    assert lines[-1].startswith("cdcfeed: avro.public.orders: "), output
+    assert "Traceback" not in output
+
+
+def change(order_id: int, batch_id: int, xid: int, lsn: int) -> tuple[bytes, bytes]:
+    """An orders insert as Debezium's JsonConverter writes it without schemas."""
+    row = {"order_id": order_id, "batch_id": batch_id, "customer_id": 3, "amount": "9.50"}
+    source = {"ts_ms": 1, "snapshot": "false", "txId": xid, "lsn": lsn}
+    value = {"before": None, "after": row, "source": source, "op": "c", "ts_ms": 1}
+    return json.dumps({"order_id": order_id}).encode(), json.dumps(value).encode()
+
+
+def end(xid: int, orders: int) -> tuple[bytes, bytes]:
+    """A transaction END event with its per-table counts."""
+    counts = [
+        {"data_collection": "public.orders", "event_count": orders},
+        {"data_collection": "public.batch_control", "event_count": 1},
+    ]
+    value = {"status": "END", "id": f"{xid}:1", "event_count": orders + 1,
+             "data_collections": counts, "ts_ms": 1}  # fmt: skip
+    return json.dumps({"id": f"{xid}:1"}).encode(), json.dumps(value).encode()
+
+
+async def test_a_restarted_verify_reads_again_only_what_it_has_not_judged(
+    broker: Broker, dsn: str
+) -> None:
+    """Two partitions; the first run leaves batch 1 pending (half delivered), the second finds
+    the rest: batch 1 is judged from rows read by both runs, nothing twice."""
+    await prepare(broker, dsn, "again")
+    topic = "again.public.orders"
+    await broker.create_topics({topic: 2})
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.executemany(
+            "INSERT INTO batch_control (batch_id, instance, status, row_count, first_order_id,"
+            " start_lsn, end_lsn, xid, completed_at)"
+            " VALUES ($1, 't', 'COMPLETED', $2, $3, $4::text::pg_lsn, $5::text::pg_lsn,"
+            " $6::text::xid8, now())",
+            [(1, 40, 1, "0/1000", "0/2000", "701"), (2, 10, 41, "0/3000", "0/4000", "702")],
+        )
+    finally:
+        await conn.close()
+    await produce(broker.bootstrap, topic, [change(i, 1, 701, 0x1800) for i in range(1, 21)])
+    code, output = await verify_kafka(dsn, broker, "again", "--format", "json")
+    first = report_of(output)
+    assert code == 0, output
+    assert (first["batches_verified"], first["pending"]) == (0, 2)  # neither passed yet
+
+    await produce(
+        broker.bootstrap,
+        topic,
+        [change(i, 1, 701, 0x1800) for i in range(21, 41)]
+        + [change(i, 2, 702, 0x3800) for i in range(41, 51)],
+    )
+    await produce(broker.bootstrap, "again.transaction", [end(701, 40), end(702, 10)])
+    code, output = await verify_kafka(dsn, broker, "again", "--format", "json")
+    second = report_of(output)
+    assert code == 0, output
+    assert (second["batches_verified"], second["rows"], second["pending"]) == (2, 50, 0)
+    assert (second["duplicates"], second["violations"]) == (0, [])

@@ -120,6 +120,8 @@ async def test_the_deadline_and_failed_batches() -> None:
     d = delivery()
     await feed(d, 0, [order(1, 1, 501, 150)])
     late = candidate(B1, completed=NOW - 301)
+    # While the verifier reads a backlog, the deadline proves nothing.
+    assert d.judge([late], NOW, ORDERS, deadlines=False).pending == 1
     (verdict,) = d.judge([late], NOW, ORDERS).verdicts
     assert "missing order ids 2..4 (3 of 4)" in (verdict.reason or "")
     failed = batch(3, 5, 9, 500, 600, 503, status="FAILED")

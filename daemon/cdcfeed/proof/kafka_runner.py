@@ -31,6 +31,8 @@ from cdcfeed.retry import Backoff, retry
 
 IDLE = 2.0  # seconds each partition must be quiet for a one-shot read to end
 STEP = 1.0  # seconds of reading between two judging steps
+QUIET = 1.0  # seconds without records after which a partition counts as read to its end
+BEHIND = 10.0  # seconds a partition's last record may trail the clock and count as caught up
 _TOPICS_EVERY = 10.0  # seconds between looks for new topics or partitions
 SOURCE = "kafka"  # the metrics' source label
 
@@ -66,6 +68,9 @@ class KafkaVerifier:
         self.oldest_pending: float | None = None
         self._delivery: Delivery | None = None
         self._looked = time.monotonic()
+        # Per partition: when its last records arrived (monotonic) and the broker timestamp
+        # of the last one (ms): whether the verifier has caught up with it.
+        self._last: dict[tuple[str, int], tuple[float, int]] = {}
 
     @property
     def delivery(self) -> Delivery:
@@ -106,6 +111,15 @@ class KafkaVerifier:
             count += await self._fetch(min(left, 0.2))
         return count
 
+    def caught_up(self) -> bool:
+        """Whether every partition is quiet or its last record is recent: what is missing
+        now is not in a backlog still to be read."""
+        now, wall_ms = time.monotonic(), time.time() * 1000
+        return all(
+            now - arrived >= QUIET or timestamp >= wall_ms - BEHIND * 1000
+            for arrived, timestamp in self._last.values()
+        )
+
     async def read_to_end(self, idle: float = IDLE, stop: asyncio.Event | None = None) -> int:
         """Reads until every partition caught up with now or was quiet for `idle` seconds,
         judging on the way every `STEP` seconds; how many records."""
@@ -122,6 +136,7 @@ class KafkaVerifier:
                 await self.delivery.feed(topic, partition, records, self.state.lookup, time.time())
                 count += len(records)
                 last[(topic, partition)] = now
+                self._last[(topic, partition)] = (now, records[-1].timestamp)
                 if records[-1].timestamp >= started_ms:
                     caught.add((topic, partition))
             if all(tp in caught or now - seen >= idle for tp, seen in last.items()):
@@ -133,10 +148,11 @@ class KafkaVerifier:
 
     async def _fetch(self, timeout: float) -> int:
         got = await self.source.fetch(timeout)
-        arrival = time.time()
+        arrival, now = time.time(), time.monotonic()
         count = 0
         for (topic, partition), records in got.items():
             await self.delivery.feed(topic, partition, records, self.state.lookup, arrival)
+            self._last[(topic, partition)] = (now, records[-1].timestamp)
             count += len(records)
         return count
 
@@ -144,7 +160,9 @@ class KafkaVerifier:
         """Judges what is due, stores it with the read positions, then commits the offsets."""
         delivery = self.delivery
         candidates = await self.state.candidates(delivery.held, delivery.scope)
-        judged = delivery.judge(candidates, time.time(), self.source.decoder.orders_topic)
+        judged = delivery.judge(
+            candidates, time.time(), self.source.decoder.orders_topic, self.caught_up()
+        )
         await self.state.store(judged, delivery.positions(), delivery.scope)
         await self.source.commit(delivery.commit_offsets())
         self.pending, self.oldest_pending = judged.pending, judged.oldest_pending

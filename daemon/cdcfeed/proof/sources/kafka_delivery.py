@@ -15,7 +15,8 @@ redelivery). A batch the ledger settled is judged
   the END of its transaction too): nothing more can change its verdict but a redelivery;
 - once the pipeline has moved past its end_lsn;
 - once `due_after` seconds have passed since the ledger completed it, whatever the topics
-  say (the user's deadline for a pipeline that stalls).
+  say (the user's deadline for a pipeline that stalls) - but only while the verifier itself
+  has caught up with the topics: a backlog it has yet to read proves nothing missing.
 
 Until then it is *pending*, counted with the age of the oldest. A batch still IN_PROGRESS in
 the ledger waits without being pending.
@@ -285,9 +286,16 @@ class Delivery:
             for xid in list(islice(ends, len(ends) - _MAX_ENDS)):
                 del ends[xid]
 
-    def judge(self, candidates: Iterable[Candidate], now: float, hint_topic: str) -> Judgement:
+    def judge(
+        self,
+        candidates: Iterable[Candidate],
+        now: float,
+        hint_topic: str,
+        deadlines: bool = True,
+    ) -> Judgement:
         """Verdicts on every batch due now; `candidates`: the ledger rows of the held batches
-        and of the unjudged batches in scope. Forgets what it judged."""
+        and of the unjudged batches in scope. `deadlines`: whether `due_after` applies (the
+        caller has read what the topics hold). Forgets what it judged."""
         done, self._counts = self._counts, Judgement()
         moved = self.moved_past
         ledger: dict[int, Candidate] = {}
@@ -307,7 +315,7 @@ class Delivery:
                 continue  # before the pipeline's first change: not ours to judge
             age = None if candidate.completed_at is None else max(0.0, now - candidate.completed_at)
             passed = batch.end_lsn is not None and moved > batch.end_lsn
-            late = age is not None and age >= self.due_after
+            late = deadlines and age is not None and age >= self.due_after
             if batch.status == "COMPLETED" and not (passed or late or self._whole(batch)):
                 done.pending += 1
                 if age is not None and (done.oldest_pending is None or age > done.oldest_pending):
