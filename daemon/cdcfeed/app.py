@@ -186,7 +186,9 @@ async def run_daemon(
                 supervise(monitor, stop, failures)
                 heartbeat = asyncio.create_task(lease.keep(), name="lease-heartbeat")
                 supervise(heartbeat, stop, failures)
-                cdc_tasks = start_cdc_tasks(db, database, names, settings.cdc, metrics)
+                cdc_tasks = start_cdc_tasks(
+                    db, database, names, settings.cdc, settings.kafka, metrics
+                )
                 for task in cdc_tasks:
                     supervise(task, stop, failures)
                 environment = BatchEnvironment(

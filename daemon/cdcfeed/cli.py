@@ -7,7 +7,6 @@ import functools
 import json
 import os
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,15 @@ from cdcfeed.config import (
 )
 from cdcfeed.database import Database, names_of
 from cdcfeed.errors import CdcfeedError, DatabaseUnavailable, UserError
-from cdcfeed.lsn import lsn_to_int
 from cdcfeed.memory import pin_mmap_threshold
 from cdcfeed.proof.events import Violation
+from cdcfeed.proof.kafka_state import source_name
 from cdcfeed.proof.report import Report
 from cdcfeed.proof.runner import open_verifier, run_passes
 from cdcfeed.proof.sources.slot import StreamError
 from cdcfeed.runtime import run_async as _run_async
 from cdcfeed.runtime import stop_on_signals as _stop_on_signals
+from cdcfeed.status_view import json_default, status_table, with_confirmations, with_delivery
 from cdcfeed.toml_text import to_toml
 
 config_option = click.option(
@@ -199,6 +199,9 @@ def status(config: Path | None, dsn: str | None, limit: int, output: str) -> Non
     replication slots ([cdc] slots; empty = all logical slots) have confirmed each."""
     settings = _settings(config, {"database": {"dsn": dsn}})
 
+    # The Kafka verifier's verdicts are shown once Kafka is configured: its group names them.
+    kafka_source = source_name(settings.kafka.group) if settings.kafka.bootstrap else None
+
     async def main() -> list[dict[str, Any]]:
         async with (
             resolved_database(settings, dict(os.environ)) as database,
@@ -206,75 +209,15 @@ def status(config: Path | None, dsn: str | None, limit: int, output: str) -> Non
         ):
             batches = await db.recent_batches(limit)
             slots = await db.slot_confirmations(settings.cdc.slots)
-        return _with_confirmations(batches, slots)
+            ids = [batch["batch_id"] for batch in batches]
+            verdicts = await db.verdicts(kafka_source, ids) if kafka_source else None
+        return with_delivery(with_confirmations(batches, slots), verdicts)
 
     batches = _run_async(main)
     if output == "json":
-        click.echo(json.dumps(batches, default=_json_default, indent=2))
+        click.echo(json.dumps(batches, default=json_default, indent=2))
         return
-    click.echo(_status_table(batches))
-
-
-def _with_confirmations(
-    batches: list[dict[str, Any]], slots: dict[str, int | None]
-) -> list[dict[str, Any]]:
-    """Adds `confirmed_by`: per slot, whether its confirmed_flush_lsn reached the end_lsn
-    (None for a batch that is not COMPLETED: there is nothing to confirm)."""
-    for batch in batches:
-        end = lsn_to_int(batch["end_lsn"]) if batch["end_lsn"] else None
-        batch["confirmed_by"] = {
-            slot: None
-            if end is None or batch["status"] != "COMPLETED"
-            else confirmed is not None and confirmed >= end
-            for slot, confirmed in slots.items()
-        }
-    return batches
-
-
-def _json_default(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return str(value)
-
-
-def _status_table(batches: list[dict[str, Any]]) -> str:
-    # One column per watched slot: has it confirmed the batch (CDC-confirmed)?
-    slots = list(batches[0]["confirmed_by"]) if batches else []
-    timings = ("gen_ms", "write_ms", "copy_ms", "total_ms")
-    header = ("batch", "status", "rows", "start_lsn", "end_lsn", *timings, *slots, "note")
-    rows = [header]
-    for batch in batches:
-        started, completed = batch["started_at"], batch["completed_at"]
-        total = (completed - started).total_seconds() if started and completed else None
-        note = "recovered" if batch["recovered"] else (batch["error"] or "")[:60]
-        rows.append(
-            (
-                str(batch["batch_id"]),
-                batch["status"],
-                str(batch["row_count"]),
-                batch["start_lsn"] or "-",
-                batch["end_lsn"] or "-",
-                _ms(batch["generate_seconds"]),
-                _ms(batch["write_seconds"]),
-                _ms(batch["copy_seconds"]),
-                _ms(total),
-                *(_yes_no(batch["confirmed_by"][slot]) for slot in slots),
-                note,
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
-
-
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.1f}"
-
-
-def _yes_no(value: bool | None) -> str:
-    return "-" if value is None else ("yes" if value else "no")
+    click.echo(status_table(batches))
 
 
 @commands.command()

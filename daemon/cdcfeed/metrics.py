@@ -17,6 +17,12 @@ PHASES = ("generate", "write", "copy", "total")
 BATCH_STATUSES = ("completed", "failed")
 SKIP_REASONS = ("busy", "database_down", "disk_full")
 VERIFY_RESULTS = ("ok", "violation")
+# What a verifier reads: the replication slot (what PostgreSQL emitted) or Kafka (what the
+# pipeline delivered). Only Kafka has pending batches, duplicates and a delivery latency.
+VERIFY_SOURCES = ("slot", "kafka")
+DELIVERY_SOURCES = ("kafka",)
+# ledger completion -> the Kafka record's timestamp (broker), -> the verifier reading it.
+DELIVERY_STAGES = ("broker", "verifier")
 
 _DURATION_BUCKETS = (
     0.0005,
@@ -40,6 +46,8 @@ _ROW_BUCKETS = (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
 _LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 _RATE_WINDOW = 10.0
 _CONFIRM_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
+# A healthy pipeline delivers in tens of milliseconds to seconds; a stalled one in minutes.
+_DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
 class Metrics:
@@ -141,8 +149,33 @@ class Metrics:
         )
         self.verified = Counter(
             "cdcfeed_verified_batches",
-            "Batches checked against the change stream.",
-            ["result"],
+            "Batches checked against the change stream, by what was read and the verdict.",
+            ["source", "result"],
+            registry=registry,
+        )
+        self.pending_batches = Gauge(
+            "cdcfeed_pending_batches",
+            "Settled batches not yet due for a verdict: the pipeline has not moved past them.",
+            ["source"],
+            registry=registry,
+        )
+        self.oldest_pending_seconds = Gauge(
+            "cdcfeed_oldest_pending_batch_seconds",
+            "Age of the oldest pending batch, from its ledger completion.",
+            ["source"],
+            registry=registry,
+        )
+        self.duplicate_events = Counter(
+            "cdcfeed_duplicate_events",
+            "Change events delivered again, identical to the first delivery.",
+            ["source"],
+            registry=registry,
+        )
+        self.delivery_latency = Histogram(
+            "cdcfeed_delivery_latency_seconds",
+            "From a batch's ledger completion to its rows reaching a stage of the pipeline.",
+            ["source", "stage"],
+            buckets=_DELIVERY_BUCKETS,
             registry=registry,
         )
         self.verify_lag = Gauge(
@@ -157,8 +190,15 @@ class Metrics:
             self.duration.labels(phase)
         for reason in SKIP_REASONS:
             self.skipped.labels(reason)
-        for result in VERIFY_RESULTS:
-            self.verified.labels(result)
+        for source in VERIFY_SOURCES:
+            for result in VERIFY_RESULTS:
+                self.verified.labels(source, result)
+        for source in DELIVERY_SOURCES:
+            self.pending_batches.labels(source)
+            self.oldest_pending_seconds.labels(source)
+            self.duplicate_events.labels(source)
+            for stage in DELIVERY_STAGES:
+                self.delivery_latency.labels(source, stage)
 
         # Achieved rate is computed when scraped, so it falls to zero when the load stops.
         self._starts: deque[float] = deque()

@@ -421,7 +421,9 @@ async def test_the_daemon_verifies_continuously(dsn: str, feed_dir: Path) -> Non
     async with running(settings) as daemon:
 
         async def verified(result: str) -> float | None:
-            return (await daemon.scrape()).get("cdcfeed_verified_batches_total", result=result)
+            return (await daemon.scrape()).get(
+                "cdcfeed_verified_batches_total", source="slot", result=result
+            )
 
         await wait_until("10 batches verified", lambda: verified("ok"), at_least(10), timeout=60)
         assert await verified("violation") == 0

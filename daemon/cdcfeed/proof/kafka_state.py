@@ -27,12 +27,17 @@ class KafkaBusy(UserError):
     """Another verifier holds this group's state."""
 
 
+def source_name(group: str) -> str:
+    """The name a Kafka verifier's verdicts are kept under: one proof per consumer group."""
+    return f"kafka:{group}"
+
+
 class KafkaState:
     def __init__(self, db: KafkaSession, group: str, topic_prefix: str) -> None:
         self.db = db
         self.group = group
         self.topic_prefix = topic_prefix
-        self.source = f"kafka:{group}"
+        self.source = source_name(group)
         self.scope: int | None = None
         self.low_water: int | None = None
 

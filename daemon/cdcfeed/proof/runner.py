@@ -83,14 +83,14 @@ class Verifier:
         self.run.rows += judged.rows
         if self.metrics is not None:
             for result in judged.verdicts:
-                self.metrics.verified.labels(result).inc()
-            self.metrics.verified.labels("violation").inc(judged.amended)
+                self.metrics.verified.labels("slot", result).inc()
+            self.metrics.verified.labels("slot", "violation").inc(judged.amended)
         self._found(judged.found, counted=True)
 
     def _found(self, violations: list[Violation], counted: bool = False) -> None:
         self.run.violations += len(violations)
         if self.metrics is not None and not counted:
-            self.metrics.verified.labels("violation").inc(len(violations))
+            self.metrics.verified.labels("slot", "violation").inc(len(violations))
         if self.on_violation is not None:
             for violation in violations:
                 self.on_violation(violation)
@@ -203,7 +203,7 @@ async def verify_continuously(
     """The daemon's verifier: a pass per interval over a slot of its own, until cancelled.
 
     Creates the publication and the slot when missing. Violations are logged as they are
-    found and counted in cdcfeed_verified_batches_total{result="violation"}.
+    found and counted in cdcfeed_verified_batches_total{source="slot",result="violation"}.
     """
 
     def report(violation: Violation) -> None:

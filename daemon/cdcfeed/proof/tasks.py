@@ -1,12 +1,14 @@
-"""The daemon's CDC-side background tasks: the slot monitor, and verification when enabled."""
+"""The daemon's CDC-side background tasks: the slot monitor, and verification of the slot and
+of Kafka when enabled."""
 
 from __future__ import annotations
 
 import asyncio
 
-from cdcfeed.config import CdcSettings, DatabaseSettings
+from cdcfeed.config import CdcSettings, DatabaseSettings, KafkaSettings
 from cdcfeed.database import Database, Names
 from cdcfeed.metrics import Metrics
+from cdcfeed.proof.kafka_runner import verify_kafka_continuously
 from cdcfeed.proof.runner import verify_continuously
 from cdcfeed.proof.slots import watch_slots
 
@@ -16,6 +18,7 @@ def start_cdc_tasks(
     database: DatabaseSettings,
     names: Names,
     cdc: CdcSettings,
+    kafka: KafkaSettings,
     metrics: Metrics,
 ) -> list[asyncio.Task[None]]:
     """Starts the tasks, named for supervision; the caller supervises and cancels them."""
@@ -32,6 +35,14 @@ def start_cdc_tasks(
                     database, names, cdc.verify_slot, cdc.publication, cdc.poll_interval, metrics
                 ),
                 name="verify",
+            )
+        )
+    if cdc.verify_kafka and kafka.bootstrap:
+        # Its own connection too (the group's verify lock), and its own consumer; it rides
+        # out broker and database outages itself, so it ends only when cancelled.
+        tasks.append(
+            asyncio.create_task(
+                verify_kafka_continuously(database, names, kafka, metrics), name="verify-kafka"
             )
         )
     return tasks
