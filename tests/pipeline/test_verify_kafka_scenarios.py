@@ -585,7 +585,8 @@ def faults(p: Pipeline) -> dict[str, Fault]:
         src.replacing(end, end.altered(_declare_orders(ROWS - 1))), 4, str(ROWS - 1)
     )
 
-    # Redeliveries: the same event again is a duplicate; one whose row differs is not.
+    # Redeliveries: the same event again is a duplicate; one with another txId, LSN or value
+    # is a violation, whether it comes before the verdict on its batch or after.
     record = src.orders_of(2)[30]
     differing = record.altered(_set("after.customer_id", record.row["customer_id"] + 1))
     twice = f"order {record.row['order_id']} delivered twice"
@@ -667,6 +668,24 @@ async def test_an_identical_redelivery_after_the_verdict_is_a_duplicate(
     assert after.violations == {}, after
     assert (after["duplicates"], after["this_run"]["duplicates"]) == (1, 1), after
     assert after["this_run"]["batches_verified"] == 0, after
+
+
+async def group_reused(p: Pipeline) -> Run:
+    """The group that verified `src` pointed at another pipeline's topics (the dropped-event
+    copy): a second connector, or one re-created under a new topic prefix."""
+    await p.outcome("clean")
+    await p.outcome("faults")
+    return await p.verify(_prefix("dropped event"), "clean-src", "--due-after", PATIENT)
+
+
+async def test_a_group_reused_for_another_pipeline_does_not_hide_its_faults(
+    pipeline: Pipeline,
+) -> None:
+    run = await pipeline.outcome("group reused")
+    # Refused as a user error, or verified on its own: never "holds" over a lost event.
+    assert run.code in (1, 2), run
+    if run.code == 1:
+        assert set(run.violations) == {2}, run
 
 
 # --- two partitions: a dropped event caught once every partition moved past it -------------
@@ -808,4 +827,5 @@ SCENARIOS: dict[str, Callable[[Pipeline], Awaitable[Any]]] = {
     "faults": fault_runs,
     "two partitions": lagging_partition,
     "verifier restart": verifier_restart,
+    "group reused": group_reused,
 }
