@@ -1,6 +1,6 @@
 """Debezium's Kafka topics as a verification source: an aiokafka consumer over every partition
 of the pipeline's topics, committing offsets only when told (after the verdicts they support
-are stored: see kafka_delivery.py for what is folded and when a batch is due).
+are stored: see delivery.py for what is folded and when a batch is due).
 
 Topics: orders `<prefix>.<schema>.<orders>` (required), the ledger `<prefix>.<schema>.<batch
 table>` and the transaction topic `<prefix>.transaction` when they exist. Partitions are

@@ -1,7 +1,7 @@
 """`cdcfeed verify --kafka` and the daemon's Kafka verify task: the consumer, the delivery fold,
 the judge and the stored state, in steps.
 
-A step reads what the topics hold, judges every batch that is due (kafka_delivery.py says
+A step reads what the topics hold, judges every batch that is due (delivery.py says
 when), stores the verdicts with the read positions, then commits the consumer's offsets. A
 one-shot run reads until every partition has caught up with the time it began or has been
 quiet for `IDLE` seconds, takes one last step and reports. Following (and in the daemon), a
