@@ -21,10 +21,15 @@ def parse_dsn(dsn: str) -> SplitResult:
     """Checks that a DSN is a URI asyncpg understands; raises ValueError naming the problem."""
     parts = urlsplit(dsn)
     if parts.scheme not in ("postgres", "postgresql"):
-        raise ValueError(
-            "expected a URI like postgresql://user:password@host:5432/dbname "
-            "(keyword=value strings are not supported)"
-        )
+        expected = "expected a URI like postgresql://user:password@host:5432/dbname"
+        if "://" in dsn:
+            # Another database's URI (mysql://) or a driver's (jdbc:postgresql://): name the
+            # scheme, which is what is wrong; the rest may be fine.
+            scheme = dsn.split("://", 1)[0]
+            raise ValueError(f"{scheme}:// is not a PostgreSQL URI; {expected}")
+        if "=" in dsn:
+            raise ValueError(f"{expected} (keyword=value strings are not supported)")
+        raise ValueError(expected)
     try:
         parts.port  # noqa: B018 - parsing the port is the check
     except ValueError:

@@ -35,7 +35,7 @@ from tests.support import free_port, wait_until_blocking
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "cdcfeed.json"
-README = REPO / "README.md"
+METRICS_PAGE = REPO / "docs" / "metrics.md"
 
 # What each Grafana variable becomes when a dashboard query is sent to Prometheus directly.
 GRAFANA_VARIABLES = {
@@ -74,7 +74,7 @@ def tool() -> Callable[[str, str], str]:
     return lookup
 
 
-# --- The metric contract: the metrics the README documents -----------------------------------
+# --- The metric contract: the metrics docs/metrics.md documents ------------------------------
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,13 @@ class ContractMetric:
 
 
 def contract_metrics() -> dict[str, ContractMetric]:
-    """The metrics in the table under '## Metrics and health' in README.md, keyed by name.
+    """The metrics in the table under '## The metrics' in docs/metrics.md, keyed by name.
 
     A row reads | `cdcfeed_name{label="a\\|b", other}` | type | what |: a label lists the values
     it takes, or none when they depend on the deployment (slot names, the version).
     """
-    text = README.read_text(encoding="utf-8")
-    section = text.split("\n## Metrics and health", 1)[1].split("\n## ", 1)[0]
+    text = METRICS_PAGE.read_text(encoding="utf-8")
+    section = text.split("\n## The metrics", 1)[1].split("\n## ", 1)[0]
     metrics: dict[str, ContractMetric] = {}
     entry = re.compile(r"`(cdcfeed_[a-z0-9_]+)(\{[^}]*\})?`")
     for line in section.splitlines():
@@ -105,7 +105,7 @@ def contract_metrics() -> dict[str, ContractMetric]:
         cells = [cell.strip() for cell in line.replace("\\|", "\0").strip("|").split("|")]
         match = entry.fullmatch(cells[0])
         if match is None or cells[1] not in ("counter", "gauge", "histogram"):
-            raise AssertionError(f"cannot read metric row {line!r} in {README}")
+            raise AssertionError(f"cannot read metric row {line!r} in {METRICS_PAGE}")
         labels: dict[str, tuple[str, ...]] = {}
         if match.group(2):
             for part in match.group(2).strip("{}").split(","):
@@ -114,7 +114,7 @@ def contract_metrics() -> dict[str, ContractMetric]:
         name = match.group(1)
         metrics[name] = ContractMetric(name, cells[1] == "histogram", labels)
     if not metrics:
-        raise AssertionError(f"no metrics found under '## Metrics and health' in {README}")
+        raise AssertionError(f"no metrics found under '## The metrics' in {METRICS_PAGE}")
     return metrics
 
 

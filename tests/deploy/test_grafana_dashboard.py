@@ -79,7 +79,9 @@ def test_queries_use_only_contract_metrics(
         names = promql_metric_names(query.expr)
         assert names, f"{query.panel!r}: no metric found in {query.expr!r}"
         unknown = names - allowed_series_names
-        assert not unknown, f"{query.panel!r} uses metrics the README does not document: {unknown}"
+        assert not unknown, (
+            f"{query.panel!r} uses metrics docs/metrics.md does not document: {unknown}"
+        )
 
 
 def test_dashboard_shows_what_the_issue_lists(

@@ -83,7 +83,7 @@ def test_alert_uses_only_contract_metrics(
     names = promql_metric_names(rule["expr"])
     assert names, f"found no metric in {rule['expr']!r}"
     unknown = names - allowed_series_names
-    assert not unknown, f"{rule['alert']} uses metrics the README does not document: {unknown}"
+    assert not unknown, f"{rule['alert']} uses metrics docs/metrics.md does not document: {unknown}"
 
 
 @pytest.mark.parametrize("rule", alert_rules(), ids=lambda rule: rule["alert"])

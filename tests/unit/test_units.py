@@ -118,6 +118,23 @@ def test_dsn_precedence() -> None:
 
 
 @pytest.mark.parametrize(
+    ("dsn", "hint"),
+    [
+        ("mysql://loader@db/src", "mysql:// is not a PostgreSQL URI"),
+        ("jdbc:postgresql://db/src", "jdbc:postgresql:// is not a PostgreSQL URI"),
+        ("host=db user=loader", "keyword=value strings are not supported"),
+        ("db.example/src", "expected a URI like postgresql://"),
+    ],
+)
+def test_a_dsn_that_is_not_a_postgresql_uri_gets_the_hint_that_fits(dsn: str, hint: str) -> None:
+    with pytest.raises(UserError) as raised:
+        load_settings(None, {"database": {"dsn": dsn}}, {})
+    assert hint in str(raised.value)
+    if "keyword=value" not in hint:
+        assert "keyword=value" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
     ("address", "expected"),
     [
         ("127.0.0.1:9651", ("127.0.0.1", 9651)),
