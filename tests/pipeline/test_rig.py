@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 
 from cdcfeed.proof.kafka.debezium import DebeziumDecoder, OrderChange, TransactionEvent
-from tests.pipeline.broker import Broker
+from tests.pipeline.broker import Broker, read_topic
 from tests.pipeline.debezium_runner import DebeziumRunner
 
 pytestmark = pytest.mark.pipeline
@@ -60,12 +60,13 @@ async def load_batch(dsn: str, feed_dir: Path, rows: int) -> dict[str, Any]:
     return dict(row)
 
 
-async def wait_for_end(broker: Broker, prefix: str, tx_id: int, timeout: float = 60) -> int:
-    """Until the transaction topic has the END of `tx_id`; its orders event count."""
+async def wait_for_end(bootstrap: str, prefix: str, tx_id: int, timeout: float = 90) -> int:
+    """Until the transaction topic has the END of `tx_id` (everything the engine produced
+    before it is in the broker: it flushes each batch before going on); its orders count."""
     decoder = DebeziumDecoder(topic_prefix=prefix)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        records = await broker.read_topic(decoder.transaction_topic, timeout=5, idle=0.5)
+        records = await read_topic(bootstrap, decoder.transaction_topic, timeout=5, idle=0.5)
         for record in records:
             event = decoder.decode_transaction(record.value)
             if (
@@ -100,7 +101,7 @@ async def test_one_batch_reaches_the_orders_topic_whole(
 
     batch = await load_batch(dsn, feed_dir, 50)
     xid = batch["xid"] % 2**32
-    assert await wait_for_end(broker, "smoke", xid) == 50
+    assert await wait_for_end(broker.bootstrap, "smoke", xid) == 50
     orders = await delivered_orders(broker, "smoke")
 
     first = batch["first_order_id"]
@@ -126,7 +127,7 @@ async def _restart_mid_batch(
 
     runner.stop_after = None
     await asyncio.to_thread(runner.start)
-    await wait_for_end(broker, prefix, batch["xid"] % 2**32)
+    await wait_for_end(broker.bootstrap, prefix, batch["xid"] % 2**32)
     await asyncio.to_thread(runner.stop)
     return batch, await delivered_orders(broker, prefix)
 

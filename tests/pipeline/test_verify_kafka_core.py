@@ -53,7 +53,7 @@ async def test_a_clean_load_is_verified_batch_by_batch(
     runner = debezium(dsn, topic_prefix="clean", schemas=False, decimal="string")
     await asyncio.to_thread(runner.start)
     batches = [await load_batch(dsn, feed_dir, rows) for rows in (300, 1, 250)]
-    await wait_for_end(broker, "clean", batches[-1]["xid"] % 2**32)
+    await wait_for_end(broker.bootstrap, "clean", batches[-1]["xid"] % 2**32)
 
     code, output = await verify_kafka(dsn, broker, "clean", "--format", "json")
     report = report_of(output)
@@ -82,10 +82,10 @@ async def test_the_rows_lost_by_a_restart_mid_batch_are_named(
 
     runner.stop_after = None
     await asyncio.to_thread(runner.start)
-    await wait_for_end(broker, "loss", lossy["xid"] % 2**32)
+    await wait_for_end(broker.bootstrap, "loss", lossy["xid"] % 2**32)
     # A later batch: the pipeline provably moves past the lossy one.
     later = await load_batch(dsn, feed_dir, 20)
-    await wait_for_end(broker, "loss", later["xid"] % 2**32)
+    await wait_for_end(broker.bootstrap, "loss", later["xid"] % 2**32)
     await asyncio.to_thread(runner.stop)
 
     code, output = await verify_kafka(dsn, broker, "loss")

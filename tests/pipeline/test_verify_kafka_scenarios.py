@@ -32,7 +32,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from tests.pipeline.broker import Broker
 from tests.pipeline.debezium_runner import QUICK_START_JVM, DebeziumRunner
 from tests.pipeline.faults import LEDGER, ORDERS, TRANSACTION, Json, Record, TopicSet
+from tests.pipeline.test_rig import wait_for_end
 from tests.support import (
     cdcfeed_command,
     clean_environment,
@@ -211,28 +211,6 @@ async def committed_offset(bootstrap: str, group: str, topic: str, partition: in
     finally:
         await consumer.stop()
     return -1 if offset is None else int(offset)
-
-
-async def wait_for_end(bootstrap: str, prefix: str, tx_id: int, timeout: float = 90) -> None:
-    """Until the prefix's transaction topic carries the END of `tx_id`: everything the
-    engine produced before it is in the broker (it flushes each batch before going on)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
-    )
-    topic = f"{prefix}.{TRANSACTION}"
-    await consumer.start()
-    try:
-        consumer.assign([TopicPartition(topic, 0)])
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=200)).values():
-                for raw in records:
-                    record = Record(TRANSACTION, 0, raw.offset, raw.timestamp, raw.key, raw.value)
-                    if record.status == "END" and record.tx_id == tx_id:
-                        return
-        raise TimeoutError(f"no END of transaction {tx_id} on {topic} in {timeout:.0f}s")
-    finally:
-        await consumer.stop()
 
 
 # --- the module's pipeline ------------------------------------------------------------------

@@ -10,7 +10,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -18,6 +18,7 @@ import pytest
 
 from cdcfeed.endpoint import BACKLOG, Endpoint, Readiness
 from cdcfeed.metrics import Metrics
+from tests.support import wait_until_blocking
 
 IDLE_TIMEOUT = 1.0
 
@@ -40,13 +41,6 @@ def _get(url: str, timeout: float = 10) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def _until(condition: Callable[[], bool], deadline: float, what: str) -> None:
-    give_up = time.monotonic() + deadline
-    while not condition():
-        assert time.monotonic() < give_up, f"not within {deadline}s: {what}"
-        time.sleep(0.05)
-
-
 def _closed_by_server(conn: socket.socket) -> bool:
     conn.setblocking(False)
     try:
@@ -65,15 +59,17 @@ def test_idle_connections_take_no_thread_each_are_bounded_and_time_out(
     idle = [socket.create_connection(("127.0.0.1", endpoint.port)) for _ in range(300)]
     try:
         # A new connection beyond the bound closes the longest-idle one: never more are open.
-        _until(lambda: endpoint.connections == 64, 10, "the server took up to its bound")
+        wait_until_blocking(
+            "the server took up to its bound", lambda: endpoint.connections == 64, timeout=10
+        )
         assert me.num_threads() <= threads_before + 1
         # A scrape still gets through: it takes the place of an idle connection.
         assert _get(f"{endpoint.url}/healthz") == (200, b"ok\n")
         # Every idle connection is closed by the server once idle_timeout has passed.
-        _until(
-            lambda: all(_closed_by_server(conn) for conn in idle),
-            IDLE_TIMEOUT + 10,
+        wait_until_blocking(
             "the server closed every idle connection",
+            lambda: all(_closed_by_server(conn) for conn in idle),
+            timeout=IDLE_TIMEOUT + 10,
         )
         assert endpoint.connections == 0
         assert me.num_threads() <= threads_before + 1
@@ -86,7 +82,9 @@ def test_a_request_trickled_in_is_cut_off_after_the_idle_timeout(endpoint: Endpo
     with socket.create_connection(("127.0.0.1", endpoint.port)) as conn:
         conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # the head never ends
         started = time.monotonic()
-        _until(lambda: _closed_by_server(conn), IDLE_TIMEOUT + 10, "the server closed it")
+        wait_until_blocking(
+            "the server closed it", lambda: _closed_by_server(conn), timeout=IDLE_TIMEOUT + 10
+        )
         assert time.monotonic() - started >= IDLE_TIMEOUT * 0.5
 
 
