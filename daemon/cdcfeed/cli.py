@@ -7,7 +7,6 @@ import functools
 import json
 import os
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,9 @@ import click
 from loguru import logger
 
 from cdcfeed import __version__, logs
-from cdcfeed.app import resolved_database, run_daemon
+from cdcfeed.app import check_server, refusals_are_mistakes, resolved_database, run_daemon
 from cdcfeed.cli_kafka import verify_kafka
+from cdcfeed.cli_status import json_default, status_table, with_confirmations
 from cdcfeed.config import (
     DEFAULT_CONFIG_PATH,
     Settings,
@@ -24,9 +24,8 @@ from cdcfeed.config import (
     effective_view,
     load_settings,
 )
-from cdcfeed.database import Database, names_of
-from cdcfeed.errors import CdcfeedError, DatabaseUnavailable, UserError
-from cdcfeed.lsn import lsn_to_int
+from cdcfeed.database import Database, names_of, quote_ident
+from cdcfeed.errors import CdcfeedError, DatabaseUnavailable, ObjectMissing, UserError
 from cdcfeed.memory import pin_mmap_threshold
 from cdcfeed.proof.events import Violation
 from cdcfeed.proof.report import Report
@@ -161,22 +160,46 @@ def run(
     help="Also create this publication over orders and the ledger, for Debezium or "
     "`cdcfeed verify` (create it before their slots; idempotent).",
 )
-def init_db(config: Path | None, dsn: str | None, publication: str | None) -> None:
+@click.option(
+    "--grant",
+    "grant_to",
+    metavar="ROLE",
+    help="Also grant ROLE exactly what `cdcfeed run` needs (docs/operations.md lists it); "
+    "run as the schema's owner.",
+)
+def init_db(
+    config: Path | None, dsn: str | None, publication: str | None, grant_to: str | None
+) -> None:
     """Create or upgrade the schema (idempotent; safe from several instances at once)."""
     settings = _settings(config, {"database": {"dsn": dsn}, "cdc": {"publication": publication}})
 
     async def main() -> None:
         names = names_of(settings)
+        granted: list[str] = []
         async with (
             resolved_database(settings, dict(os.environ)) as database,
             Database.open(database, names, 1, "cdcfeed init-db") as db,
         ):
-            await db.init_schema()
+            with refusals_are_mistakes():
+                await db.init_schema()
+                if publication:
+                    await db.ensure_publication(settings.cdc.publication)
+                if grant_to:
+                    try:
+                        granted = await db.grant(grant_to)
+                    except ObjectMissing:
+                        raise UserError(
+                            "--grant",
+                            f"role {grant_to} does not exist; create it first "
+                            f"(CREATE ROLE {quote_ident(grant_to)} LOGIN PASSWORD '…')",
+                        ) from None
             if publication:
-                await db.ensure_publication(settings.cdc.publication)
+                await check_server(db)  # a publication nobody can decode is worth a warning
         logger.info(f"schema ready: {names.schema}.{names.orders}, {names.schema}.{names.batches}")
         if publication:
             logger.info(f"publication {settings.cdc.publication} covers both tables")
+        if grant_to:
+            logger.info(f"granted {grant_to}: {'; '.join(granted)}")
 
     _run_async(main)
 
@@ -199,82 +222,27 @@ def status(config: Path | None, dsn: str | None, limit: int, output: str) -> Non
     replication slots ([cdc] slots; empty = all logical slots) have confirmed each."""
     settings = _settings(config, {"database": {"dsn": dsn}})
 
-    async def main() -> list[dict[str, Any]]:
+    async def main() -> tuple[list[dict[str, Any]], list[str]]:
         async with (
             resolved_database(settings, dict(os.environ)) as database,
             Database.open(database, names_of(settings), 1, "cdcfeed status") as db,
         ):
+            with refusals_are_mistakes():
+                await db.prepare("status", create=False)
             batches = await db.recent_batches(limit)
             slots = await db.slot_confirmations(settings.cdc.slots)
-        return _with_confirmations(batches, slots)
+            problems = (await db.server_settings()).problems()
+        return with_confirmations(batches, slots), list(problems.values())
 
-    batches = _run_async(main)
+    batches, problems = _run_async(main)
     if output == "json":
-        click.echo(json.dumps(batches, default=_json_default, indent=2))
+        click.echo(json.dumps(batches, default=json_default, indent=2))
+        for problem in problems:  # stdout stays the JSON document
+            click.echo(f"server: {problem}", err=True)
         return
-    click.echo(_status_table(batches))
-
-
-def _with_confirmations(
-    batches: list[dict[str, Any]], slots: dict[str, int | None]
-) -> list[dict[str, Any]]:
-    """Adds `confirmed_by`: per slot, whether its confirmed_flush_lsn reached the end_lsn
-    (None for a batch that is not COMPLETED: there is nothing to confirm)."""
-    for batch in batches:
-        end = lsn_to_int(batch["end_lsn"]) if batch["end_lsn"] else None
-        batch["confirmed_by"] = {
-            slot: None
-            if end is None or batch["status"] != "COMPLETED"
-            else confirmed is not None and confirmed >= end
-            for slot, confirmed in slots.items()
-        }
-    return batches
-
-
-def _json_default(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return str(value)
-
-
-def _status_table(batches: list[dict[str, Any]]) -> str:
-    # One column per watched slot: has it confirmed the batch (CDC-confirmed)?
-    slots = list(batches[0]["confirmed_by"]) if batches else []
-    timings = ("gen_ms", "write_ms", "copy_ms", "total_ms")
-    header = ("batch", "status", "rows", "start_lsn", "end_lsn", *timings, *slots, "note")
-    rows = [header]
-    for batch in batches:
-        started, completed = batch["started_at"], batch["completed_at"]
-        total = (completed - started).total_seconds() if started and completed else None
-        note = "recovered" if batch["recovered"] else (batch["error"] or "")[:60]
-        rows.append(
-            (
-                str(batch["batch_id"]),
-                batch["status"],
-                str(batch["row_count"]),
-                batch["start_lsn"] or "-",
-                batch["end_lsn"] or "-",
-                _ms(batch["generate_seconds"]),
-                _ms(batch["write_seconds"]),
-                _ms(batch["copy_seconds"]),
-                _ms(total),
-                *(_yes_no(batch["confirmed_by"][slot]) for slot in slots),
-                note,
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
-
-
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.1f}"
-
-
-def _yes_no(value: bool | None) -> str:
-    return "-" if value is None else ("yes" if value else "no")
+    click.echo(status_table(batches))
+    for problem in problems:
+        click.echo(f"server: {problem}")
 
 
 @commands.command()

@@ -19,15 +19,31 @@ from cdcfeed.config import split_address
 from cdcfeed.errors import UserError
 from cdcfeed.metrics import Metrics
 
+# Batches the server refused in a row (a privilege revoked, say) before /readyz says not
+# ready: one refusal among completed batches is that batch's trouble, not the daemon's.
+REFUSALS_NOT_READY = 3
+
 
 @dataclass
 class Readiness:
     database_up: bool = False
     scheduler_running: bool = False
+    refused_in_a_row: int = 0
+
+    @property
+    def refusing(self) -> bool:
+        """Every recent batch was refused: the daemon runs, but loads nothing."""
+        return self.refused_in_a_row >= REFUSALS_NOT_READY
 
     @property
     def ready(self) -> bool:
-        return self.database_up and self.scheduler_running
+        return self.database_up and self.scheduler_running and not self.refusing
+
+    def batch_refused(self) -> None:
+        self.refused_in_a_row += 1
+
+    def batch_completed(self) -> None:
+        self.refused_in_a_row = 0
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -66,7 +82,8 @@ class Endpoint:
                 return _text(start_response, "200 OK", "ready\n")
             body = (
                 f"not ready: database_up={state.database_up} "
-                f"scheduler_running={state.scheduler_running}\n"
+                f"scheduler_running={state.scheduler_running} "
+                f"batches_refused={state.refusing}\n"
             )
             return _text(start_response, "503 Service Unavailable", body)
         if path == "/metrics":

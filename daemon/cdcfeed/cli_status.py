@@ -1,0 +1,71 @@
+"""`cdcfeed status`'s output: recent batches, which watched slots confirmed each, and the
+server settings that keep CDC consumers out."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from cdcfeed.lsn import lsn_to_int
+
+
+def with_confirmations(
+    batches: list[dict[str, Any]], slots: dict[str, int | None]
+) -> list[dict[str, Any]]:
+    """Adds `confirmed_by`: per slot, whether its confirmed_flush_lsn reached the end_lsn
+    (None for a batch that is not COMPLETED: there is nothing to confirm)."""
+    for batch in batches:
+        end = lsn_to_int(batch["end_lsn"]) if batch["end_lsn"] else None
+        batch["confirmed_by"] = {
+            slot: None
+            if end is None or batch["status"] != "COMPLETED"
+            else confirmed is not None and confirmed >= end
+            for slot, confirmed in slots.items()
+        }
+    return batches
+
+
+def json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def status_table(batches: list[dict[str, Any]]) -> str:
+    # One column per watched slot: has it confirmed the batch (CDC-confirmed)?
+    slots = list(batches[0]["confirmed_by"]) if batches else []
+    timings = ("gen_ms", "write_ms", "copy_ms", "total_ms")
+    header = ("batch", "status", "rows", "start_lsn", "end_lsn", *timings, *slots, "note")
+    rows = [header]
+    for batch in batches:
+        started, completed = batch["started_at"], batch["completed_at"]
+        total = (completed - started).total_seconds() if started and completed else None
+        note = "recovered" if batch["recovered"] else (batch["error"] or "")[:60]
+        rows.append(
+            (
+                str(batch["batch_id"]),
+                batch["status"],
+                str(batch["row_count"]),
+                batch["start_lsn"] or "-",
+                batch["end_lsn"] or "-",
+                _ms(batch["generate_seconds"]),
+                _ms(batch["write_seconds"]),
+                _ms(batch["copy_seconds"]),
+                _ms(total),
+                *(_yes_no(batch["confirmed_by"][slot]) for slot in slots),
+                note,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
