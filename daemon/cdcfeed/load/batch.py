@@ -247,6 +247,7 @@ async def _mark_failed(
     """
 
     def held(attempt: int, exc: BaseException, pause: float) -> None:
+        env.readiness.batch_refused()  # each refused attempt counts: nothing else can run
         held_back = env.throttle.due("mark-refused")
         if held_back is not None:
             logger.bind(batch_id=batch_id).error(
