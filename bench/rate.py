@@ -4,7 +4,9 @@ Goals (issue 5), 100 orders per batch:
 - small batches: at least 600 batches/s sustained against one database;
 - fidelity: at 1, 50 and 300 batches/s over 60 s the achieved rate is within 1% of the
   target, schedule lag p99 at most 5 ms, no skipped run;
-- above capacity: the daemon holds its capacity, counts the skipped runs, logs no error.
+- above capacity: the daemon holds its capacity, counts the skipped runs, logs no error;
+- overload: asked 2x, 10x and 100x its capacity, it completes at least 0.9x its capacity at
+  each, and SIGTERM stops it within the grace period.
 
 Before the daemon runs, the scheduling floor is measured in this process, on the daemon's
 event loop (uvloop): how late `call_later` and APScheduler (with cdcfeed's trigger and a job
@@ -13,6 +15,7 @@ run` in a child process; rates come from its /metrics (scraped at both ends of a
 from the ledger's start times, lag from its `cdcfeed_schedule_lag_seconds` histogram. Example:
 
     .venv/bin/python bench/rate.py --repeat 3
+    .venv/bin/python bench/rate.py --sections overload   # only the overload ratios
 """
 
 from __future__ import annotations
@@ -135,6 +138,7 @@ class Window:
     ledger_rate: float
     server_cpu: float
     client_cpu: float
+    stop_seconds: float  # from SIGTERM to exit
 
     @property
     def rate(self) -> float:
@@ -185,6 +189,7 @@ async def run_window(
     concurrency: int,
     seconds: float,
     warmup: float,
+    batch_size: int = BATCH_SIZE,
 ) -> tuple[Window, Daemon]:
     await empty_tables(dsn)
     daemon = Daemon.start(
@@ -194,7 +199,7 @@ async def run_window(
         "--rate",
         str(rate),
         "--batch-size",
-        str(BATCH_SIZE),
+        str(batch_size),
         "--concurrency",
         str(concurrency),
     )
@@ -211,7 +216,9 @@ async def run_window(
         elapsed = time.perf_counter() - started
         until = datetime.now(UTC)
     finally:
+        stopping = time.perf_counter()
         daemon.stop()
+        stop_seconds = time.perf_counter() - stopping
     _, server_cpu, client_cpu = meter.stop()
     reasons = ("busy", "database_down", "disk_full", "shutdown")
     window = Window(
@@ -228,13 +235,27 @@ async def run_window(
         ledger_rate=await _ledger_rate(dsn, since, until - timedelta(milliseconds=50)),
         server_cpu=server_cpu,
         client_cpu=client_cpu,
+        stop_seconds=stop_seconds,
     )
     return window, daemon
 
 
 async def main(args: argparse.Namespace) -> int:
     verdicts: list[bool] = []
+    if "floor" in args.sections:
+        await scheduling_floor()
+    with private_server() as (cluster, root):
+        dsn = await create_database(cluster)
+        if "capacity" in args.sections:
+            verdicts += await small_batches(cluster, dsn, root, args)
+        if "fidelity" in args.sections:
+            verdicts += await fidelity(cluster, dsn, root, args)
+        if "overload" in args.sections:
+            verdicts += await overload(cluster, dsn, root, args)
+    return 0 if all(verdicts) else 1
 
+
+async def scheduling_floor() -> None:
     print("scheduling floor (this process, no database)")
     lateness = await call_later_lateness()
     lateness.sort()
@@ -251,111 +272,202 @@ async def main(args: argparse.Namespace) -> int:
             f"lag p50 {p50 * 1e3:.2f} ms p99 {p99 * 1e3:.2f} ms"
         )
 
-    with private_server() as (cluster, root):
-        dsn = await create_database(cluster)
-        print()
-        print(
-            f"small batches ({BATCH_SIZE} rows), target {args.flat_out_rate:.0f}/s (above the "
-            f"goal); {args.window:.0f} s windows, {args.repeat} repetitions"
-        )
-        capacities: dict[int, list[float]] = {c: [] for c in args.concurrency}
-        cpu_per_batch: dict[int, list[tuple[float, float]]] = {c: [] for c in args.concurrency}
-        for repetition in range(args.repeat):
-            for concurrency in args.concurrency:
-                window, daemon = await run_window(
-                    cluster,
-                    dsn,
-                    root,
-                    f"capacity-c{concurrency}",
-                    args.flat_out_rate,
-                    concurrency,
-                    args.window,
-                    warmup=3.0,
-                )
-                capacities[concurrency].append(window.rate)
-                cpu_per_batch[concurrency].append(
-                    (window.server_cpu / window.completed, window.client_cpu / window.completed)
-                )
-                errors = daemon.error_lines()
-                print(
-                    f"  repetition {repetition + 1} concurrency {concurrency}: "
-                    f"{window.rate:.0f} batches/s, skipped {window.skips:.0f}, "
-                    f"error lines {len(errors)}",
-                    flush=True,
-                )
-        for concurrency, rates in capacities.items():
-            server = median([s for s, _ in cpu_per_batch[concurrency]]) * 1e3
-            client = median([c for _, c in cpu_per_batch[concurrency]]) * 1e3
-            print(
-                f"  concurrency {concurrency}: median {median(rates):.0f} batches/s "
-                f"{spread(rates, 1, 0)}; CPU per batch: server {server:.2f} ms, "
-                f"cdcfeed {client:.2f} ms"
-            )
-        best = max(capacities, key=lambda c: median(capacities[c]))
-        capacity = median(capacities[best])
-        met = capacity >= CAPACITY_GOAL
-        verdicts.append(met)
-        print(
-            f"  small batches: {capacity:.0f} batches/s at concurrency {best} — goal >= "
-            f"{CAPACITY_GOAL:.0f}: {'MET' if met else 'NOT MET'}"
-        )
 
-        print()
-        print(
-            f"rate fidelity ({BATCH_SIZE} rows, concurrency {args.fidelity_concurrency}, "
-            f"{args.fidelity_window:.0f} s windows)"
-        )
-        for target in args.targets:
+async def small_batches(
+    cluster: PostgresCluster, dsn: str, root: Path, args: argparse.Namespace
+) -> list[bool]:
+    """Capacity flat out, then the rates above it (args.over_capacity_rates)."""
+    verdicts: list[bool] = []
+    print()
+    print(
+        f"small batches ({BATCH_SIZE} rows), target {args.flat_out_rate:.0f}/s (above the "
+        f"goal); {args.window:.0f} s windows, {args.repeat} repetitions"
+    )
+    capacities: dict[int, list[float]] = {c: [] for c in args.concurrency}
+    cpu_per_batch: dict[int, list[tuple[float, float]]] = {c: [] for c in args.concurrency}
+    for repetition in range(args.repeat):
+        for concurrency in args.concurrency:
             window, daemon = await run_window(
                 cluster,
                 dsn,
                 root,
-                f"fidelity-{target:g}",
-                target,
-                args.fidelity_concurrency,
-                args.fidelity_window,
-                warmup=2.0,
+                f"capacity-c{concurrency}",
+                args.flat_out_rate,
+                concurrency,
+                args.window,
+                warmup=3.0,
             )
-            deviation = window.ledger_rate / target - 1
+            capacities[concurrency].append(window.rate)
+            cpu_per_batch[concurrency].append(
+                (window.server_cpu / window.completed, window.client_cpu / window.completed)
+            )
             errors = daemon.error_lines()
-            met = (
-                abs(deviation) <= FIDELITY_TOLERANCE
-                and window.share_within(LAG_P99_GOAL) >= 0.99
-                and window.skips == 0
-                and not errors
-            )
-            verdicts.append(met)
             print(
-                f"  target {target:g}/s: achieved {window.ledger_rate:.3f}/s by start times "
-                f"({deviation:+.3%}), {window.rate:.3f}/s by completions; lag p50 "
-                f"{window.lag(0.5) * 1e3:.2f} ms, p99 {window.lag(0.99) * 1e3:.2f} ms, "
-                f"{window.share_within(LAG_P99_GOAL):.2%} within 5 ms; skipped "
-                f"{window.skips:.0f}; error lines {len(errors)} — {'MET' if met else 'NOT MET'}",
+                f"  repetition {repetition + 1} concurrency {concurrency}: "
+                f"{window.rate:.0f} batches/s, skipped {window.skips:.0f}, "
+                f"error lines {len(errors)}",
                 flush=True,
             )
+    for concurrency, rates in capacities.items():
+        server = median([s for s, _ in cpu_per_batch[concurrency]]) * 1e3
+        client = median([c for _, c in cpu_per_batch[concurrency]]) * 1e3
+        print(
+            f"  concurrency {concurrency}: median {median(rates):.0f} batches/s "
+            f"{spread(rates, 1, 0)}; CPU per batch: server {server:.2f} ms, "
+            f"cdcfeed {client:.2f} ms"
+        )
+    best = max(capacities, key=lambda c: median(capacities[c]))
+    capacity = median(capacities[best])
+    met = capacity >= CAPACITY_GOAL
+    verdicts.append(met)
+    print(
+        f"  small batches: {capacity:.0f} batches/s at concurrency {best} — goal >= "
+        f"{CAPACITY_GOAL:.0f}: {'MET' if met else 'NOT MET'}"
+    )
 
-        print()
-        for over in args.over_capacity_rates:
+    print()
+    for over in args.over_capacity_rates:
+        window, daemon = await run_window(
+            cluster, dsn, root, f"over-capacity-{over:g}", over, best, args.window, warmup=3.0
+        )
+        errors = daemon.error_lines()
+        warnings = [
+            line for line in daemon.log.read_text().splitlines() if "behind its rate" in line
+        ]
+        holds = window.rate >= 0.9 * capacity
+        met = holds and window.skips > 0 and not errors and bool(warnings)
+        verdicts.append(met)
+        skipped = ", ".join(f"{k}={v:.0f}" for k, v in window.skipped.items() if v)
+        print(
+            f"above capacity: target {over:.0f}/s at concurrency {best}: {window.rate:.0f} "
+            f"batches/s ({window.rate / capacity:.2f} x capacity), skipped {skipped or 0}, "
+            f"error lines {len(errors)}, 'behind its rate' warnings {len(warnings)} — "
+            f"{'MET' if met else 'NOT MET'}"
+        )
+        if warnings:
+            print(f"  the last: {warnings[-1]}")
+    return verdicts
+
+
+async def fidelity(
+    cluster: PostgresCluster, dsn: str, root: Path, args: argparse.Namespace
+) -> list[bool]:
+    """Achieved rate and lag at targets well below capacity."""
+    verdicts: list[bool] = []
+    print()
+    print(
+        f"rate fidelity ({BATCH_SIZE} rows, concurrency {args.fidelity_concurrency}, "
+        f"{args.fidelity_window:.0f} s windows)"
+    )
+    for target in args.targets:
+        window, daemon = await run_window(
+            cluster,
+            dsn,
+            root,
+            f"fidelity-{target:g}",
+            target,
+            args.fidelity_concurrency,
+            args.fidelity_window,
+            warmup=2.0,
+        )
+        deviation = window.ledger_rate / target - 1
+        errors = daemon.error_lines()
+        met = (
+            abs(deviation) <= FIDELITY_TOLERANCE
+            and window.share_within(LAG_P99_GOAL) >= 0.99
+            and window.skips == 0
+            and not errors
+        )
+        verdicts.append(met)
+        print(
+            f"  target {target:g}/s: achieved {window.ledger_rate:.3f}/s by start times "
+            f"({deviation:+.3%}), {window.rate:.3f}/s by completions; lag p50 "
+            f"{window.lag(0.5) * 1e3:.2f} ms, p99 {window.lag(0.99) * 1e3:.2f} ms, "
+            f"{window.share_within(LAG_P99_GOAL):.2%} within 5 ms; skipped "
+            f"{window.skips:.0f}; error lines {len(errors)} — {'MET' if met else 'NOT MET'}",
+            flush=True,
+        )
+
+    return verdicts
+
+
+OVERLOADS = (2.0, 10.0, 100.0)
+OVERLOAD_GOAL = 0.9
+MAX_RATE = 100_000.0  # the most `--rate` accepts
+
+
+async def overload(
+    cluster: PostgresCluster, dsn: str, root: Path, args: argparse.Namespace
+) -> list[bool]:
+    """Completions asked 2x, 10x and 100x capacity, over the capacity itself.
+
+    Capacity is what the daemon completes when asked a little more than it can do (1.2x what
+    a first probe completed): above capacity, the least overload there is. Every repetition
+    measures it again, before and after its overload runs, so that a noisy neighbour weighs
+    on both sides of the ratio alike. The CPU cdcfeed spends per completed batch shows what
+    the skipped runs cost: next to nothing when it is the same at every overload.
+    """
+    size, concurrency, seconds = args.overload_batch_size, args.overload_concurrency, args.window
+    print()
+    print(
+        f"overload ({size}-row batches, concurrency {concurrency}, {seconds:.0f} s windows, "
+        f"{args.repeat} repetitions)"
+    )
+    probe = args.overload_probe_rate
+    while True:
+        window, _ = await run_window(
+            cluster, dsn, root, "overload-probe", probe, concurrency, seconds, 3.0, size
+        )
+        if window.rate < 0.95 * probe or probe >= MAX_RATE / 2:
+            break
+        probe *= 2  # not above capacity yet
+    asked_for_capacity = min(MAX_RATE, 1.2 * window.rate)
+    print(f"  probe: asked {probe:.0f}/s, completed {window.rate:.0f}/s")
+    ratios: dict[float, list[float]] = {factor: [] for factor in OVERLOADS}
+    capacities: list[float] = []
+    for repetition in range(args.repeat):
+        # Capacity before and after the overload runs, their mean the reference: the machine's
+        # load drifts, and bracketing puts the drift on both sides of the ratio.
+        before, _ = await run_window(
+            cluster, dsn, root, "capacity", asked_for_capacity, concurrency, seconds, 3.0, size
+        )
+        runs: list[tuple[float, float, Window, int]] = []
+        for factor in OVERLOADS:
+            rate = min(MAX_RATE, factor * before.rate)
             window, daemon = await run_window(
-                cluster, dsn, root, f"over-capacity-{over:g}", over, best, args.window, warmup=3.0
+                cluster, dsn, root, f"overload-{factor:g}x", rate, concurrency, seconds, 3.0, size
             )
-            errors = daemon.error_lines()
-            warnings = [
-                line for line in daemon.log.read_text().splitlines() if "behind its rate" in line
-            ]
-            holds = window.rate >= 0.9 * capacity
-            met = holds and window.skips > 0 and not errors and bool(warnings)
-            verdicts.append(met)
-            skipped = ", ".join(f"{k}={v:.0f}" for k, v in window.skipped.items() if v)
-            print(
-                f"above capacity: target {over:.0f}/s at concurrency {best}: {window.rate:.0f} "
-                f"batches/s ({window.rate / capacity:.2f} x capacity), skipped {skipped or 0}, "
-                f"error lines {len(errors)}, 'behind its rate' warnings {len(warnings)} — "
-                f"{'MET' if met else 'NOT MET'}"
+            runs.append((factor, rate, window, len(daemon.error_lines())))
+        after, _ = await run_window(
+            cluster, dsn, root, "capacity", asked_for_capacity, concurrency, seconds, 3.0, size
+        )
+        capacity = (before.rate + after.rate) / 2
+        capacities.append(capacity)
+        line = [
+            f"  repetition {repetition + 1}: capacity {capacity:.0f}/s ({before.rate:.0f} before, "
+            f"{after.rate:.0f} after), cdcfeed CPU "
+            f"{before.client_cpu / before.completed * 1e3:.2f} ms/batch"
+        ]
+        for factor, rate, window, errors in runs:
+            ratios[factor].append(window.rate / capacity)
+            line.append(
+                f"{factor:g}x ({rate:.0f}/s): "
+                f"{window.rate:.0f}/s = {window.rate / capacity:.2f}, "
+                f"skipped {window.skips:.0f}, cdcfeed CPU "
+                f"{window.client_cpu / window.completed * 1e3:.2f} ms/batch, "
+                f"stop {window.stop_seconds:.1f} s, error lines {errors}"
             )
-            if warnings:
-                print(f"  the last: {warnings[-1]}")
-    return 0 if all(verdicts) else 1
+        print("; ".join(line), flush=True)
+    verdicts = []
+    print(f"  capacity: median {median(capacities):.0f}/s {spread(capacities, 1, 0)}")
+    for factor, values in ratios.items():
+        met = median(values) >= OVERLOAD_GOAL
+        verdicts.append(met)
+        print(
+            f"  {factor:g}x capacity: achieved / capacity median {median(values):.2f} "
+            f"{spread(values, 1, 2)} — goal >= {OVERLOAD_GOAL}: {'MET' if met else 'NOT MET'}"
+        )
+    return verdicts
 
 
 def parse_args() -> argparse.Namespace:
@@ -384,6 +496,20 @@ def parse_args() -> argparse.Namespace:
         "--over-capacity-rates",
         type=lambda t: [float(x) for x in t.split(",")],
         default=[1000.0, 2000.0],
+    )
+    parser.add_argument(
+        "--sections",
+        type=lambda t: t.split(","),
+        default=["floor", "capacity", "fidelity", "overload"],
+        help="which parts to run, comma-separated: floor, capacity, fidelity, overload",
+    )
+    parser.add_argument("--overload-batch-size", type=int, default=10)
+    parser.add_argument("--overload-concurrency", type=int, default=8)
+    parser.add_argument(
+        "--overload-probe-rate",
+        type=float,
+        default=1500.0,
+        help="first rate asked to find capacity; doubled until it is above capacity",
     )
     return parser.parse_args()
 

@@ -54,8 +54,8 @@ sys.path.insert(0, str(ROOT))
 
 from cdcfeed.config import KafkaSettings  # noqa: E402
 from cdcfeed.embedded import PostgresCluster  # noqa: E402
-from cdcfeed.proof.kafka_runner import STEP, open_kafka_verifier  # noqa: E402
-from cdcfeed.proof.sources.debezium import DebeziumDecoder  # noqa: E402
+from cdcfeed.proof.kafka.debezium import DebeziumDecoder  # noqa: E402
+from cdcfeed.proof.kafka.runner import STEP, open_kafka_verifier  # noqa: E402
 from tests.pipeline.broker import Broker, create_topics  # noqa: E402
 from tests.support import any_bin_dir, create_schema, names_for, settings_for  # noqa: E402
 

@@ -73,6 +73,15 @@ async def dsn(server: PostgresCluster) -> AsyncIterator[str]:
         yield database
 
 
+@pytest.fixture(scope="module")
+async def module_dsn(clusters: dict[str, PostgresCluster], scratch: Path) -> AsyncIterator[str]:
+    """A fresh, empty database on PostgreSQL 15 shared by the test module's tests (for
+    fixtures that load once and serve several tests)."""
+    cluster = _cluster("pg15", clusters, scratch)
+    async with fresh_database(cluster) as database:
+        yield database
+
+
 @pytest.fixture
 def feed_dir(tmp_path: Path) -> Path:
     return tmp_path / "feed"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 
-from cdcfeed.proof.sources.pgoutput import UNCHANGED, TupleValue
+from cdcfeed.proof.slot.pgoutput import UNCHANGED, TupleValue
 
 # A column as (flags, name, type OID, type modifier); a bare name is a bigint, not a key.
 ColumnSpec = str | tuple[int, str, int, int]

@@ -16,8 +16,9 @@ from loguru import logger
 from pydantic import SecretStr
 
 from cdcfeed import __version__
-from cdcfeed.config import DatabaseSettings, Settings, redact_dsn, uses_libpq_environment
+from cdcfeed.config import DatabaseSettings, Settings
 from cdcfeed.database import CHECKED_SETTINGS, Database, ensure_database, names_of
+from cdcfeed.dsn import redact_dsn, uses_libpq_environment
 from cdcfeed.embedded import PostgresCluster, default_data_dir, wheel_bin_dir
 from cdcfeed.endpoint import Endpoint, Readiness
 from cdcfeed.errors import CdcfeedError, DatabaseRefused, SchemaMissing, UserError

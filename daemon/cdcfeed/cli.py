@@ -16,30 +16,31 @@ from loguru import logger
 from cdcfeed import __version__, logs
 from cdcfeed.app import check_server, refusals_are_mistakes, resolved_database, run_daemon
 from cdcfeed.cli_kafka import verify_kafka
-from cdcfeed.cli_status import json_default, status_table, with_confirmations
 from cdcfeed.config import (
     DEFAULT_CONFIG_PATH,
     Settings,
-    dsn_password,
     effective_view,
     load_settings,
 )
 from cdcfeed.database import Database, names_of, quote_ident
+from cdcfeed.dsn import dsn_password
 from cdcfeed.errors import CdcfeedError, DatabaseUnavailable, ObjectMissing, UserError
 from cdcfeed.memory import pin_mmap_threshold
 from cdcfeed.proof.events import Violation
-from cdcfeed.proof.report import Report
-from cdcfeed.proof.runner import open_verifier, run_passes
-from cdcfeed.proof.sources.slot import StreamError
+from cdcfeed.proof.kafka.state import source_name
+from cdcfeed.proof.slot.report import Report
+from cdcfeed.proof.slot.runner import open_verifier, run_passes
+from cdcfeed.proof.slot.stream import StreamError
 from cdcfeed.runtime import run_async as _run_async
 from cdcfeed.runtime import stop_on_signals as _stop_on_signals
+from cdcfeed.status_view import json_default, status_table, with_confirmations, with_delivery
 from cdcfeed.toml_text import to_toml
 
 config_option = click.option(
     "--config",
     "-c",
     "config",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(readable=False, path_type=Path),  # config.py says what is wrong, and the fix
     help=f"TOML settings file (default: $CDCFEED_CONFIG, then {DEFAULT_CONFIG_PATH} when "
     "present). Every key is documented in config/cdcfeed.toml.",
 )
@@ -185,14 +186,7 @@ def init_db(
                 if publication:
                     await db.ensure_publication(settings.cdc.publication)
                 if grant_to:
-                    try:
-                        granted = await db.grant(grant_to)
-                    except ObjectMissing:
-                        raise UserError(
-                            "--grant",
-                            f"role {grant_to} does not exist; create it first "
-                            f"(CREATE ROLE {quote_ident(grant_to)} LOGIN PASSWORD '…')",
-                        ) from None
+                    granted = await _grant(db, grant_to)
             if publication:
                 await check_server(db)  # a publication nobody can decode is worth a warning
         logger.info(f"schema ready: {names.schema}.{names.orders}, {names.schema}.{names.batches}")
@@ -202,6 +196,17 @@ def init_db(
             logger.info(f"granted {grant_to}: {'; '.join(granted)}")
 
     _run_async(main)
+
+
+async def _grant(db: Database, role: str) -> list[str]:
+    try:
+        return await db.grant(role)
+    except ObjectMissing:
+        raise UserError(
+            "--grant",
+            f"role {role} does not exist; create it first "
+            f"(CREATE ROLE {quote_ident(role)} LOGIN PASSWORD '…')",
+        ) from None
 
 
 @commands.command()
@@ -222,6 +227,9 @@ def status(config: Path | None, dsn: str | None, limit: int, output: str) -> Non
     replication slots ([cdc] slots; empty = all logical slots) have confirmed each."""
     settings = _settings(config, {"database": {"dsn": dsn}})
 
+    # The Kafka verifier's verdicts are shown once Kafka is configured: its group names them.
+    kafka_source = source_name(settings.kafka.group) if settings.kafka.bootstrap else None
+
     async def main() -> tuple[list[dict[str, Any]], list[str]]:
         async with (
             resolved_database(settings, dict(os.environ)) as database,
@@ -231,8 +239,10 @@ def status(config: Path | None, dsn: str | None, limit: int, output: str) -> Non
                 await db.prepare("status", create=False)
             batches = await db.recent_batches(limit)
             slots = await db.slot_confirmations(settings.cdc.slots)
+            ids = [batch["batch_id"] for batch in batches]
+            verdicts = await db.verdicts(kafka_source, ids) if kafka_source else None
             problems = (await db.server_settings()).problems()
-        return with_confirmations(batches, slots), list(problems.values())
+        return with_delivery(with_confirmations(batches, slots), verdicts), list(problems.values())
 
     batches, problems = _run_async(main)
     if output == "json":

@@ -15,9 +15,9 @@ from cdcfeed.config import Settings
 from cdcfeed.database import names_of
 from cdcfeed.errors import DatabaseUnavailable, UserError
 from cdcfeed.proof.events import Violation
-from cdcfeed.proof.kafka_report import KafkaReport
-from cdcfeed.proof.kafka_runner import follow_kafka, open_kafka_verifier, verify_kafka_once
-from cdcfeed.proof.sources.kafka import KafkaUnavailable
+from cdcfeed.proof.kafka.consumer import KafkaUnavailable
+from cdcfeed.proof.kafka.report import KafkaReport
+from cdcfeed.proof.kafka.runner import follow_kafka, open_kafka_verifier, verify_kafka_once
 from cdcfeed.runtime import run_async, stop_on_signals
 
 

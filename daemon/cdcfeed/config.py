@@ -12,14 +12,16 @@ so a caller (a test, a bench) that passes its own mapping gets exactly that.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
+import pwd
 import re
 import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from pydantic import (
     AfterValidator,
@@ -41,6 +43,7 @@ from pydantic_settings import (
 )
 
 from cdcfeed.config_kafka import KafkaSettings as KafkaSettings  # `[kafka]`, re-exported
+from cdcfeed.dsn import parse_dsn, redact_dsn
 from cdcfeed.errors import UserError
 
 ENV_PREFIX = "CDCFEED_"
@@ -288,18 +291,41 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+MAX_CONFIG_BYTES = 16 << 20  # far above any settings file: `--config /dev/zero` is an error
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
+    """The file's settings; each way it can fail is one line naming --config and the fix.
+    An empty file means every default. A UTF-8 byte order mark (some editors write one) is
+    skipped."""
     try:
         with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError:
-        raise UserError(
-            "--config", f"file {path} does not exist; pass an existing TOML file"
-        ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError("--config", f"{path} is not valid TOML ({exc}); fix the syntax") from None
+            data = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise UserError("--config", f"cannot read {path} ({exc.strerror})") from None
+        raise UserError("--config", f"{path} {_unreadable(exc, path)}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UserError("--config", f"{path} is over 16 MiB: not a settings file; check the path")
+    try:
+        return tomllib.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        problem = f"is not UTF-8 (byte 0x{data[exc.start]:02x} on line {line}); save it as UTF-8"
+    except tomllib.TOMLDecodeError as exc:
+        problem = f"is not valid TOML ({exc}); fix the syntax"
+    raise UserError("--config", f"{path} {problem}")
+
+
+def _unreadable(exc: OSError, path: Path) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "does not exist; pass an existing TOML file"
+    if isinstance(exc, IsADirectoryError):
+        return f"is a directory; pass the TOML file itself, e.g. --config {path / 'cdcfeed.toml'}"
+    if isinstance(exc, PermissionError):
+        user = f"uid {os.geteuid()}"
+        with contextlib.suppress(KeyError):  # a uid without a name (containers) stays a number
+            user = f"user {pwd.getpwuid(os.geteuid()).pw_name}"
+        return f"cannot be read by {user} (permission denied); give that user read access"
+    return f"cannot be read ({exc.strerror}); pass a readable TOML file"
 
 
 def _describe(error: ErrorDetails, from_file: Path | None) -> UserError:
@@ -366,62 +392,6 @@ def _resolve_dsn(flag_dsn: str | None, environ: Mapping[str, str], file_dsn: str
     if environ.get("DATABASE_URL"):
         return environ["DATABASE_URL"]
     return file_dsn
-
-
-LIBPQ_ENV = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")
-
-
-def uses_libpq_environment(environ: Mapping[str, str]) -> bool:
-    """True when libpq's PG… variables name a server (asyncpg reads them itself)."""
-    return any(environ.get(name) for name in LIBPQ_ENV)
-
-
-def parse_dsn(dsn: str) -> SplitResult:
-    """Checks that a DSN is a URI asyncpg understands; raises ValueError naming the problem."""
-    parts = urlsplit(dsn)
-    if parts.scheme not in ("postgres", "postgresql"):
-        raise ValueError(
-            "expected a URI like postgresql://user:password@host:5432/dbname "
-            "(keyword=value strings are not supported)"
-        )
-    try:
-        parts.port  # noqa: B018 - parsing the port is the check
-    except ValueError:
-        raise ValueError("the port in the URI is not a number from 0 to 65535") from None
-    return parts
-
-
-def redact_dsn(dsn: str) -> str:
-    """The DSN with its password replaced, safe for logs, errors and `cdcfeed config`."""
-    if not dsn:
-        return dsn
-    try:
-        parts = urlsplit(dsn)
-    except ValueError:
-        return "<unparseable DSN>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{hostinfo}" if ":" in userinfo else f"{user}@{hostinfo}"
-    query = "&".join(
-        f"{key}=***" if key.lower() == "password" else f"{key}={value}"
-        for key, _, value in (item.partition("=") for item in parts.query.split("&") if item)
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def dsn_password(dsn: str) -> str:
-    """The password a DSN carries, so the log filter can scrub it wherever it turns up."""
-    try:
-        parts = urlsplit(dsn)
-    except ValueError:
-        return ""
-    for item in parts.query.split("&"):
-        key, _, value = item.partition("=")
-        if key.lower() == "password" and value:
-            return value
-    return parts.password or ""
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from cdcfeed.database import VerifySession
-from cdcfeed.proof.runner import Verifier
+from cdcfeed.proof.slot.runner import Verifier
 from tests.support import (
     PUBLICATION,
     PostgresCluster,

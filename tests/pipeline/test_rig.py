@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from cdcfeed.proof.sources.debezium import DebeziumDecoder, OrderChange, TransactionEvent
+from cdcfeed.proof.kafka.debezium import DebeziumDecoder, OrderChange, TransactionEvent
 from tests.pipeline.broker import Broker
 from tests.pipeline.debezium_runner import DebeziumRunner
 

@@ -97,6 +97,18 @@ async def test_the_rows_lost_by_a_restart_mid_batch_are_named(
     assert missing in output
     assert f"batch {later['batch_id']}" not in output
 
+    # `cdcfeed status` shows per batch whether Kafka delivered it, once Kafka is configured.
+    status = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cdcfeed", "status", "--dsn", dsn, "--format", "json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "CDCFEED_KAFKA__BOOTSTRAP": broker.bootstrap},
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(status.communicate(), 60)
+    assert status.returncode == 0, err.decode()
+    delivered = {b["batch_id"]: b["delivered_by"] for b in json.loads(out)}
+    assert delivered[lossy["batch_id"]] == {"kafka": False}
+    assert delivered[later["batch_id"]] == {"kafka": True}
+
 
 async def test_an_event_of_unknown_shape_is_one_line_and_exit_2(broker: Broker, dsn: str) -> None:
     await prepare(broker, dsn, "avro")

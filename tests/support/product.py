@@ -8,7 +8,7 @@ from cdcfeed.database.schema import init_schema
 from cdcfeed.embedded import LOGICAL_SETTINGS, PostgresCluster, free_port, wheel_bin_dir
 from cdcfeed.endpoint import Endpoint
 from cdcfeed.lsn import lsn_to_int
-from cdcfeed.proof.sources import pgoutput
+from cdcfeed.proof.slot import pgoutput
 
 __all__ = [
     "LOGICAL_SETTINGS",

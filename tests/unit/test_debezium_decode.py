@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from cdcfeed.proof.sources.debezium import (
+from cdcfeed.proof.kafka.debezium import (
     DebeziumDecoder,
     DebeziumFormatError,
     LedgerChange,

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import pytest
 
 from cdcfeed.proof.events import LedgerBatch
-from cdcfeed.proof.sources.debezium import DebeziumDecoder
-from cdcfeed.proof.sources.kafka_delivery import Candidate, Delivery, JudgedBatch
+from cdcfeed.proof.kafka.debezium import DebeziumDecoder
+from cdcfeed.proof.kafka.delivery import Candidate, Delivery, JudgedBatch
 
 ORDERS = "cdcfeed.public.orders"
 TX = "cdcfeed.transaction"

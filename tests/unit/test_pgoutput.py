@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from cdcfeed.lsn import int_to_lsn, lsn_to_int
-from cdcfeed.proof.sources.pgoutput import (
+from cdcfeed.proof.slot.pgoutput import (
     PG_EPOCH,
     UNCHANGED,
     Begin,

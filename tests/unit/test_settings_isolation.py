@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import cdcfeed
-from cdcfeed.config import Settings, load_settings, uses_libpq_environment
+from cdcfeed.config import Settings, load_settings
+from cdcfeed.dsn import uses_libpq_environment
 from cdcfeed.errors import UserError
 
 

@@ -14,12 +14,11 @@ import pytest
 from cdcfeed.cli import to_toml
 from cdcfeed.config import (
     FeedSettings,
-    dsn_password,
     effective_view,
     load_settings,
-    redact_dsn,
     split_address,
 )
+from cdcfeed.dsn import dsn_password, redact_dsn
 from cdcfeed.errors import UserError
 from cdcfeed.load.feed import FeedDirectory
 from cdcfeed.load.generate import HEADER, batch_rng, orders_csv

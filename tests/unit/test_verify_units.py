@@ -9,7 +9,7 @@ import pytest
 
 from cdcfeed.proof.events import LedgerBatch, Observation
 from cdcfeed.proof.judge import Verdict, judge_again, judge_seen, judge_unseen, reasons_against
-from cdcfeed.proof.sources.slot import StreamError, StreamReader
+from cdcfeed.proof.slot.stream import StreamError, StreamReader
 from tests import pgoutput_builders as pg
 from tests.pgoutput_builders import begin, commit, relation, truncate
 

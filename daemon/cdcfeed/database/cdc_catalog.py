@@ -30,6 +30,7 @@ class CdcStatements:
         self.orders_relation = names.orders_relation
         self.qualified_orders = names.table(names.orders)
         self.qualified_batches = batches
+        self.qualified_results = results
 
         # Run by `schema.init_schema` under the schema lock, after the load's own DDL.
         self.ledger_indexes_ddl = f"""
@@ -90,6 +91,11 @@ class CdcStatements:
         """
         self.verify_ddl = self.ledger_indexes_ddl + verify_tables
         self.ledger_exists = "SELECT to_regclass($1)"
+        # `cdcfeed status`: a verifier's verdict on each of these batches.
+        self.batch_verdicts = f"""
+            SELECT batch_id, result FROM {results}
+            WHERE slot = $1 AND kind = 'batch' AND batch_id = ANY($2::bigint[])
+        """
 
         # --- replication slots and publications -------------------------------------------
         self.slot = """

@@ -9,8 +9,9 @@ from typing import Any, TypeVar
 import asyncpg
 from loguru import logger
 
-from cdcfeed.config import DatabaseSettings, redact_dsn
+from cdcfeed.config import DatabaseSettings
 from cdcfeed.database.errors import describe_error, raise_translated
+from cdcfeed.dsn import redact_dsn
 from cdcfeed.errors import DatabaseUnavailable, UserError
 from cdcfeed.retry import Backoff, retry
 

@@ -214,6 +214,16 @@ class Database:
             slots = await read_slots(conn, self._q, watched)
         return {slot.name: slot.confirmed_flush_lsn for slot in slots}
 
+    @translated
+    async def verdicts(self, source: str, batch_ids: Sequence[int]) -> dict[int, str]:
+        """A verifier's verdict ("ok" or "violation") on each of these batches it judged."""
+        q = self._q.cdc
+        async with self._pool.acquire() as conn:
+            if await conn.fetchval(q.ledger_exists, q.qualified_results) is None:
+                return {}  # never verified in this database
+            rows = await conn.fetch(q.batch_verdicts, source, list(batch_ids))
+        return {row[0]: row[1] for row in rows}
+
     @asynccontextmanager
     async def slot_snapshot(self) -> AsyncIterator[SlotSnapshot]:
         """The slots and the ledger in one read-only snapshot."""

@@ -29,7 +29,7 @@ from cdcfeed.database import Allocation, Database, Settlement
 from cdcfeed.endpoint import Readiness
 from cdcfeed.errors import DatabaseRefused, DatabaseUnavailable, FeedError
 from cdcfeed.load.feed import FeedDirectory
-from cdcfeed.load.generate import batch_rng, orders_csv
+from cdcfeed.load.generate import batch_rng, render_orders
 from cdcfeed.load.ids import IdReservations
 from cdcfeed.load.outcome import Action, Outcome, Reached, decide
 from cdcfeed.lsn import lsn_to_int
@@ -100,7 +100,9 @@ async def run_batch(env: BatchEnvironment, sequence: int) -> None:
             )
         return
     batch_id = allocation.batch_id
-    data = orders_csv(batch_id, allocation.first_order_id, rows, batch_rng(env.seed, sequence))
+    data = await render_orders(
+        batch_id, allocation.first_order_id, rows, batch_rng(env.seed, sequence)
+    )
     generated = time.perf_counter()
     env.metrics.duration.labels("generate").observe(generated - started)
 

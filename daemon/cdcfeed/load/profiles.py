@@ -38,6 +38,10 @@ class Profile(Protocol):
         whose target is `work` falls."""
         ...
 
+    def work(self, elapsed: float) -> float:
+        """W(elapsed): the arrivals due by then, as a real number."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Segment:
@@ -96,6 +100,19 @@ class Piecewise:
         index = max(0, bisect.bisect_right(self._starts, elapsed) - 1)
         return self._segments[index].rate_at(elapsed - self._starts[index])
 
+    def work(self, elapsed: float) -> float:
+        done = 0.0  # the work of the cycles before this one
+        if self._repeat:
+            cycles, elapsed = divmod(elapsed, self._cycle_seconds)
+            done = cycles * self._cycle_work
+        elif elapsed >= self._cycle_seconds:
+            return self._cycle_work + (elapsed - self._cycle_seconds) * self._hold
+        index = max(0, bisect.bisect_right(self._starts, elapsed) - 1)
+        offset = elapsed - self._starts[index]
+        segment = self._segments[index]
+        within = offset * (segment.start + segment.rate_at(offset)) / 2
+        return done + self._work_before[index] + within
+
     def arrival_time(self, work: float) -> float | None:
         offset = 0.0
         if self._repeat:
@@ -128,7 +145,7 @@ class Sine:
     def rate(self, elapsed: float) -> float:
         return max(0.0, self.base + self.amplitude * math.sin(self._omega * elapsed))
 
-    def _work(self, elapsed: float) -> float:
+    def work(self, elapsed: float) -> float:
         swing = self.amplitude / self._omega * (1 - math.cos(self._omega * elapsed))
         return self.base * elapsed + swing
 
@@ -139,7 +156,7 @@ class Sine:
         low = max(0.0, (work - 2 * self.amplitude / self._omega) / self.base)
         guess = high
         for _ in range(100):
-            error = self._work(guess) - work
+            error = self.work(guess) - work
             if error > 0:
                 high = guess
             else:
@@ -168,6 +185,39 @@ class Arrivals:
         elapsed = self.profile.arrival_time(self._work)
         self._work += self._rng.expovariate(1.0) if self._poisson else 1.0
         return elapsed
+
+    def skip_until(self, elapsed: float) -> tuple[int, float | None]:
+        """Drops every arrival due before `elapsed` in one step, however many there are:
+        (how many, when the last of them was due). What a daemon above its capacity does with
+        the arrivals it had no room for, at the cost of one arrival, not one per arrival."""
+        reached = self.profile.work(elapsed)
+        if reached < self._work:
+            return 0, None
+        if self._poisson:
+            # The arrivals after the first form a Poisson process of their own (it has no
+            # memory): their count is Poisson, the last one's distance back from `reached`
+            # exponential, and the next one's forward from it too.
+            count = 1 + _poisson(self._rng, reached - self._work)
+            last = max(self._work, reached - self._rng.expovariate(1.0))
+            self._work = reached + self._rng.expovariate(1.0)
+        else:
+            count = math.floor(reached - self._work) + 1
+            last = self._work + count - 1
+            if self.profile.arrival_time(last) is None:  # W ends on it: an arrival never due
+                count, last = count - 1, last - 1
+            self._work += count
+        return count, self.profile.arrival_time(last) if count else None
+
+
+def _poisson(rng: random.Random, mean: float) -> int:
+    """A Poisson-distributed count: exact for small means, the normal approximation above."""
+    if mean > 50:
+        return max(0, round(rng.gauss(mean, math.sqrt(mean))))
+    limit, product, count = math.exp(-mean), rng.random(), 0
+    while product > limit:
+        product *= rng.random()
+        count += 1
+    return count
 
 
 def profile_of(load: LoadSettings) -> Profile:

@@ -4,6 +4,14 @@ The APScheduler job only *starts* a batch (or counts why it could not): batches 
 of their own, so a slow batch never delays the next arrival, and a run that finds every slot
 busy — or the database down — is counted as skipped, never queued without bound.
 
+Above capacity the arrivals are not handled one by one: that costs the event loop a wake-up
+per arrival, and at ten or a hundred times capacity the loop would spend itself on runs it
+can only skip while batches, heartbeats and shutdown wait. Instead, when every slot is taken
+(or a batch may not start), the job is *held*: paused until a slot frees (or, when blocked,
+until a short recheck), then the arrivals missed meanwhile are counted as skipped in one step
+from the arrival schedule (`Arrivals.skip_until`), and the latest of them fires at once —
+coalesced, as APScheduler's `coalesce` would, but without stepping through every missed run.
+
 Schedule lag is measured when a run really starts, against its planned time: it includes
 APScheduler's own wake-up delay and any time the event loop was busy, which is what a soak
 test needs to know. Runs that start late, and skipped runs, are logged as a warning summary.
@@ -19,6 +27,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_SUBMITTED, JobExecutionEvent
+from apscheduler.job import Job
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 from loguru import logger
@@ -40,6 +50,9 @@ START_DELAY_SECONDS = 0.005
 # long enough to need it, and one timer per arrival is enough.
 EARLY_SECONDS = 0.02
 EARLY_AFTER_GAP_SECONDS = 0.05
+
+# While a batch may not start (database down, disk full), how often to look again.
+BLOCKED_RECHECK_SECONDS = 0.1
 
 BatchFactory = Callable[[int], Coroutine[Any, Any, None]]
 
@@ -91,6 +104,38 @@ class ArrivalTrigger(BaseTrigger):  # type: ignore[misc]
                 del self._following[key]
         return fire_time
 
+    def catch_up(self, now: datetime, keep_latest: bool) -> tuple[int, datetime | None]:
+        """After a hold: drops the arrivals due by `now` in one step, however many there are.
+
+        Returns (how many were dropped, the job's next fire time, None when the profile has
+        no more arrivals). With `keep_latest` the latest arrival due is kept, its fire time in
+        the past, so that it runs at once for all of them; otherwise the next fire time is the
+        next arrival after `now`.
+        """
+        # The arrivals drawn for fire times the hold took from the job: never submitted.
+        taken = sorted(self.planned.items(), key=lambda item: item[1])
+        self.planned.clear()
+        self._following.clear()  # APScheduler will ask about the fire time returned here only
+        due = [item for item in taken if item[1] <= now]
+        ahead = [item for item in taken if item[1] > now]
+        dropped = len(due)
+        kept = due[-1] if due else None
+        if not ahead:  # the arrivals not drawn yet may be due too
+            count, last = self.arrivals.skip_until((now - self.start).total_seconds())
+            dropped += count
+            if last is not None:
+                arrival = self.start + timedelta(seconds=last)
+                kept = (arrival, arrival)
+                self._last_arrival = last  # no gap before the next: it is not fired early
+        if keep_latest and kept is not None:
+            fire_time, arrival = kept
+            self.planned[fire_time] = arrival
+            return dropped - 1, fire_time
+        if ahead:
+            self.planned.update(ahead)
+            return dropped, ahead[0][0]
+        return dropped, self.get_next_fire_time(None, now)
+
     def __str__(self) -> str:
         return "cdcfeed arrivals"
 
@@ -105,9 +150,9 @@ class SkipLog:
         self._worst_lag = 0.0
         self._last_log = float("-inf")
 
-    def skipped(self, reason: str) -> None:
-        self._metrics.skipped.labels(reason).inc()
-        self._pending[reason] += 1
+    def skipped(self, reason: str, count: int = 1) -> None:
+        self._metrics.skipped.labels(reason).inc(count)
+        self._pending[reason] += count
         self.tick()
 
     def started(self, lag: float) -> None:
@@ -172,6 +217,9 @@ class LoadScheduler:
         self._skips = SkipLog(metrics)
         self._job_failure: BaseException | None = None
         self._readiness = readiness
+        self._job: Job | None = None
+        self._held: str | None = None  # why the job is paused now: a skip reason
+        self._recheck: asyncio.TimerHandle | None = None
 
     @property
     def started(self) -> int:
@@ -196,11 +244,11 @@ class LoadScheduler:
         if self._trigger is not None and self._trigger.exhausted and not self._planned:
             self._enough.set()  # the profile's last arrival: this run is the last
         if len(self._in_flight) >= self._concurrency:
-            self._skips.skipped("busy")
+            self._skip("busy")  # a run submitted before the hold
             return
         reason = self._blocked()
         if reason is not None:
-            self._skips.skipped(reason)
+            self._skip(reason)
             return
         sequence = self._started
         self._started += 1
@@ -211,10 +259,63 @@ class LoadScheduler:
         task.add_done_callback(self._batch_done)
         if self._max_batches and self._started >= self._max_batches:
             self._enough.set()
+        elif len(self._in_flight) >= self._concurrency:
+            self._hold("busy")
+
+    def _skip(self, reason: str) -> None:
+        self._skips.skipped(reason)
+        self._hold(reason)
+
+    def _hold(self, reason: str) -> None:
+        """Pauses the job: no wake-up per arrival while no batch could start."""
+        if self._held is not None or self._job is None:
+            return
+        try:
+            self._job.pause()
+        except JobLookupError:
+            return  # the profile's last arrival was submitted: nothing left to hold
+        self._held = reason
+        if reason != "busy":
+            loop = asyncio.get_running_loop()
+            self._recheck = loop.call_later(BLOCKED_RECHECK_SECONDS, self._release)
+
+    def _release(self) -> None:
+        """Ends a hold (a slot is free, or time to look again): the arrivals missed meanwhile
+        are counted in one step, and the latest of them runs now if a batch may start."""
+        try:
+            self._release_hold()
+        except Exception as exc:
+            # Called back by the loop, where an error would only be logged, leaving the job
+            # held for good: a bug here stops the daemon loudly instead.
+            self._on_error(JobExecutionEvent(EVENT_JOB_ERROR, "cdcfeed-batches", None, None, exc))
+
+    def _release_hold(self) -> None:
+        self._recheck = None
+        reason = self._held
+        if reason is None or self._trigger is None or self._job is None:
+            return
+        if self._enough.is_set() or self._stop.is_set():
+            return
+        blocked = None if reason == "busy" else self._blocked()
+        dropped, fire_time = self._trigger.catch_up(datetime.now(UTC), blocked is None)
+        if dropped:
+            self._skips.skipped(reason, dropped)
+        if fire_time is None:  # the profile has no more arrivals
+            self._enough.set()
+            return
+        if blocked is not None:
+            self._held = blocked
+            loop = asyncio.get_running_loop()
+            self._recheck = loop.call_later(BLOCKED_RECHECK_SECONDS, self._release)
+            return
+        self._held = None
+        self._job.modify(next_run_time=fire_time)
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
         self._metrics.in_flight.set(len(self._in_flight))
+        if self._held == "busy":
+            self._release()
         if not task.cancelled() and task.exception() is not None:
             # run_batch handles every failure itself: an escape here is a bug, so stop loudly.
             self._job_failure = task.exception()
@@ -246,12 +347,14 @@ class LoadScheduler:
         scheduler.add_listener(self._on_submitted, EVENT_JOB_SUBMITTED)
         scheduler.add_listener(self._on_error, EVENT_JOB_ERROR)
         self._trigger = ArrivalTrigger(self._arrivals, start)
-        scheduler.add_job(
+        self._job = scheduler.add_job(
             self._fire,
             self._trigger,
             id="cdcfeed-batches",
             max_instances=1_000_000,  # the job only starts a task; concurrency is ours
-            coalesce=False,  # a late run still fires, and is counted if it cannot start
+            # A late run still fires, and is counted if it cannot start. Runs missed while the
+            # job is held are coalesced by `_release`, which counts them without a run each.
+            coalesce=False,
             misfire_grace_time=None,
         )
         # Read at scrape time, so the target follows the profile between arrivals too.
@@ -285,6 +388,8 @@ class LoadScheduler:
         failed job; waiting for them keeps a normal end free of error lines.
         """
         scheduler.pause()
+        if self._recheck is not None:
+            self._recheck.cancel()
         for _ in range(1000):
             if not self._planned and not self._waiting:
                 break

@@ -1,9 +1,11 @@
 """The proof of delivery: every batch the ledger settled reached the change stream whole.
 
-A source (in `proof/sources/`, one module per kind of stream) turns what it reads into
-`events.ChangeEvent`s and `events.TransactionEnd`s, which `fold` folds into
-`events.Observation`s, one per transaction and batch, and `events.StreamEvent`s for changes
-cdcfeed never makes; the source also tells how far it has read. `judge` turns those and the
-ledger's `LedgerBatch`es into verdicts by the same rules for every source; `report` prints the
-totals.
+One folder per kind of change stream, each with the same parts: what it decodes, how it
+reads (and where it has read to), the verifier's state, a runner, a report. `slot/` reads a
+logical replication slot with pgoutput, as Debezium does; `kafka/` reads what Debezium
+delivered to Kafka. Both turn what they read into `events.ChangeEvent`s and
+`events.TransactionEnd`s, which `fold` folds into `events.Observation`s (one per transaction
+and batch) and `events.StreamEvent`s (changes cdcfeed never makes); `judge` turns those and
+the ledger's `LedgerBatch`es into verdicts by the same rules for every stream. A new kind of
+stream is a new folder that feeds `fold`: the judge does not change.
 """

@@ -8,8 +8,8 @@ import asyncio
 from cdcfeed.config import CdcSettings, DatabaseSettings, KafkaSettings
 from cdcfeed.database import Database, Names
 from cdcfeed.metrics import Metrics
-from cdcfeed.proof.kafka_runner import verify_kafka_continuously
-from cdcfeed.proof.runner import verify_continuously
+from cdcfeed.proof.kafka.runner import verify_kafka_continuously
+from cdcfeed.proof.slot.runner import verify_continuously
 from cdcfeed.proof.slots import watch_slots
 
 

@@ -1,7 +1,7 @@
 """What Debezium's Kafka topics delivered, folded per batch until each batch is due.
 
-Pure: records in (already fetched), verdicts out; the consumer (kafka.py) and the database
-(kafka_state.py) are the runner's. Four things are decided here.
+Pure: records in (already fetched), verdicts out; the consumer (consumer.py) and the database
+(state.py) are the runner's. Four things are decided here.
 
 When a batch is due. The pipeline has *provably moved past* LSN X once every partition of
 the orders topic has delivered an event whose source.lsn is above X: Kafka keeps order within
@@ -45,7 +45,7 @@ from typing import Protocol
 from cdcfeed.proof.events import LedgerBatch, Observation, StreamEvent, TransactionEnd, Violation
 from cdcfeed.proof.fold import Fold
 from cdcfeed.proof.judge import Verdict, judge_again, judge_seen, judge_unseen
-from cdcfeed.proof.sources.debezium import (
+from cdcfeed.proof.kafka.debezium import (
     DebeziumDecoder,
     OrderChange,
     TransactionEvent,

@@ -33,7 +33,7 @@ from typing import Final, Literal, TypeAlias
 
 import msgspec
 
-from cdcfeed.proof.sources.debezium_wire import (
+from cdcfeed.proof.kafka.debezium_wire import (
     NO_SCHEMA,
     Amount,
     DebeziumFormatError,

@@ -18,9 +18,9 @@ from cdcfeed.database import Names, VerifySession
 from cdcfeed.errors import DatabaseUnavailable
 from cdcfeed.metrics import Metrics
 from cdcfeed.proof.events import Violation
-from cdcfeed.proof.report import Report, Tally
-from cdcfeed.proof.sources.slot_reader import CHUNK_CHANGES, SlotSource, SlotUnavailable
-from cdcfeed.proof.state import REPORT_VIOLATIONS, VerifyState
+from cdcfeed.proof.slot.reader import CHUNK_CHANGES, SlotSource, SlotUnavailable
+from cdcfeed.proof.slot.report import Report, Tally
+from cdcfeed.proof.slot.state import REPORT_VIOLATIONS, VerifyState
 from cdcfeed.retry import Backoff, pause_until, retry
 
 

@@ -1,5 +1,5 @@
-"""`cdcfeed status`'s output: recent batches, which watched slots confirmed each, and the
-server settings that keep CDC consumers out."""
+"""What `cdcfeed status` shows: recent batches with their timings, whether each watched slot
+confirmed them, and whether the Kafka verifier judged them delivered whole."""
 
 from __future__ import annotations
 
@@ -25,6 +25,19 @@ def with_confirmations(
     return batches
 
 
+def with_delivery(
+    batches: list[dict[str, Any]], verdicts: dict[int, str] | None
+) -> list[dict[str, Any]]:
+    """Adds `delivered_by`: per verifier of what the pipeline delivered (Kafka), whether the
+    batch was judged delivered whole (None while it is not judged yet)."""
+    for batch in batches:
+        batch["delivered_by"] = {}
+        if verdicts is not None:
+            verdict = verdicts.get(batch["batch_id"])
+            batch["delivered_by"]["kafka"] = None if verdict is None else verdict == "ok"
+    return batches
+
+
 def json_default(value: object) -> str:
     if isinstance(value, datetime):
         return value.isoformat()
@@ -34,8 +47,20 @@ def json_default(value: object) -> str:
 def status_table(batches: list[dict[str, Any]]) -> str:
     # One column per watched slot: has it confirmed the batch (CDC-confirmed)?
     slots = list(batches[0]["confirmed_by"]) if batches else []
+    # And one per verifier of what the pipeline delivered: judged delivered whole?
+    delivered = list(batches[0]["delivered_by"]) if batches else []
     timings = ("gen_ms", "write_ms", "copy_ms", "total_ms")
-    header = ("batch", "status", "rows", "start_lsn", "end_lsn", *timings, *slots, "note")
+    header = (
+        "batch",
+        "status",
+        "rows",
+        "start_lsn",
+        "end_lsn",
+        *timings,
+        *slots,
+        *delivered,
+        "note",
+    )
     rows = [header]
     for batch in batches:
         started, completed = batch["started_at"], batch["completed_at"]
@@ -53,6 +78,7 @@ def status_table(batches: list[dict[str, Any]]) -> str:
                 _ms(batch["copy_seconds"]),
                 _ms(total),
                 *(_yes_no(batch["confirmed_by"][slot]) for slot in slots),
+                *(_yes_no(batch["delivered_by"][source]) for source in delivered),
                 note,
             )
         )

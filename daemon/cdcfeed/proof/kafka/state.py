@@ -16,9 +16,9 @@ from typing import Any
 from cdcfeed.database import KafkaSession
 from cdcfeed.errors import UserError
 from cdcfeed.proof.events import LedgerBatch, Violation
-from cdcfeed.proof.kafka_report import KafkaReport, KafkaTally
-from cdcfeed.proof.sources.kafka_delivery import Candidate, JudgedBatch, Judgement
-from cdcfeed.proof.state import REPORT_VIOLATIONS
+from cdcfeed.proof.kafka.delivery import Candidate, JudgedBatch, Judgement
+from cdcfeed.proof.kafka.report import KafkaReport, KafkaTally
+from cdcfeed.proof.slot.state import REPORT_VIOLATIONS
 
 Position = tuple[str, int, int, int | None]
 
@@ -27,12 +27,17 @@ class KafkaBusy(UserError):
     """Another verifier holds this group's state."""
 
 
+def source_name(group: str) -> str:
+    """The name a Kafka verifier's verdicts are kept under: one proof per consumer group."""
+    return f"kafka:{group}"
+
+
 class KafkaState:
     def __init__(self, db: KafkaSession, group: str, topic_prefix: str) -> None:
         self.db = db
         self.group = group
         self.topic_prefix = topic_prefix
-        self.source = f"kafka:{group}"
+        self.source = source_name(group)
         self.scope: int | None = None
         self.low_water: int | None = None
 

@@ -19,7 +19,7 @@ from cdcfeed.proof.events import (
     TransactionEnd,
 )
 from cdcfeed.proof.fold import Fold
-from cdcfeed.proof.sources import pgoutput
+from cdcfeed.proof.slot import pgoutput
 
 
 class StreamError(CdcfeedError):

@@ -3,7 +3,7 @@
 Each row that ``pg_logical_slot_get_binary_changes`` (or ``..._peek_...``) returns for a
 ``pgoutput`` slot carries exactly one protocol message in its ``data`` column;
 :func:`decode` turns that into one of the frozen dataclasses of
-:mod:`~cdcfeed.proof.sources.pgoutput_messages`, which this module exports too.
+:mod:`~cdcfeed.proof.slot.pgoutput_messages`, which this module exports too.
 
 ``verify`` builds its proof of delivery on this output, so the decoder is strict: an
 unknown message type, a truncated message or trailing bytes raise :class:`PgOutputError`
@@ -18,7 +18,7 @@ import struct
 from collections.abc import Callable
 from typing import Final
 
-from cdcfeed.proof.sources.pgoutput_messages import (
+from cdcfeed.proof.slot.pgoutput_messages import (
     COLUMN_FLAG_KEY,
     MESSAGE_FLAG_TRANSACTIONAL,
     PG_EPOCH,

@@ -1,7 +1,7 @@
 """`cdcfeed verify --kafka` and the daemon's Kafka verify task: the consumer, the delivery fold,
 the judge and the stored state, in steps.
 
-A step reads what the topics hold, judges every batch that is due (kafka_delivery.py says
+A step reads what the topics hold, judges every batch that is due (delivery.py says
 when), stores the verdicts with the read positions, then commits the consumer's offsets. A
 one-shot run reads until every partition has caught up with the time it began or has been
 quiet for `IDLE` seconds, takes one last step and reports. Following (and in the daemon), a
@@ -23,10 +23,10 @@ from cdcfeed.database import KafkaSession, Names
 from cdcfeed.errors import DatabaseUnavailable
 from cdcfeed.metrics import Metrics
 from cdcfeed.proof.events import Violation
-from cdcfeed.proof.kafka_report import KafkaReport, KafkaTally
-from cdcfeed.proof.kafka_state import KafkaState
-from cdcfeed.proof.sources.kafka import KafkaSource, KafkaUnavailable
-from cdcfeed.proof.sources.kafka_delivery import Delivery, Judgement
+from cdcfeed.proof.kafka.consumer import KafkaSource, KafkaUnavailable
+from cdcfeed.proof.kafka.delivery import Delivery, Judgement
+from cdcfeed.proof.kafka.report import KafkaReport, KafkaTally
+from cdcfeed.proof.kafka.state import KafkaState
 from cdcfeed.retry import Backoff, retry
 
 IDLE = 2.0  # seconds each partition must be quiet for a one-shot read to end

@@ -1,6 +1,6 @@
 """Debezium's Kafka topics as a verification source: an aiokafka consumer over every partition
 of the pipeline's topics, committing offsets only when told (after the verdicts they support
-are stored: see kafka_delivery.py for what is folded and when a batch is due).
+are stored: see delivery.py for what is folded and when a batch is due).
 
 Topics: orders `<prefix>.<schema>.<orders>` (required), the ledger `<prefix>.<schema>.<batch
 table>` and the transaction topic `<prefix>.transaction` when they exist. Partitions are
@@ -24,8 +24,8 @@ from aiokafka.helpers import create_ssl_context
 from cdcfeed.config import KafkaSettings
 from cdcfeed.database import Names
 from cdcfeed.errors import CdcfeedError, UserError
-from cdcfeed.proof.sources.debezium import DebeziumDecoder
-from cdcfeed.proof.sources.kafka_delivery import TP, Record
+from cdcfeed.proof.kafka.debezium import DebeziumDecoder
+from cdcfeed.proof.kafka.delivery import TP, Record
 
 _MAX_RECORDS = 20_000  # per fetch: bounds what one read holds before it is folded
 

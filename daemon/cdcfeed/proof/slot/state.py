@@ -25,7 +25,7 @@ from cdcfeed.errors import UserError
 from cdcfeed.lsn import int_to_lsn
 from cdcfeed.proof.events import LedgerBatch, Observation, StreamEvent, Violation
 from cdcfeed.proof.judge import Verdict, judge_again, judge_seen, judge_unseen
-from cdcfeed.proof.report import Report, Tally
+from cdcfeed.proof.slot.report import Report, Tally
 
 # Batches judged per query: bounds memory when a long outage left many to judge at once.
 _JUDGE_BATCH = 1_000

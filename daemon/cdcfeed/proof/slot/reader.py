@@ -16,8 +16,8 @@ from cdcfeed.database import VerifySession
 from cdcfeed.errors import CdcfeedError, ObjectMissing, SlotBusy, UserError
 from cdcfeed.lsn import int_to_lsn
 from cdcfeed.proof.events import StreamEvent
-from cdcfeed.proof.sources.slot import StreamReader
-from cdcfeed.proof.state import VerifyState
+from cdcfeed.proof.slot.state import VerifyState
+from cdcfeed.proof.slot.stream import StreamReader
 
 CHUNK_CHANGES = 50_000
 

@@ -1,6 +1,6 @@
 """The messages of the ``pgoutput`` logical replication protocol, version 1, as records.
 
-:mod:`cdcfeed.proof.sources.pgoutput` decodes bytes into these and is the one module callers
+:mod:`cdcfeed.proof.slot.pgoutput` decodes bytes into these and is the one module callers
 import: it exports them all.
 """
 

@@ -1,0 +1,177 @@
+"""Above capacity, without a database: missed arrivals are counted in one step from the
+schedule, the scheduler holds its capacity, and the event loop stays free for everything else."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import statistics
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from cdcfeed.config import LoadSettings, load_settings
+from cdcfeed.endpoint import Readiness
+from cdcfeed.load.generate import INLINE_ROWS, batch_rng, render_orders
+from cdcfeed.load.profiles import Arrivals, arrivals_of, profile_of
+from cdcfeed.load.scheduler import ArrivalTrigger, LoadScheduler
+from cdcfeed.metrics import Metrics
+
+SHAPES: list[dict[str, Any]] = [
+    {"rate": 300},
+    {"profile": "ramp", "rate": 10, "ramp_to": 500, "ramp_seconds": 7},
+    {"profile": "steps", "steps": [{"rate": 50, "seconds": 2}, {"rate": 0, "seconds": 1}]},
+    {
+        "profile": "steps",
+        "steps_repeat": True,
+        "steps": [{"rate": 200, "seconds": 0.5}, {"rate": 20, "seconds": 1.5}],
+    },
+    {"profile": "sine", "rate": 100, "sine_amplitude": 80, "sine_period": 3},
+    {"profile": "bursts", "rate": 5, "burst_rate": 400, "burst_seconds": 1, "burst_every": 4},
+]
+
+
+def _load(**values: Any) -> LoadSettings:
+    return load_settings(None, {"load": values}, {}).load
+
+
+def _even(load: LoadSettings) -> Arrivals:
+    return Arrivals(profile_of(load), poisson=False, rng=random.Random(0))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_skipping_counts_exactly_the_arrivals_stepping_would(shape: dict[str, Any]) -> None:
+    stepped, skipping = _even(_load(**shape)), _even(_load(**shape))
+    for until in (0.37, 1.0, 1.01, 2.5, 6.2, 9.9):
+        count = 0
+        last = None
+        while True:
+            arrival = stepped.next()
+            if arrival is None or arrival > until:
+                break
+            count, last = count + 1, arrival
+        skipped, skipped_last = skipping.skip_until(until)
+        assert skipped == count, until
+        if count:
+            assert skipped_last == pytest.approx(last, abs=1e-9)
+        # Both go on with the same arrival: the first one after `until`.
+        assert skipping.next() == pytest.approx(arrival, abs=1e-9)
+
+
+def test_skipping_poisson_arrivals_counts_as_many_on_average() -> None:
+    rate, seconds = 2000.0, 1.0
+    counts = []
+    for seed in range(200):
+        arrivals = arrivals_of(_load(rate=rate, arrivals="poisson", seed=seed))
+        counts.append(arrivals.skip_until(seconds)[0])
+        assert arrivals.next() > seconds  # type: ignore[operator]
+    assert statistics.mean(counts) == pytest.approx(rate * seconds, rel=0.02)
+    assert statistics.stdev(counts) == pytest.approx((rate * seconds) ** 0.5, rel=0.3)
+
+
+def test_a_hold_keeps_the_latest_missed_arrival_and_drops_the_rest() -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    trigger = ArrivalTrigger(_even(_load(rate=1000)), start)
+    first = trigger.get_next_fire_time(None, start)
+    assert first == start
+    # Held from the start (the fire time taken from the job) until 2.5 s: 2,501 arrivals due.
+    dropped, fire = trigger.catch_up(start + timedelta(seconds=2.5), keep_latest=True)
+    assert dropped == 2500
+    assert fire == start + timedelta(seconds=2.5)
+    assert trigger.planned.pop(fire) == fire  # as APScheduler submits it
+    after = trigger.get_next_fire_time(fire, start + timedelta(seconds=2.5))
+    assert after == start + timedelta(seconds=2.501)
+    # Still blocked: every arrival due is dropped, the next fire time is the next arrival.
+    dropped, fire = trigger.catch_up(start + timedelta(seconds=3.0), keep_latest=False)
+    assert dropped == 500  # 2.501 .. 3.000
+    assert fire == start + timedelta(seconds=3.001)
+
+
+async def _run_above_capacity(rate: float, blocked: list[str | None]) -> dict[str, float]:
+    """A 10 ms batch at concurrency 4 (capacity ~370/s on a real loop) asked `rate` for 2 s,
+    with a heartbeat on the same loop meanwhile; then a stop."""
+    metrics = Metrics()
+    done = 0
+
+    async def batch(_: int) -> None:
+        nonlocal done
+        await asyncio.sleep(0.01)
+        done += 1
+
+    stop = asyncio.Event()
+    scheduler = LoadScheduler(
+        arrivals=arrivals_of(_load(rate=rate)),
+        concurrency=4,
+        max_batches=0,
+        duration=0,
+        grace_period=2.0,
+        metrics=metrics,
+        start_batch=batch,
+        blocked=lambda: blocked[0],
+        stop=stop,
+        readiness=Readiness(),
+    )
+    running = asyncio.create_task(scheduler.run())
+    beats: list[float] = []
+    begun = time.monotonic()
+    while time.monotonic() - begun < 2.0:
+        beats.append(time.monotonic())
+        await asyncio.sleep(0.05)
+    stop.set()
+    stopping = time.monotonic()
+    await asyncio.wait_for(running, timeout=10)
+    return {
+        "completed": done,
+        "skipped_busy": metrics.registry.get_sample_value(
+            "cdcfeed_batches_skipped_total", {"reason": "busy"}
+        )
+        or 0.0,
+        "skipped_down": metrics.registry.get_sample_value(
+            "cdcfeed_batches_skipped_total", {"reason": "database_down"}
+        )
+        or 0.0,
+        "worst_beat_gap": max(b - a for a, b in itertools.pairwise(beats)),
+        "stop_seconds": time.monotonic() - stopping,
+    }
+
+
+@pytest.mark.parametrize("rate", [4_000, 100_000])
+async def test_far_above_capacity_batches_go_on_and_the_loop_stays_free(rate: float) -> None:
+    result = await _run_above_capacity(rate, [None])
+    # Generous bounds: the point is that more asked does not mean less done, nor a stall.
+    assert result["completed"] >= 0.4 * 370 * 2
+    assert result["skipped_busy"] >= 0.5 * rate * 2 - result["completed"]
+    assert result["worst_beat_gap"] < 1.0
+    assert result["stop_seconds"] < 2.0
+
+
+async def test_runs_blocked_by_an_outage_are_counted_without_a_run_each() -> None:
+    blocked: list[str | None] = ["database_down"]
+    asyncio.get_running_loop().call_later(1.0, blocked.__setitem__, 0, None)
+    result = await _run_above_capacity(50_000, blocked)
+    assert result["skipped_down"] >= 0.5 * 50_000 * 1.0  # the first second's arrivals
+    assert result["completed"] >= 0.4 * 370 * 1.0  # loading once the outage is over
+    assert result["worst_beat_gap"] < 1.0
+
+
+async def test_a_large_batch_renders_off_the_event_loop() -> None:
+    rows = 100 * INLINE_ROWS
+    ticks: list[float] = []
+
+    async def tick() -> None:
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.001)
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.01)
+    before = len(ticks)
+    data = await render_orders(1, 1, rows, batch_rng(1, 0))
+    ticker.cancel()
+    assert data.count(b"\n") == rows + 1
+    assert len(ticks) - before >= 5  # the loop went on ticking while the rows were rendered
+    small = await render_orders(2, 1, INLINE_ROWS, batch_rng(1, 1))
+    assert small.count(b"\n") == INLINE_ROWS + 1
