@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -17,10 +17,11 @@ from pydantic import SecretStr
 
 from cdcfeed import __version__
 from cdcfeed.config import DatabaseSettings, Settings
-from cdcfeed.database import Database, ensure_database, names_of
+from cdcfeed.database import CHECKED_SETTINGS, Database, ensure_database, names_of
 from cdcfeed.dsn import redact_dsn, uses_libpq_environment
 from cdcfeed.embedded import PostgresCluster, default_data_dir, wheel_bin_dir
 from cdcfeed.endpoint import Endpoint, Readiness
+from cdcfeed.errors import CdcfeedError, DatabaseRefused, SchemaMissing, UserError
 from cdcfeed.load.batch import BatchEnvironment, run_batch
 from cdcfeed.load.feed import FeedDirectory
 from cdcfeed.load.ids import IdReservations
@@ -61,6 +62,40 @@ async def resolved_database(
         if cluster.owned:
             await asyncio.to_thread(cluster.stop)
             logger.info("embedded PostgreSQL stopped")
+
+
+async def check_server(db: Database, metrics: Metrics | None = None) -> list[str]:
+    """Warns when the server keeps CDC consumers out (wal_level, slots, WAL senders), and
+    sets the gauge; returns the warnings."""
+    problems = (await db.server_settings()).problems()
+    if metrics is not None:
+        for setting in CHECKED_SETTINGS:
+            metrics.server_setting_ok.labels(setting).set(0 if setting in problems else 1)
+    for message in problems.values():
+        logger.warning(f"server: {message}")
+    return list(problems.values())
+
+
+@contextlib.contextmanager
+def refusals_are_mistakes() -> Iterator[None]:
+    """At start-up a refusal is a mistake to fix, not a batch's trouble: one line (exit 2)."""
+    try:
+        yield
+    except SchemaMissing as exc:
+        raise UserError("database.schema_name", str(exc)) from None
+    except DatabaseRefused as exc:
+        raise UserError("database.dsn", str(exc)) from None
+
+
+async def start_loading(db: Database, settings: Settings, metrics: Metrics) -> InstanceLease:
+    """Before the first batch: the schema (DDL only when it is not current), the role's
+    privileges, the server's settings, then the lease and what earlier runs left behind."""
+    with refusals_are_mistakes():
+        await db.prepare("load", create=settings.database.init_schema)
+        await check_server(db, metrics)
+        lease = InstanceLease(db, settings.instance_name, settings.daemon)
+        await lease.acquire()
+    return lease
 
 
 async def watch_database(
@@ -108,6 +143,9 @@ async def watch_database(
             # rather than fail one batch per stale connection.
             await database.expire_connections()
             down = False
+            # A restart is when wal_level and the slot limits change.
+            with contextlib.suppress(CdcfeedError):
+                await check_server(database, metrics)
         report(True)
         await pause_or_wake(HEALTHY_POLL_SECONDS)
 
@@ -170,11 +208,8 @@ async def run_daemon(
             # Batches plus one connection each for the monitor, the slot monitor and settling.
             names = names_of(settings)
             async with Database.open(database, names, load.concurrency + 3, "cdcfeed") as db:
-                if settings.database.init_schema:
-                    await db.init_schema()
                 # The lease first, and with it the batches earlier runs left IN_PROGRESS.
-                lease = InstanceLease(db, settings.instance_name, settings.daemon)
-                await lease.acquire()
+                lease = await start_loading(db, settings, metrics)
                 readiness.database_up = True
                 metrics.database_up.set(1)
                 suspect = asyncio.Event()
@@ -206,6 +241,7 @@ async def run_daemon(
                     on_database_down=suspect,
                     settle_seconds=settle_reserve(settings.daemon.grace_period),
                     copy_timeout=copy_timeout(settings.database.statement_timeout),
+                    readiness=readiness,
                 )
                 scheduler = LoadScheduler(
                     arrivals=arrivals_of(load),

@@ -14,7 +14,7 @@ import click
 from loguru import logger
 
 from cdcfeed import __version__, logs
-from cdcfeed.app import resolved_database, run_daemon
+from cdcfeed.app import check_server, refusals_are_mistakes, resolved_database, run_daemon
 from cdcfeed.cli_kafka import verify_kafka
 from cdcfeed.config import (
     DEFAULT_CONFIG_PATH,
@@ -22,9 +22,9 @@ from cdcfeed.config import (
     effective_view,
     load_settings,
 )
-from cdcfeed.database import Database, names_of
+from cdcfeed.database import Database, names_of, quote_ident
 from cdcfeed.dsn import dsn_password
-from cdcfeed.errors import CdcfeedError, DatabaseUnavailable, UserError
+from cdcfeed.errors import CdcfeedError, DatabaseUnavailable, ObjectMissing, UserError
 from cdcfeed.memory import pin_mmap_threshold
 from cdcfeed.proof.events import Violation
 from cdcfeed.proof.kafka.state import source_name
@@ -161,24 +161,52 @@ def run(
     help="Also create this publication over orders and the ledger, for Debezium or "
     "`cdcfeed verify` (create it before their slots; idempotent).",
 )
-def init_db(config: Path | None, dsn: str | None, publication: str | None) -> None:
+@click.option(
+    "--grant",
+    "grant_to",
+    metavar="ROLE",
+    help="Also grant ROLE exactly what `cdcfeed run` needs (docs/operations.md lists it); "
+    "run as the schema's owner.",
+)
+def init_db(
+    config: Path | None, dsn: str | None, publication: str | None, grant_to: str | None
+) -> None:
     """Create or upgrade the schema (idempotent; safe from several instances at once)."""
     settings = _settings(config, {"database": {"dsn": dsn}, "cdc": {"publication": publication}})
 
     async def main() -> None:
         names = names_of(settings)
+        granted: list[str] = []
         async with (
             resolved_database(settings, dict(os.environ)) as database,
             Database.open(database, names, 1, "cdcfeed init-db") as db,
         ):
-            await db.init_schema()
+            with refusals_are_mistakes():
+                await db.init_schema()
+                if publication:
+                    await db.ensure_publication(settings.cdc.publication)
+                if grant_to:
+                    granted = await _grant(db, grant_to)
             if publication:
-                await db.ensure_publication(settings.cdc.publication)
+                await check_server(db)  # a publication nobody can decode is worth a warning
         logger.info(f"schema ready: {names.schema}.{names.orders}, {names.schema}.{names.batches}")
         if publication:
             logger.info(f"publication {settings.cdc.publication} covers both tables")
+        if grant_to:
+            logger.info(f"granted {grant_to}: {'; '.join(granted)}")
 
     _run_async(main)
+
+
+async def _grant(db: Database, role: str) -> list[str]:
+    try:
+        return await db.grant(role)
+    except ObjectMissing:
+        raise UserError(
+            "--grant",
+            f"role {role} does not exist; create it first "
+            f"(CREATE ROLE {quote_ident(role)} LOGIN PASSWORD '…')",
+        ) from None
 
 
 @commands.command()
@@ -202,22 +230,29 @@ def status(config: Path | None, dsn: str | None, limit: int, output: str) -> Non
     # The Kafka verifier's verdicts are shown once Kafka is configured: its group names them.
     kafka_source = source_name(settings.kafka.group) if settings.kafka.bootstrap else None
 
-    async def main() -> list[dict[str, Any]]:
+    async def main() -> tuple[list[dict[str, Any]], list[str]]:
         async with (
             resolved_database(settings, dict(os.environ)) as database,
             Database.open(database, names_of(settings), 1, "cdcfeed status") as db,
         ):
+            with refusals_are_mistakes():
+                await db.prepare("status", create=False)
             batches = await db.recent_batches(limit)
             slots = await db.slot_confirmations(settings.cdc.slots)
             ids = [batch["batch_id"] for batch in batches]
             verdicts = await db.verdicts(kafka_source, ids) if kafka_source else None
-        return with_delivery(with_confirmations(batches, slots), verdicts)
+            problems = (await db.server_settings()).problems()
+        return with_delivery(with_confirmations(batches, slots), verdicts), list(problems.values())
 
-    batches = _run_async(main)
+    batches, problems = _run_async(main)
     if output == "json":
         click.echo(json.dumps(batches, default=json_default, indent=2))
+        for problem in problems:  # stdout stays the JSON document
+            click.echo(f"server: {problem}", err=True)
         return
     click.echo(status_table(batches))
+    for problem in problems:
+        click.echo(f"server: {problem}")
 
 
 @commands.command()

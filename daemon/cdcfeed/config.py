@@ -49,7 +49,23 @@ from cdcfeed.errors import UserError
 ENV_PREFIX = "CDCFEED_"
 DEFAULT_CONFIG_PATH = Path("/etc/cdcfeed/cdcfeed.toml")
 
-Identifier = Annotated[str, Field(min_length=1, max_length=63)]
+
+def _identifier(value: str) -> str:
+    # The server keeps the first 63 bytes of a name and drops the rest, so a longer one (or
+    # a shorter one in multi-byte characters) would name another object than configured.
+    # Quotes and any other characters are fine: every identifier is quoted where it is used.
+    if not value:
+        raise ValueError("a name cannot be empty")
+    if "\x00" in value:
+        raise ValueError("a name cannot contain a NUL character")
+    if len(value.encode()) > 63:
+        raise ValueError(
+            f"{len(value.encode())} bytes is too long: PostgreSQL keeps 63 bytes of a name"
+        )
+    return value
+
+
+Identifier = Annotated[str, AfterValidator(_identifier)]
 
 
 class _Section(BaseModel):

@@ -42,16 +42,31 @@ MAX_HEAD_BYTES = 16 * 1024
 # At the bound, a connection idle this long makes room for a new one. Long enough for a
 # connection of a burst to send its request, short enough that nobody waits long.
 EVICT_SECONDS = 1.0  # request line and headers; a longer head is refused
+# Batches the server refused in a row (a privilege revoked, say) before /readyz says not
+# ready: one refusal among completed batches is that batch's trouble, not the daemon's.
+REFUSALS_NOT_READY = 3
 
 
 @dataclass
 class Readiness:
     database_up: bool = False
     scheduler_running: bool = False
+    refused_in_a_row: int = 0
+
+    @property
+    def refusing(self) -> bool:
+        """Every recent batch was refused: the daemon runs, but loads nothing."""
+        return self.refused_in_a_row >= REFUSALS_NOT_READY
 
     @property
     def ready(self) -> bool:
-        return self.database_up and self.scheduler_running
+        return self.database_up and self.scheduler_running and not self.refusing
+
+    def batch_refused(self) -> None:
+        self.refused_in_a_row += 1
+
+    def batch_completed(self) -> None:
+        self.refused_in_a_row = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +278,8 @@ class Endpoint:
                 return _Response("200 OK", b"ready\n")
             body = (
                 f"not ready: database_up={state.database_up} "
-                f"scheduler_running={state.scheduler_running}\n"
+                f"scheduler_running={state.scheduler_running} "
+                f"batches_refused={state.refusing}\n"
             )
             return _Response("503 Service Unavailable", body.encode())
         if path == "/metrics":

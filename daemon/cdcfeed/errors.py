@@ -48,6 +48,26 @@ class DatabaseBusy(DatabaseRefused):
     Worth another try later."""
 
 
+class PrivilegeRefused(DatabaseRefused):
+    """Refused for want of a privilege (SQLSTATE 42501). When the boundary could tell, the
+    message names each missing privilege, its object and the GRANT that fixes it."""
+
+    def __init__(
+        self,
+        description: str,
+        sqlstate: str = "42501",
+        detail: str = "",
+        *,
+        grants: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(description, sqlstate, detail)
+        self.grants = grants
+
+
+class SchemaMissing(DatabaseRefused):
+    """The ledger's tables (or some of them) do not exist in the database: `init-db` first."""
+
+
 class SlotBusy(DatabaseRefused):
     """A replication slot (or another object) is in use by another session."""
 

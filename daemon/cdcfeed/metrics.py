@@ -106,6 +106,13 @@ class Metrics:
         self.database_up = Gauge(
             "cdcfeed_database_up", "1 when the source database answers.", registry=registry
         )
+        self.server_setting_ok = Gauge(
+            "cdcfeed_server_setting_ok",
+            "1 when the server setting (wal_level, max_replication_slots, max_wal_senders) "
+            "lets a CDC consumer in, 0 when it keeps one out; read at start and reconnection.",
+            ["setting"],
+            registry=registry,
+        )
         self.build = Info("cdcfeed_build", "cdcfeed build.", registry=registry)
         self.build.info({"version": __version__})
 

@@ -5,12 +5,13 @@ from cdcfeed.app import run_daemon
 from cdcfeed.config import Settings, load_settings
 from cdcfeed.database import Names, names_of
 from cdcfeed.database.schema import init_schema
-from cdcfeed.embedded import PostgresCluster, free_port, wheel_bin_dir
+from cdcfeed.embedded import LOGICAL_SETTINGS, PostgresCluster, free_port, wheel_bin_dir
 from cdcfeed.endpoint import Endpoint
 from cdcfeed.lsn import lsn_to_int
 from cdcfeed.proof.slot import pgoutput
 
 __all__ = [
+    "LOGICAL_SETTINGS",
     "Endpoint",
     "Names",
     "PostgresCluster",

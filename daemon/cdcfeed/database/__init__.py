@@ -12,15 +12,18 @@ from cdcfeed.database.kafka_store import KafkaSession
 from cdcfeed.database.ledger import Allocation, Settled, Settlement
 from cdcfeed.database.names import Names, names_of, quote_ident
 from cdcfeed.database.schema import ensure_database
+from cdcfeed.database.server import CHECKED_SETTINGS, ServerSettings
 from cdcfeed.database.slots import SlotSnapshot, SlotState
 from cdcfeed.database.verify_store import VerifySession
 
 __all__ = [
+    "CHECKED_SETTINGS",
     "Allocation",
     "BatchSession",
     "Database",
     "KafkaSession",
     "Names",
+    "ServerSettings",
     "Settled",
     "Settlement",
     "SlotSnapshot",

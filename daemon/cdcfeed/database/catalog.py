@@ -14,6 +14,33 @@ from cdcfeed.database.names import INSTANCES_TABLE, ORDER_IDS_TABLE, Names, quot
 # The embedded server's bootstrap (run before any cdcfeed schema exists).
 DATABASE_EXISTS = "SELECT 1 FROM pg_database WHERE datname = $1"
 
+# Start-up checks (privileges.py), run before any DDL and before the first batch. Catalog
+# reads need no privileges: which of the schema's relations exist, and which privileges the
+# role lacks (the names are rendered by `privileges.py`: schemas raw, relations quoted).
+EXISTING_RELATIONS = """
+    SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = $1 AND c.relname = ANY($2::text[])
+"""
+LACKING_PRIVILEGES = """
+    SELECT i::int FROM unnest($1::text[], $2::text[], $3::text[])
+        WITH ORDINALITY AS t(kind, name, privilege, i)
+    WHERE NOT CASE kind
+        WHEN 'SCHEMA' THEN has_schema_privilege(name, privilege)
+        WHEN 'SEQUENCE' THEN has_sequence_privilege(name, privilege)
+        ELSE has_table_privilege(name, privilege)
+    END
+    ORDER BY i
+"""
+CURRENT_ROLE = "SELECT current_user::text"
+# What logical decoding needs of the server, and what of it is taken (server_settings.py).
+SERVER_SETTINGS = """
+    SELECT current_setting('wal_level'),
+           current_setting('max_replication_slots')::int,
+           current_setting('max_wal_senders')::int,
+           (SELECT count(*) FROM pg_replication_slots)::int,
+           (SELECT count(*) FROM pg_stat_replication)::int
+"""
+
 
 def create_database(name: str) -> str:
     return f"CREATE DATABASE {quote_ident(name)}"
@@ -37,7 +64,7 @@ class Statements:
         order_ids = names.table(ORDER_IDS_TABLE)
         instances = names.table(INSTANCES_TABLE)
         sequence = names.regclass_batch_sequence
-        in_progress_index = quote_ident(f"{names.batches}_in_progress_idx")
+        in_progress_index = names.batches_index("in_progress")
 
         self.schema_ddl = f"""
             CREATE SCHEMA IF NOT EXISTS {schema};

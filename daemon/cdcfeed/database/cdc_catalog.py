@@ -25,8 +25,8 @@ class CdcStatements:
         progress = names.table(PROGRESS_TABLE)
         pending = names.table(PENDING_TABLE)
         results = names.table(RESULTS_TABLE)
-        end_lsn_index = quote_ident(f"{names.batches}_end_lsn_idx")
-        start_lsn_index = quote_ident(f"{names.batches}_start_lsn_idx")
+        end_lsn_index = names.batches_index("end_lsn")
+        start_lsn_index = names.batches_index("start_lsn")
         self.orders_relation = names.orders_relation
         self.qualified_orders = names.table(names.orders)
         self.qualified_batches = batches

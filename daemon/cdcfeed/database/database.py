@@ -20,12 +20,22 @@ import asyncpg
 from cdcfeed.config import DatabaseSettings
 from cdcfeed.database.catalog import Statements, statements
 from cdcfeed.database.connect import close_pool, create_pool
-from cdcfeed.database.errors import raise_translated, translated
+from cdcfeed.database.errors import describe_error, raise_translated, translated
 from cdcfeed.database.ledger import Allocation, Connection, Ledger, Settled, Settlement
 from cdcfeed.database.names import ORDER_COLUMNS, Names
+from cdcfeed.database.privileges import (
+    Purpose,
+    check_privileges,
+    current_role,
+    grant_statements,
+    missing_relations,
+    needs_of,
+    schema_relations,
+)
 from cdcfeed.database.schema import ensure_publication, init_schema
+from cdcfeed.database.server import ServerSettings, read_server_settings
 from cdcfeed.database.slots import SlotSnapshot, read_slots
-from cdcfeed.errors import BatchAborted, CdcfeedError
+from cdcfeed.errors import BatchAborted, CdcfeedError, PrivilegeRefused, SchemaMissing
 
 T = TypeVar("T")
 
@@ -56,7 +66,19 @@ class Database:
     @translated
     async def _run(self, operation: Callable[[Ledger], Awaitable[T]]) -> T:
         async with self._pool.acquire() as conn:
-            return await operation(Ledger(conn, self._q))
+            try:
+                return await operation(Ledger(conn, self._q))
+            except asyncpg.InsufficientPrivilegeError as exc:
+                raise await self._explained(conn, exc) from exc
+
+    async def _explained(self, conn: Connection, exc: BaseException) -> BaseException:
+        """A privilege refusal naming what the loading role lacks and the GRANT, when the
+        catalog tells (a revoke mid-run, say); the server's own words otherwise."""
+        try:
+            explained = await check_privileges(conn, self.names, "load", describe_error(exc))
+        except Exception:
+            explained = None
+        return explained or PrivilegeRefused(describe_error(exc))
 
     # --- the batch protocol ------------------------------------------------------------------
 
@@ -125,9 +147,60 @@ class Database:
         await self._pool.expire_connections()
 
     @translated
-    async def init_schema(self) -> None:
+    async def prepare(self, purpose: Purpose, *, create: bool) -> bool:
+        """Checks, before anything else, that the schema is current and that the role holds
+        what `purpose` needs; creates or upgrades the schema first when it is not current
+        and `create` says so (a current one gets no DDL). True when DDL ran.
+
+        SchemaMissing or PrivilegeRefused, each naming what to run, when the role cannot go on.
+        """
         async with self._pool.acquire() as conn:
-            await init_schema(conn, self.names)
+            absent = await missing_relations(conn, self.names)
+            created = False
+            lacks = (
+                "holds no cdcfeed ledger"
+                if len(absent) == len(schema_relations(self.names))
+                else f"lacks {', '.join(absent)}"
+            )
+            if absent and not create:
+                raise SchemaMissing(
+                    f"schema {self.names.schema} {lacks}: create it first with "
+                    "`cdcfeed init-db`, as a role that may create in the database",
+                    "42P01",
+                )
+            if absent:
+                try:
+                    created = await init_schema(conn, self.names)
+                except asyncpg.InsufficientPrivilegeError as exc:
+                    role = await current_role(conn)
+                    raise PrivilegeRefused(
+                        f"schema {self.names.schema} {lacks}, and role {role} may not create "
+                        f"cdcfeed's tables ({describe_error(exc)}): run `cdcfeed init-db` as the "
+                        f"schema's owner (or a role with CREATE on the database), then "
+                        f"`cdcfeed init-db --grant {role}`"
+                    ) from exc
+            refused = await check_privileges(conn, self.names, purpose)
+            if refused is not None:
+                raise refused
+            return created
+
+    async def init_schema(self) -> bool:
+        """Creates or upgrades the schema unless it is current; True when DDL ran."""
+        return await self.prepare("schema", create=True)
+
+    @translated
+    async def grant(self, role: str) -> list[str]:
+        """Grants `role` what loading needs, in one transaction; the statements run."""
+        grants = grant_statements(needs_of(self.names, "load"), role)
+        async with self._pool.acquire() as conn, conn.transaction():
+            for statement in grants:
+                await conn.execute(statement)
+        return grants
+
+    @translated
+    async def server_settings(self) -> ServerSettings:
+        async with self._pool.acquire() as conn:
+            return await read_server_settings(conn)
 
     @translated
     async def ensure_publication(self, publication: str) -> bool:

@@ -21,6 +21,7 @@ from cdcfeed.errors import (
     DatabaseSilent,
     DatabaseUnavailable,
     ObjectMissing,
+    PrivilegeRefused,
     SlotBusy,
 )
 
@@ -90,6 +91,8 @@ def translate(exc: BaseException) -> BaseException:
             refused = SlotBusy
         elif isinstance(exc, asyncpg.exceptions.UndefinedObjectError):  # 42704
             refused = ObjectMissing
+        elif isinstance(exc, asyncpg.exceptions.InsufficientPrivilegeError):  # 42501
+            refused = PrivilegeRefused
         return refused(describe_error(exc), exc.sqlstate, getattr(exc, "detail", None) or "")
     return exc
 

@@ -6,6 +6,7 @@ goes through `quote_ident` here; values are always parameters.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from cdcfeed.config import Settings
@@ -22,8 +23,29 @@ PENDING_TABLE = "cdcfeed_verify_pending"
 RESULTS_TABLE = "cdcfeed_verify_results"
 
 
+# PostgreSQL keeps the first 63 bytes of an identifier (NAMEDATALEN - 1) and drops the rest.
+MAX_IDENTIFIER_BYTES = 63
+
+
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def derived_name(base: str, suffix: str) -> str:
+    """`base` + `suffix`, as the server will keep it: within 63 bytes, deterministically.
+
+    A name that fits is exactly that, so databases made before long names were handled keep
+    their objects. One that does not keeps as much of `base` as fits (whole characters), then
+    `_` and 8 hex digits of a hash of the whole `base`, then `suffix`: two long table names
+    never share a derived name, and the server never cuts one back onto the table's own.
+    """
+    name = base + suffix
+    if len(name.encode()) <= MAX_IDENTIFIER_BYTES:
+        return name
+    tag = "_" + hashlib.sha256(base.encode()).hexdigest()[:8]
+    room = MAX_IDENTIFIER_BYTES - len(tag.encode()) - len(suffix.encode())
+    head = base.encode()[:room].decode(errors="ignore")  # never half a character
+    return head + tag + suffix
 
 
 @dataclass(frozen=True)
@@ -38,7 +60,14 @@ class Names:
 
     @property
     def batch_sequence(self) -> str:
-        return f"{self.batches}_batch_id_seq"
+        return derived_name(self.batches, "_batch_id_seq")
+
+    def batches_index(self, purpose: str) -> str:
+        """The quoted name of one of the ledger's indexes (`in_progress`, `end_lsn`, ...)."""
+        return quote_ident(self.batches_index_name(purpose))
+
+    def batches_index_name(self, purpose: str) -> str:
+        return derived_name(self.batches, f"_{purpose}_idx")
 
     @property
     def regclass_batch_sequence(self) -> str:

@@ -9,16 +9,24 @@ import asyncpg
 from cdcfeed.database.catalog import DATABASE_EXISTS, create_database, statements
 from cdcfeed.database.ledger import Connection
 from cdcfeed.database.names import SCHEMA_LOCK_KEY, Names
+from cdcfeed.database.privileges import missing_relations
 
 
-async def init_schema(conn: Connection, names: Names) -> None:
-    """Creates or upgrades the schema; idempotent and safe from several instances at once."""
+async def init_schema(conn: Connection, names: Names) -> bool:
+    """Creates or upgrades the schema; idempotent and safe from several instances at once.
+
+    A schema that is current is only looked at, so a role that may not create runs this as
+    well as the owner. Returns True when DDL ran.
+    """
+    if not await missing_relations(conn, names):
+        return False
     q = statements(names)
     async with conn.transaction():
         await conn.execute(q.lock_schema, SCHEMA_LOCK_KEY)
         await conn.execute(q.schema_ddl)
         await conn.execute(q.cdc.ledger_indexes_ddl)  # for the slot metrics
         await conn.execute(q.seed_order_ids, names.orders)
+    return True
 
 
 async def ensure_publication(conn: Connection, names: Names, publication: str) -> bool:

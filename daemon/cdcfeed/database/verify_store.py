@@ -18,7 +18,7 @@ from cdcfeed.config import DatabaseSettings
 from cdcfeed.database.catalog import statements
 from cdcfeed.database.connect import close_connection, connect
 from cdcfeed.database.errors import describe_error, raise_translated, translated
-from cdcfeed.database.names import SCHEMA_LOCK_KEY, Names
+from cdcfeed.database.names import SCHEMA_LOCK_KEY, Names, quote_ident
 from cdcfeed.database.schema import ensure_publication
 from cdcfeed.errors import CdcfeedError, UserError
 
@@ -144,8 +144,11 @@ class VerifySession:
         peeked, not consumed. Inside a `transaction()`: the cursor needs one."""
         try:
             await self._conn.execute(self._q.no_statement_timeout)
+            # pgoutput reads publication_names as a list of identifiers: unquoted, MyPub
+            # would be mypub, and a comma or a quote would split or break it.
+            names = quote_ident(publication)
             async for record in self._conn.cursor(
-                self._q.peek, slot, upto, limit, publication, prefetch=_PREFETCH
+                self._q.peek, slot, upto, limit, names, prefetch=_PREFETCH
             ):
                 yield record[0]
         except CdcfeedError:

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loguru import logger
 
 from cdcfeed.database import Allocation, Database, Settlement
-from cdcfeed.errors import DatabaseUnavailable, FeedError
+from cdcfeed.endpoint import Readiness
+from cdcfeed.errors import DatabaseRefused, DatabaseUnavailable, FeedError
 from cdcfeed.load.feed import FeedDirectory
 from cdcfeed.load.generate import batch_rng, render_orders
 from cdcfeed.load.ids import IdReservations
@@ -34,8 +35,11 @@ from cdcfeed.load.outcome import Action, Outcome, Reached, decide
 from cdcfeed.lsn import lsn_to_int
 from cdcfeed.metrics import Metrics
 from cdcfeed.retry import Backoff, retry
+from cdcfeed.throttle import Throttle
 
 SETTLE_BACKOFF = Backoff(initial=0.05, maximum=10.0)
+# Marking a refused batch FAILED, when even that is refused: until the grant returns.
+MARK_BACKOFF = Backoff(initial=0.5, maximum=5.0)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,10 @@ class BatchEnvironment:
     # Client-side bound on the COPY: statement_timeout is enforced by the server, so a hung
     # backend would never answer it. None when no statement timeout is configured.
     copy_timeout: float | None = None
+    # Batches refused in a row make the daemon not ready (see Readiness).
+    readiness: Readiness = field(default_factory=Readiness)
+    # Refusals hit every batch alike: one line per kind per interval.
+    throttle: Throttle = field(default_factory=Throttle)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +88,16 @@ async def run_batch(env: BatchEnvironment, sequence: int) -> None:
     except DatabaseUnavailable as exc:
         # Nothing was written: the run simply could not start.
         _skip_database_down(env, str(exc))
+        return
+    except DatabaseRefused as exc:
+        # No batch id to record it under: the run could not start, and says why.
+        env.readiness.batch_refused()
+        env.metrics.skipped.labels("database_refused").inc()
+        held_back = env.throttle.due(f"reserve:{exc.sqlstate}")
+        if held_back is not None:
+            logger.error(
+                f"batch run skipped: batch ids refused ({exc}){env.throttle.suffix(held_back)}"
+            )
         return
     batch_id = allocation.batch_id
     data = await render_orders(
@@ -161,6 +179,7 @@ async def _load(
         log.warning(f"batch {batch_id} was settled by another process before it was marked")
         return
     end_lsn, xid = marked
+    env.readiness.batch_completed()
     env.metrics.batches.labels("completed").inc()
     env.metrics.rows.inc(rows)
     env.metrics.batch_rows.observe(rows)
@@ -198,13 +217,54 @@ async def _conclude(
         await _settle_until_known(env, batch_id, rows, outcome.reason, deadline=False)
         return
     # The server refused a statement before the COPY committed: it rolled back whole.
+    env.readiness.batch_refused()
     try:
-        await env.database.fail_batch(batch_id, outcome.reason, elapsed)
+        await _mark_failed(env, batch_id, outcome.reason, elapsed)
     except DatabaseUnavailable:
         await _settle_until_known(env, batch_id, rows, outcome.reason, deadline=False)
         return
+    except DatabaseRefused as exc:
+        log.warning(
+            f"batch {batch_id} left IN_PROGRESS: its COPY rolled back, but marking it FAILED "
+            f"was refused until the stop ({exc}); this instance's next start, or another "
+            "instance once this one's lease lapses, marks it FAILED"
+        )
+        return
     env.metrics.batches.labels("failed").inc()
-    log.error(f"batch {batch_id} FAILED rows=0 error={outcome.reason}")
+    held_back = env.throttle.due(f"failed:{outcome.sqlstate}")
+    if held_back is not None:
+        log.error(
+            f"batch {batch_id} FAILED rows=0 error={outcome.reason}{env.throttle.suffix(held_back)}"
+        )
+
+
+async def _mark_failed(
+    env: BatchEnvironment, batch_id: int, reason: str, elapsed: float | None
+) -> None:
+    """Marks a refused batch FAILED; while that is refused too (a privilege revoked from
+    the ledger), retries with backoff until the grant returns or the daemon stops.
+
+    The batch keeps its concurrency slot meanwhile: new batches would only be refused the
+    same way, so the scheduler counts the runs it cannot start as busy instead.
+    """
+
+    def held(attempt: int, exc: BaseException, pause: float) -> None:
+        env.readiness.batch_refused()  # each refused attempt counts: nothing else can run
+        held_back = env.throttle.due("mark-refused")
+        if held_back is not None:
+            logger.bind(batch_id=batch_id).error(
+                f"batch {batch_id}: marking it FAILED was refused ({exc}); retrying until "
+                f"the grant returns{env.throttle.suffix(held_back)}"
+            )
+
+    await retry(
+        lambda: env.database.fail_batch(batch_id, reason, elapsed),
+        what=f"marking batch {batch_id} FAILED",
+        backoff=MARK_BACKOFF,
+        stop=env.stopping,
+        retry_on=(DatabaseRefused,),
+        log=held,
+    )
 
 
 async def _record_unstarted_failure(
@@ -216,6 +276,9 @@ async def _record_unstarted_failure(
         await env.database.record_unstarted_failure(allocation, env.instance, rows, error)
     except DatabaseUnavailable:
         env.on_database_down.set()
+    except DatabaseRefused as exc:
+        # Nothing of it was loaded and its ids are never used again: only the row is missing.
+        error = f"{error}; its ledger row was refused ({exc})"
     env.metrics.batches.labels("failed").inc()
     logger.bind(batch_id=batch_id).error(f"batch {batch_id} FAILED rows=0 error={error}")
 
@@ -242,7 +305,8 @@ async def _settle_until_known(
     async def attempt() -> Settlement:
         try:
             settlement = await env.database.settle(batch_id, reason)
-        except DatabaseUnavailable:
+        except (DatabaseUnavailable, DatabaseRefused):
+            # Refused: settling reads the batch row FOR UPDATE, which a revoke can forbid.
             if not deadline and env.stopping.is_set():
                 raise _GiveUp from None
             raise
@@ -256,10 +320,10 @@ async def _settle_until_known(
             what=f"settling batch {batch_id}",
             backoff=SETTLE_BACKOFF,
             deadline=time.monotonic() + env.settle_seconds if deadline else None,
-            retry_on=(DatabaseUnavailable, _StillRunning),
+            retry_on=(DatabaseUnavailable, DatabaseRefused, _StillRunning),
             log=lambda attempt, exc, pause: None,  # the batch's own lines say enough
         )
-    except (DatabaseUnavailable, _StillRunning, _GiveUp):
+    except (DatabaseUnavailable, DatabaseRefused, _StillRunning, _GiveUp):
         log.warning(f"batch {batch_id} left IN_PROGRESS for reconciliation ({reason})")
         return
     if settlement.status == "NOT_STARTED":

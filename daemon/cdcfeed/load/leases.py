@@ -26,8 +26,9 @@ from loguru import logger
 from cdcfeed.config import DaemonSettings
 from cdcfeed.database import Database, Settled
 from cdcfeed.database.ledger import INTERRUPTED, SETTLE_SLICE
-from cdcfeed.errors import DatabaseBusy, DatabaseUnavailable
+from cdcfeed.errors import DatabaseBusy, DatabaseRefused, DatabaseUnavailable
 from cdcfeed.retry import Backoff, retry
+from cdcfeed.throttle import Throttle
 
 
 def _log(batch: Settled, instance: str) -> None:
@@ -104,16 +105,20 @@ class InstanceLease:
         """The supervised heartbeat: renew, then reconcile, every interval, until cancelled.
 
         An unreachable database only pauses it (the lease may lapse meanwhile, which is
-        safe: see the module docstring); a statement timeout or a serialization hiccup is
-        retried next beat; any other error ends it, and so the daemon.
+        safe: see the module docstring); a refusal (a statement timeout, a serialization
+        hiccup, a privilege revoked) is retried next beat, logged once per interval; any
+        other error ends it, and so the daemon.
         """
         every_beat = Backoff(self.heartbeat_interval, self.heartbeat_interval, jitter=False)
         unreachable = False
+        throttle = Throttle()
 
         def log(attempt: int, exc: BaseException, pause: float) -> None:
             nonlocal unreachable
-            if not isinstance(exc, DatabaseUnavailable):
-                logger.warning(f"lease heartbeat: {exc}; retrying")
+            if isinstance(exc, DatabaseRefused):
+                held_back = throttle.due(exc.sqlstate)
+                if held_back is not None:
+                    logger.warning(f"lease heartbeat: {exc}; retrying{throttle.suffix(held_back)}")
                 return
             if not unreachable:
                 logger.warning(f"lease not renewed: database unavailable ({exc})")
@@ -125,7 +130,7 @@ class InstanceLease:
                 self._beat,
                 what="lease heartbeat",
                 backoff=every_beat,
-                retry_on=(DatabaseUnavailable, DatabaseBusy),
+                retry_on=(DatabaseUnavailable, DatabaseRefused),
                 log=log,
             )
             if unreachable:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cdcfeed.errors import BatchAborted, DatabaseRefused, DatabaseSilent, DatabaseUnavailable
 
@@ -45,6 +45,8 @@ class Outcome:
     database_down: bool = False
     # Settle within the shutdown's deadline; the batch is cancelled, not failed.
     shutdown: bool = False
+    # A refusal's SQLSTATE, for throttling its log lines by kind (not part of the decision).
+    sqlstate: str = field(default="", compare=False)
 
 
 def decide(reached: Reached, error: BaseException, copy_timeout: float | None) -> Outcome | None:
@@ -68,5 +70,5 @@ def decide(reached: Reached, error: BaseException, copy_timeout: float | None) -
     if isinstance(error, DatabaseRefused):
         if reached is Reached.COMMIT:
             return Outcome(Action.SETTLE, str(error))  # only the mark was refused
-        return Outcome(Action.FAIL, str(error))
+        return Outcome(Action.FAIL, str(error), sqlstate=error.sqlstate)
     return None

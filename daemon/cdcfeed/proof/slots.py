@@ -19,8 +19,10 @@ from prometheus_client import Gauge
 from prometheus_client.metrics import MetricWrapperBase
 
 from cdcfeed.database import Database, SlotSnapshot, SlotState
+from cdcfeed.errors import DatabaseRefused, DatabaseUnavailable
 from cdcfeed.metrics import Metrics
 from cdcfeed.retry import Backoff, first_failure, retry
+from cdcfeed.throttle import Throttle
 
 
 @dataclass
@@ -127,7 +129,23 @@ async def watch_slots(
     """The daemon's slot monitor: a poll per interval, forever; rides out database outages."""
     monitor = SlotMonitor(watched, metrics)
     backoff = Backoff(initial=poll_interval, maximum=max(poll_interval, 10.0))
-    log = first_failure(lambda exc: f"slot monitor: database unreachable ({exc})")
+    unreachable = first_failure(lambda exc: f"slot monitor: database unreachable ({exc})")
+    throttle = Throttle()
+
+    def log(attempt: int, exc: BaseException, pause: float) -> None:
+        if not isinstance(exc, DatabaseRefused):
+            unreachable(attempt, exc, pause)
+            return
+        held_back = throttle.due(exc.sqlstate)  # a privilege revoked, say: retried
+        if held_back is not None:
+            logger.warning(f"slot monitor: {exc}; retrying{throttle.suffix(held_back)}")
+
     while True:
-        await retry(lambda: monitor.poll(database), what="slot monitor", backoff=backoff, log=log)
+        await retry(
+            lambda: monitor.poll(database),
+            what="slot monitor",
+            backoff=backoff,
+            retry_on=(DatabaseUnavailable, DatabaseRefused),
+            log=log,
+        )
         await asyncio.sleep(poll_interval)

@@ -1,0 +1,144 @@
+"""What a role needs of the schema, checked before it is needed and granted by `init-db --grant`.
+
+One list per purpose (`load`: the daemon's batches, leases and reconciliation; `status`:
+reading the ledger), from which both the check and the GRANT statements are made, so the two
+cannot drift apart. The check reads the catalog only, which needs no privileges, and runs
+before the first batch: a role that lacks something is told which privilege on which object,
+and the GRANT that fixes it, before anything of a batch is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from cdcfeed.database.catalog import CURRENT_ROLE, EXISTING_RELATIONS, LACKING_PRIVILEGES
+from cdcfeed.database.ledger import Connection
+from cdcfeed.database.names import INSTANCES_TABLE, ORDER_IDS_TABLE, Names, quote_ident
+from cdcfeed.errors import PrivilegeRefused
+
+Purpose = Literal["load", "status", "schema"]
+
+
+@dataclass(frozen=True)
+class Need:
+    kind: Literal["SCHEMA", "TABLE", "SEQUENCE"]
+    name: str  # a relation's quoted, qualified name; a schema's own name (as has_* takes it)
+    shown: str  # as a user reads it: schema.name
+    privileges: tuple[str, ...]
+
+    @property
+    def granted_on(self) -> str:
+        """The object as GRANT names it."""
+        return f"{self.kind} {quote_ident(self.name) if self.kind == 'SCHEMA' else self.name}"
+
+
+def _relation(names: Names, kind: Literal["TABLE", "SEQUENCE"], name: str, *privs: str) -> Need:
+    return Need(kind, names.table(name), f"{names.schema}.{name}", privs)
+
+
+def needs_of(names: Names, purpose: Purpose) -> tuple[Need, ...]:
+    """What a role doing `purpose` needs; `schema` (init-db itself) needs nothing more."""
+    schema = Need("SCHEMA", names.schema, names.schema, ("USAGE",))
+    if purpose == "status":
+        return (schema, _relation(names, "TABLE", names.batches, "SELECT"))
+    if purpose == "schema":
+        return ()
+    return (
+        schema,
+        # Batch rows: opened, claimed, completed or failed; settled rows are read FOR UPDATE.
+        _relation(names, "TABLE", names.batches, "SELECT", "INSERT", "UPDATE"),
+        # Leases: registered and renewed (an upsert), released (an UPDATE); never deleted.
+        _relation(names, "TABLE", INSTANCES_TABLE, "SELECT", "INSERT", "UPDATE"),
+        # Order-id blocks are taken by an UPDATE ... RETURNING.
+        _relation(names, "TABLE", ORDER_IDS_TABLE, "SELECT", "UPDATE"),
+        # The COPY; settling reads an order-id block back.
+        _relation(names, "TABLE", names.orders, "SELECT", "INSERT"),
+        # Batch ids: nextval.
+        _relation(names, "SEQUENCE", names.batch_sequence, "USAGE"),
+    )
+
+
+def grant_statements(needs: tuple[Need, ...], role: str) -> list[str]:
+    return [
+        f"GRANT {', '.join(need.privileges)} ON {need.granted_on} TO {quote_ident(role)}"
+        for need in needs
+    ]
+
+
+def schema_relations(names: Names) -> list[str]:
+    """Every relation `init_schema` makes (tables, the sequence, the ledger's indexes)."""
+    return [
+        names.orders,
+        names.batches,
+        ORDER_IDS_TABLE,
+        INSTANCES_TABLE,
+        names.batch_sequence,
+        *(names.batches_index_name(purpose) for purpose in ("in_progress", "end_lsn", "start_lsn")),
+    ]
+
+
+async def missing_relations(conn: Connection, names: Names) -> list[str]:
+    """The schema's relations that do not exist (yet): empty when the schema is current."""
+    expected = schema_relations(names)
+    existing = {row[0] for row in await conn.fetch(EXISTING_RELATIONS, names.schema, expected)}
+    return [name for name in expected if name not in existing]
+
+
+async def current_role(conn: Connection) -> str:
+    return str(await conn.fetchval(CURRENT_ROLE))
+
+
+async def lacking(conn: Connection, needs: tuple[Need, ...]) -> list[tuple[Need, str]]:
+    """Each (object, privilege) of `needs` the connection's role does not hold.
+
+    Schemas first: without USAGE on its schema, the server will not even look a relation up
+    for the role, so that is all there is to say until it is granted.
+    """
+    schemas = tuple(need for need in needs if need.kind == "SCHEMA")
+    if schemas and len(schemas) < len(needs):
+        missing = await lacking(conn, schemas)
+        if missing:
+            return missing
+        needs = tuple(need for need in needs if need.kind != "SCHEMA")
+    pairs = [(need, privilege) for need in needs for privilege in need.privileges]
+    if not pairs:
+        return []
+    rows = await conn.fetch(
+        LACKING_PRIVILEGES,
+        [need.kind for need, _ in pairs],
+        [need.name for need, _ in pairs],
+        [privilege for _, privilege in pairs],
+    )
+    return [pairs[row[0] - 1] for row in rows]
+
+
+def refusal(role: str, missing: list[tuple[Need, str]], server: str = "") -> PrivilegeRefused:
+    """One line: what the role lacks, on what, and the GRANTs (run by the schema's owner)."""
+    by_object: dict[Need, list[str]] = {}
+    for need, privilege in missing:
+        by_object.setdefault(need, []).append(privilege)
+    what = "; ".join(
+        f"{', '.join(privileges)} on {need.kind.lower()} {need.shown}"
+        for need, privileges in by_object.items()
+    )
+    grants = tuple(
+        f"GRANT {', '.join(privileges)} ON {need.granted_on} TO {quote_ident(role)}"
+        for need, privileges in by_object.items()
+    )
+    said = f" ({server})" if server else ""
+    return PrivilegeRefused(
+        f"role {role} lacks {what}{said}; as the schema's owner, run "
+        f"`cdcfeed init-db --grant {role}` or: {'; '.join(grants)}",
+        grants=grants,
+    )
+
+
+async def check_privileges(
+    conn: Connection, names: Names, purpose: Purpose, server: str = ""
+) -> PrivilegeRefused | None:
+    """The refusal naming what the role lacks for `purpose`; None when it lacks nothing."""
+    missing = await lacking(conn, needs_of(names, purpose))
+    if not missing:
+        return None
+    return refusal(await current_role(conn), missing, server)
