@@ -99,15 +99,17 @@ class KafkaSession(VerifySession):
         await self._conn.execute(self._k.save_progress, source, scope, low_water, *counts)
 
     @translated
-    async def claim_pipeline(
-        self, source: str, topic_prefix: str, orders_topic: str
-    ) -> tuple[str, str]:
-        """The pipeline (topic prefix, orders topic) whose topics `source` verifies: the
-        stored one, else these, stored now."""
-        await self._conn.execute(self._k.claim, source, topic_prefix, orders_topic)
+    async def kafka_pipeline(self, source: str) -> tuple[str | None, str | None]:
+        """The pipeline (topic prefix, orders topic) whose topics `source` verifies; (None,
+        None) until a run claims it."""
         record = await self._conn.fetchrow(self._k.pipeline, source)
         assert record is not None, "create_kafka_state first"
         return record[0], record[1]
+
+    @translated
+    async def claim_pipeline(self, source: str, topic_prefix: str, orders_topic: str) -> None:
+        """Stores the pipeline `source` verifies, unless one is stored."""
+        await self._conn.execute(self._k.claim, source, topic_prefix, orders_topic)
 
     @translated
     async def save_digests(

@@ -86,6 +86,7 @@ class KafkaVerifier:
         positions = await self.state.resume()
         source = self.source
         await source.open()
+        await self.state.claim()
         decoder = source.decoder
         delivery = Delivery(
             decoder,

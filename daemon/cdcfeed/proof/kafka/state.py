@@ -60,7 +60,8 @@ class KafkaState:
         self.low_water: int | None = None
 
     async def prepare(self) -> None:
-        """Creates the state tables when missing and takes the group's verify lock."""
+        """Creates the state tables when missing, takes the group's verify lock and refuses
+        a group whose state belongs to another pipeline's topics."""
         if not await self.db.create_kafka_state(self.source):
             raise UserError(
                 "database.dsn",
@@ -73,16 +74,19 @@ class KafkaState:
                 f"another cdcfeed verify is reading with group {self.group}; give this one "
                 "its own --group",
             )
-        prefix, orders = await self.db.claim_pipeline(
-            self.source, self.topic_prefix, self.orders_topic
-        )
-        if (prefix, orders) != (self.topic_prefix, self.orders_topic):
+        prefix, orders = await self.db.kafka_pipeline(self.source)
+        if prefix is not None and (prefix, orders) != (self.topic_prefix, self.orders_topic):
             raise KafkaGroupTaken(
                 "kafka.group",
                 f"group {self.group} verifies the topics of prefix {prefix} ({orders}), not "
                 f"{self.topic_prefix} ({self.orders_topic}): its verdicts and read positions "
                 "belong to that pipeline; give this one a group of its own (--group NEW-NAME)",
             )
+
+    async def claim(self) -> None:
+        """Once its topics are found: the group verifies this pipeline from now on (a run
+        with a mistyped prefix, finding no topics, claims nothing)."""
+        await self.db.claim_pipeline(self.source, self.topic_prefix, self.orders_topic)
 
     async def resume(self) -> list[Position]:
         """The stored read positions; loads the scope and the low-water mark."""
