@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from decimal import Decimal
 
 import pytest
 
 from cdcfeed.proof.events import LedgerBatch
 from cdcfeed.proof.kafka.debezium import DebeziumDecoder
 from cdcfeed.proof.kafka.delivery import Candidate, Delivery, JudgedBatch
+from cdcfeed.proof.kafka.digest import Digest, Digests, fingerprint
 
 ORDERS = "cdcfeed.public.orders"
 TX = "cdcfeed.transaction"
@@ -220,3 +222,117 @@ async def test_snapshot_reads_are_counted_apart() -> None:
     await feed(d, 0, [order(1, 1, 501, 90, op="r"), order(2, 1, 501, 90, op="r")])
     j = d.judge([candidate(B1)], NOW, ORDERS)
     assert (j.snapshot_events, j.verdicts, d.scope) == (2, [], 90)
+
+
+# --- redeliveries after the verdict: the digest of what was delivered ---------------------
+
+
+def test_a_digest_keeps_each_ids_first_delivery_and_survives_its_bytes() -> None:
+    firsts = {
+        7: (501, 150, fingerprint(1, Decimal("1.00"))),
+        5: (501, 150, 11),
+        6: (501, 160, 12),
+        9: (502, 160, 13),  # a gap before it, another transaction
+    }
+    digest = Digest.of(firsts)
+    assert (list(digest.lows), list(digest.highs)) == ([5, 9], [7, 9])
+    # txId and LSN along the ids: (501, 150), (501, 160), (501, 150), (502, 160).
+    assert (list(digest.run_starts), list(digest.run_lsns)) == ([0, 1, 2, 3], [150, 160, 150, 160])
+    stored = Digest.from_bytes(digest.to_bytes())
+    for d in (digest, stored):
+        assert [d.get(i) for i in (4, 5, 6, 7, 8, 9, 10)] == [
+            None, (501, 150, 11), (501, 160, 12), firsts[7], None, (502, 160, 13), None,
+        ]  # fmt: skip
+    with pytest.raises(ValueError):
+        Digest.from_bytes(b"nope" + digest.to_bytes()[4:])
+
+
+def test_fingerprints_are_of_values_and_the_same_in_every_process() -> None:
+    assert fingerprint(7, Decimal("1.00")) == fingerprint(7, Decimal("1.0"))
+    assert fingerprint(7, Decimal("1.00")) != fingerprint(8, Decimal("1.00"))
+    assert fingerprint(7, Decimal("1.00")) != fingerprint(7, Decimal("1.01"))
+    # Stored with verdicts: Python's numeric hash is defined by the language, not per process.
+    assert fingerprint(7, Decimal("12.34")) == 3_087_092_427
+    assert fingerprint(None, None) == fingerprint(None, None) < 2**32
+
+
+def test_digests_are_kept_for_the_latest_rows_judged() -> None:
+    def rows(n: int) -> Digest:
+        return Digest.of({i: (1, 1, 0) for i in range(n)})
+
+    kept = Digests(limit=10)
+    for batch_id, n in enumerate([4, 4, 4, 4]):
+        kept.add(batch_id, rows(n))
+    # The latest batches covering the last 10 rows: 1 (partly), 2 and 3.
+    assert [kept.get(b) is not None for b in range(4)] == [False, True, True, True]
+    kept.add(9, rows(50))  # the latest, whatever its size
+    assert len(kept) == 1 and kept.rows == 50
+
+
+async def _judged_whole(d: Delivery) -> None:
+    """Batch 2 (ids 5, 6; xid 502; LSNs 350, 360) delivered whole and judged."""
+    await feed(d, 0, [order(5, 2, 502, 350), order(6, 2, 502, 360)])
+    j = d.judge([candidate(B2)], NOW, ORDERS)
+    assert [(v.batch_id, v.reason) for v in j.verdicts] == [(2, None)]
+    ((batch_id, digest),) = j.digests
+    assert batch_id == 2 and digest.get(6) == (502, 360, fingerprint(7, Decimal("1.00")))
+
+
+async def test_after_the_verdict_an_identical_copy_is_a_duplicate_a_differing_one_not() -> None:
+    d = delivery()
+    await _judged_whole(d)
+    await feed(d, 0, [order(5, 2, 502, 350)], first=2)
+    j = d.judge([], NOW, ORDERS)
+    assert (j.duplicates, j.amendments) == (1, [])
+    # Other values, another LSN (still inside the bracket), another txId: each a violation.
+    await feed(
+        d, 0,
+        [order(5, 2, 502, 350, amount="9.99"), order(6, 2, 502, 350), order(5, 2, 777, 350)],
+        first=3,
+    )  # fmt: skip
+    j = d.judge([], NOW, ORDERS)
+    (amendment,) = j.amendments
+    assert j.duplicates == 0 and amendment.batch_id == 2
+    reason = amendment.reason
+    after = "delivered twice, differently, after the batch's verdict"
+    assert f"order 5 {after}: with other values" in reason
+    assert f"order 6 {after}: first at LSN 0/168, again at 0/15E" in reason
+    assert "first in xid 502, again in xid 777" in reason
+
+
+async def test_a_restarted_verifier_tells_copies_apart_by_the_stored_digest() -> None:
+    first = delivery()
+    await _judged_whole(first)
+    stored = first.redeliveries.digests.get(2)
+    assert stored is not None
+    stored_bytes = stored.to_bytes()
+
+    async def lookup(ids: set[int]) -> dict[int, JudgedBatch]:
+        return {2: JudgedBatch(B2, 2, Digest.from_bytes(stored_bytes))} if 2 in ids else {}
+
+    d = delivery()
+    d.resume([(ORDERS, 0, 2, 360)], scope=350)
+    await feed(
+        d, 0, [order(6, 2, 502, 360), order(5, 2, 502, 350, amount="9.99")],
+        first=2, lookup=lookup,
+    )  # fmt: skip
+    j = d.judge([], NOW, ORDERS)
+    assert j.duplicates == 1
+    (amendment,) = j.amendments
+    assert "order 5 delivered twice, differently" in amendment.reason
+
+
+async def test_past_the_digests_kept_a_copy_is_judged_by_the_ledger_alone() -> None:
+    d = Delivery(DebeziumDecoder(), transactions=False, due_after=300, digest_rows=2)
+    d.orders_partitions = {0}
+    await _judged_whole(d)
+    b3 = batch(3, 2, 7, 400, 500, 503)
+    await feed(d, 0, [order(7, 3, 503, 450), order(8, 3, 503, 450)], first=2)
+    d.judge([candidate(b3)], NOW, ORDERS)
+    assert d.redeliveries.digests.get(2) is None  # batch 3's rows filled the two kept
+    # Other values, same id, txId and bracket: counted, as the ledger cannot tell.
+    await feed(d, 0, [order(5, 2, 502, 350, amount="9.99"), order(5, 2, 502, 450)], first=4)
+    j = d.judge([], NOW, ORDERS)
+    assert j.duplicates == 1
+    (amendment,) = j.amendments  # the LSN outside batch 2's bracket still shows
+    assert amendment.batch_id == 2 and "after it was verified" in amendment.reason

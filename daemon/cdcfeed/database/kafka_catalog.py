@@ -1,15 +1,18 @@
 """The SQL of `verify --kafka`'s state: verdicts in verify's results table under the source
-name `kafka:<group>`, and two tables of its own for how far the topics were read.
+name `kafka:<group>`, and three tables of its own: how far the topics were read (and which
+pipeline's topics the group reads), and the digests of the latest judged batches (what their
+rows were, to tell an identical redelivery from one that differs).
 
 Identifiers are quoted in `names.py`; values are always parameters.
 """
 
 from __future__ import annotations
 
-from cdcfeed.database.names import RESULTS_TABLE, Names
+from cdcfeed.database.names import RESULTS_TABLE, Names, quote_ident
 
 KAFKA_PROGRESS_TABLE = "cdcfeed_verify_kafka"
 KAFKA_POSITIONS_TABLE = "cdcfeed_verify_kafka_positions"
+KAFKA_DIGESTS_TABLE = "cdcfeed_verify_kafka_digests"
 
 # How long an INSERT of a ledger row may stay uncommitted after reading its start_lsn: the
 # low-water mark stays this far behind, so a batch that commits late is never passed over.
@@ -22,6 +25,7 @@ class KafkaStatements:
         results = names.table(RESULTS_TABLE)
         progress = names.table(KAFKA_PROGRESS_TABLE)
         positions = names.table(KAFKA_POSITIONS_TABLE)
+        digests = names.table(KAFKA_DIGESTS_TABLE)
 
         self.ddl = f"""
             -- One row per Kafka verifier (source 'kafka:<group>'). scope_lsn: the lowest
@@ -36,6 +40,10 @@ class KafkaStatements:
                 tombstones      bigint      NOT NULL DEFAULT 0,
                 updated_at      timestamptz NOT NULL DEFAULT now()
             );
+            -- The pipeline whose topics the group verifies (claimed by its first run).
+            ALTER TABLE {progress}
+                ADD COLUMN IF NOT EXISTS topic_prefix text,
+                ADD COLUMN IF NOT EXISTS orders_topic text;
             -- Per partition read: every record before `position` is accounted for by the
             -- stored verdicts (or belongs to a batch not judged yet, whose rows are read
             -- again after a restart); high_lsn: the highest source.lsn it delivered.
@@ -47,7 +55,33 @@ class KafkaStatements:
                 high_lsn  pg_lsn,
                 PRIMARY KEY (source, topic, partition)
             );
+            -- Per judged batch that delivered rows: its digest (proof/kafka/digest.py).
+            -- upto: how many rows this source digested, this batch's included; the digests
+            -- whose upto lies more than the retention below the latest are deleted.
+            CREATE TABLE IF NOT EXISTS {digests} (
+                source   text   NOT NULL,
+                batch_id bigint NOT NULL,
+                upto     bigint NOT NULL,
+                digest   bytea  NOT NULL,
+                PRIMARY KEY (source, batch_id)
+            );
+            CREATE INDEX IF NOT EXISTS {quote_ident(KAFKA_DIGESTS_TABLE + "_upto_idx")}
+                ON {digests} (source, upto);
         """
+        self.pipeline = f"""
+            SELECT topic_prefix, orders_topic FROM {progress} WHERE source = $1
+        """
+        self.claim = f"""
+            UPDATE {progress} SET topic_prefix = $2, orders_topic = $3
+            WHERE source = $1 AND topic_prefix IS NULL
+        """
+        self.digested = f"SELECT coalesce(max(upto), 0) FROM {digests} WHERE source = $1"
+        self.save_digest = f"""
+            INSERT INTO {digests} (source, batch_id, upto, digest) VALUES ($1, $2, $3, $4)
+            ON CONFLICT (source, batch_id)
+            DO UPDATE SET upto = EXCLUDED.upto, digest = EXCLUDED.digest
+        """
+        self.prune_digests = f"DELETE FROM {digests} WHERE source = $1 AND upto <= $2"
         self.start = f"""
             INSERT INTO {progress} (source) VALUES ($1) ON CONFLICT (source) DO NOTHING
         """
@@ -77,11 +111,13 @@ class KafkaStatements:
             b.batch_id, b.status, b.row_count, b.first_order_id, b.start_lsn, b.end_lsn,
             b.xid::text AS xid, extract(epoch FROM b.completed_at)::float8 AS completed_at
         """
-        # Which of these batch ids were judged before, with their ledger rows.
+        # Which of these batch ids were judged before, with their ledger rows and digests.
         self.judged_among = f"""
             SELECT r.batch_id, r.rows, b.status, b.row_count, b.first_order_id, b.start_lsn,
-                   b.end_lsn, b.xid::text AS xid
-            FROM {results} r LEFT JOIN {batches} b ON b.batch_id = r.batch_id
+                   b.end_lsn, b.xid::text AS xid, d.digest
+            FROM {results} r
+            LEFT JOIN {batches} b ON b.batch_id = r.batch_id
+            LEFT JOIN {digests} d ON d.source = r.slot AND d.batch_id = r.batch_id
             WHERE r.slot = $1 AND r.kind = 'batch' AND r.batch_id = ANY($2::bigint[])
         """
         self.ledger_rows = f"""

@@ -97,3 +97,30 @@ class KafkaSession(VerifySession):
         if rows:
             await self._conn.executemany(self._k.save_position, rows)
         await self._conn.execute(self._k.save_progress, source, scope, low_water, *counts)
+
+    @translated
+    async def kafka_pipeline(self, source: str) -> tuple[str | None, str | None]:
+        """The pipeline (topic prefix, orders topic) whose topics `source` verifies; (None,
+        None) until a run claims it."""
+        record = await self._conn.fetchrow(self._k.pipeline, source)
+        assert record is not None, "create_kafka_state first"
+        return record[0], record[1]
+
+    @translated
+    async def claim_pipeline(self, source: str, topic_prefix: str, orders_topic: str) -> None:
+        """Stores the pipeline `source` verifies, unless one is stored."""
+        await self._conn.execute(self._k.claim, source, topic_prefix, orders_topic)
+
+    @translated
+    async def save_digests(
+        self, source: str, digests: Sequence[tuple[int, int, bytes]], keep_rows: int
+    ) -> None:
+        """Digests of judged batches, (batch_id, rows, digest), in the caller's transaction;
+        then forgets the oldest: those of batches before the latest `keep_rows` rows."""
+        upto: int = await self._conn.fetchval(self._k.digested, source)
+        rows = []
+        for batch_id, count, digest in digests:
+            upto += count
+            rows.append((source, batch_id, upto, digest))
+        await self._conn.executemany(self._k.save_digest, rows)
+        await self._conn.execute(self._k.prune_digests, source, upto - keep_rows)

@@ -220,6 +220,11 @@ class Fold:
         self._pending = []
         self._part = None
 
+    def firsts(self, batch_id: int) -> dict[int, tuple[int, int, int]]:
+        """Per order id of a batch not yet taken: (xid, lsn, fingerprint) of its first
+        delivery; empty unless its events carry fingerprints."""
+        return self._first.get(batch_id, {})
+
     def take(self, batch_id: int) -> list[Observation]:
         """The observations of one batch, one per transaction, forgetting it; [] if none."""
         parts = self._batches.pop(batch_id, None)

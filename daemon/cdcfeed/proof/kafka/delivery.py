@@ -30,9 +30,12 @@ account for. A record below it was read by an earlier run: it is folded again on
 batch is still unjudged (its rows were not stored); counters and stream events from it were
 stored already. A record at or above it is new.
 
-Redeliveries of judged batches. A new record of a batch judged before is a duplicate when it
-matches the ledger (the batch delivered all its rows, the id lies in its block, its txId and
-LSN are the batch's) and is counted; otherwise it amends the verdict as a violation.
+Redeliveries of judged batches (redelivery.py). A new record of a batch judged before is a
+duplicate when it is identical to the first delivery of its id (txId, LSN and values, kept in
+the batch's digest: digest.py) and is counted; a copy that differs amends the verdict as a
+violation. Once the batch's digest is no longer kept, a record is a duplicate when it matches
+the ledger (the batch delivered all its rows, the id lies in its block, its txId and LSN are
+the batch's); otherwise it amends the verdict as a violation.
 """
 
 from __future__ import annotations
@@ -42,19 +45,21 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Protocol
 
-from cdcfeed.proof.events import LedgerBatch, Observation, StreamEvent, TransactionEnd, Violation
+from cdcfeed.proof.events import LedgerBatch, StreamEvent, TransactionEnd, Violation
 from cdcfeed.proof.fold import Fold
-from cdcfeed.proof.judge import Verdict, judge_again, judge_seen, judge_unseen
+from cdcfeed.proof.judge import Verdict, judge_seen, judge_unseen
 from cdcfeed.proof.kafka.debezium import (
     DebeziumDecoder,
     OrderChange,
     TransactionEvent,
     Truncate,
 )
+from cdcfeed.proof.kafka.digest import DIGEST_ROWS, Digest, fingerprint
+from cdcfeed.proof.kafka.redelivery import XID_MASK, JudgedBatch, Redeliveries
 
-XID_MASK = 0xFFFF_FFFF
+__all__ = ["XID_MASK", "Candidate", "Delivery", "JudgedBatch", "Judgement", "Record"]
+
 _MAX_ENDS = 100_000  # END events kept for batches whose rows have not arrived (or never will)
-_MAX_JUDGED = 100_000  # judged batches remembered, to tell their redeliveries without a query
 
 TP = tuple[str, int]  # (topic, partition)
 Lookup = Callable[[set[int]], Awaitable[dict[int, "JudgedBatch"]]]
@@ -79,14 +84,6 @@ class Candidate:
     completed_at: float | None
 
 
-@dataclass(frozen=True, slots=True)
-class JudgedBatch:
-    """A batch judged before: its ledger row (None: the ledger lacks it), rows delivered."""
-
-    batch: LedgerBatch | None
-    rows: int
-
-
 @dataclass
 class Judgement:
     """What one judging step decided, and the counts to store with it."""
@@ -102,12 +99,21 @@ class Judgement:
     duplicates: int = 0
     snapshot_events: int = 0
     tombstones: int = 0
+    # The digests of the batches judged now that delivered rows: stored with their verdicts.
+    digests: list[tuple[int, Digest]] = field(default_factory=list)
 
 
 class Delivery:
     """One verifier's view of the topics of one pipeline."""
 
-    def __init__(self, decoder: DebeziumDecoder, *, transactions: bool, due_after: float) -> None:
+    def __init__(
+        self,
+        decoder: DebeziumDecoder,
+        *,
+        transactions: bool,
+        due_after: float,
+        digest_rows: int = DIGEST_ROWS,
+    ) -> None:
         self.decoder = decoder
         self.transactions = transactions  # the transaction topic is read
         self.due_after = due_after
@@ -118,12 +124,12 @@ class Delivery:
         self.high_lsn: dict[int, int] = {}  # per orders partition, the highest source.lsn
         self.scope: int | None = None
         self.held: set[int] = set()  # batches with rows in the fold
-        self.judged: dict[int, JudgedBatch] = {}
+        self.redeliveries = Redeliveries(digest_rows)
+        self.judged = self.redeliveries.judged  # batch -> JudgedBatch, for membership tests
         self._firsts: dict[TP, dict[int, int]] = {}  # per partition: held batch -> 1st offset
         self._ends: dict[int, tuple[TransactionEnd, TP, int]] = {}  # xid -> END, where
         self._ledger_xid: dict[int, int] = {}  # held batch -> its ledger xid (32 bits)
         self._latest: dict[int, tuple[float, float]] = {}  # batch -> (record ts, arrival)
-        self._late: dict[int, list[tuple[int, int, int]]] = {}  # judged -> (id, xid, lsn)
         self._counts = Judgement()  # counters since the last judgement
 
     def resume(
@@ -186,7 +192,7 @@ class Delivery:
             and change.batch_id not in judged
         }
         if new:
-            judged.update(await lookup(new))
+            self.redeliveries.learn(await lookup(new))
         fold, counts = self.fold, self._counts
         seen = self.seen.get(tp, -1)
         firsts = self._firsts.setdefault(tp, {})
@@ -195,6 +201,7 @@ class Delivery:
         run: int | None = None
         run_judged = False
         run_ts = 0
+        again = self.redeliveries.again
         for offset, ts, change in decoded:
             if change is None:
                 if offset >= seen:
@@ -229,16 +236,16 @@ class Delivery:
                     firsts[batch_id] = offset
                     held.add(batch_id)
             run_ts = ts
+            values = fingerprint(change.customer_id, change.amount)
             if run_judged:
                 if offset >= seen:
-                    self._again(batch_id, change.order_id, xid, lsn)
+                    again(batch_id, change.order_id, xid, lsn, values)
                 continue
-            fingerprint = hash((change.customer_id, change.amount))
             if offset >= seen:
-                fold.insert(change.order_id, batch_id, xid, lsn, fingerprint)
+                fold.insert(change.order_id, batch_id, xid, lsn, values)
             else:  # read before: its stream events were stored then
                 events = len(fold.events)
-                fold.insert(change.order_id, batch_id, xid, lsn, fingerprint)
+                fold.insert(change.order_id, batch_id, xid, lsn, values)
                 del fold.events[events:]
         if run is not None and not run_judged:
             self._arrived(run, run_ts, arrival)
@@ -250,23 +257,6 @@ class Delivery:
         latest = self._latest.get(batch_id)
         if latest is None or ts > latest[0]:
             self._latest[batch_id] = (ts, arrival)
-
-    def _again(self, batch_id: int, order_id: int, xid: int, lsn: int) -> None:
-        judged = self.judged[batch_id]
-        batch = judged.batch
-        if (
-            batch is not None
-            and batch.status == "COMPLETED"
-            and judged.rows >= batch.row_count
-            and batch.first_order_id <= order_id < batch.first_order_id + batch.row_count
-            and (batch.xid is None or xid == batch.xid & XID_MASK)
-            and batch.start_lsn is not None
-            and batch.end_lsn is not None
-            and batch.start_lsn < lsn <= batch.end_lsn
-        ):
-            self._counts.duplicates += 1
-        else:
-            self._late.setdefault(batch_id, []).append((order_id, xid, lsn))
 
     def _transactions(self, tp: TP, records: Sequence[Record]) -> None:
         decode = self.decoder.decode_transaction
@@ -335,12 +325,11 @@ class Delivery:
                 )
             verdict = judge_unseen(batch_id, batch.status, batch.row_count, batch.end_lsn, hint)
             done.verdicts.append(verdict)
-            self.judged[batch_id] = JudgedBatch(batch, 0)
-        self._judge_late(done)
+            self.redeliveries.remember(batch_id, JudgedBatch(batch, 0))
+        duplicates, amendments = self.redeliveries.take()
+        done.duplicates += duplicates
+        done.amendments += amendments
         done.events, self.fold.events = self.fold.events, []
-        if len(self.judged) > 2 * _MAX_JUDGED:  # the oldest are looked up again if redelivered
-            for batch_id in list(islice(self.judged, len(self.judged) - _MAX_JUDGED)):
-                del self.judged[batch_id]
         return done
 
     def _whole(self, batch: LedgerBatch) -> bool:
@@ -358,6 +347,8 @@ class Delivery:
             end = self._ends.pop(batch.xid & XID_MASK, None)
             if end is not None:
                 self.fold.end(end[0])
+        delivered = self.fold.firsts(batch_id)
+        digest = Digest.of(delivered) if delivered else None
         seen = self.fold.take(batch_id)
         self.held.discard(batch_id)
         self._ledger_xid.pop(batch_id, None)
@@ -369,22 +360,13 @@ class Delivery:
         verdict = judge_seen(batch_id, batch, seen)
         done.verdicts.append(verdict)
         done.duplicates += sum(o.duplicates for o in seen)
-        self.judged[batch_id] = JudgedBatch(batch, verdict.rows)
+        self.redeliveries.remember(batch_id, JudgedBatch(batch, verdict.rows, digest))
+        if digest is not None:
+            done.digests.append((batch_id, digest))
         if latest is not None and completed_at is not None:
             done.latencies.append(
                 (max(0.0, latest[0] - completed_at), max(0.0, latest[1] - completed_at))
             )
-
-    def _judge_late(self, done: Judgement) -> None:
-        for batch_id, rows in self._late.items():
-            by_xid: dict[int, list[tuple[int, int]]] = {}
-            for order_id, xid, lsn in rows:
-                by_xid.setdefault(xid, []).append((order_id, lsn))
-            seen = [_observation(batch_id, xid, got) for xid, got in by_xid.items()]
-            amendment = judge_again(batch_id, self.judged[batch_id].batch, seen)
-            if amendment is not None:
-                done.amendments.append(amendment)
-        self._late = {}
 
     def commit_offsets(self) -> dict[TP, int]:
         """Per partition, where a restart must read from: the first record of a batch not
@@ -417,9 +399,3 @@ def _end(event: TransactionEvent, orders: str, ledger: str) -> TransactionEnd:
         declared_orders=event.event_counts.get(orders, 0),
         declared_ledger=event.event_counts.get(ledger),
     )
-
-
-def _observation(batch_id: int, xid: int, rows: list[tuple[int, int]]) -> Observation:
-    ids = sorted({order_id for order_id, _ in rows})
-    lsns = [lsn for _, lsn in rows]
-    return Observation(batch_id, min(lsns), max(lsns), xid, len(ids), ids[0], ids[-1], sum(ids))

@@ -23,7 +23,7 @@ from cdcfeed.database import KafkaSession, Names
 from cdcfeed.errors import DatabaseUnavailable
 from cdcfeed.metrics import Metrics
 from cdcfeed.proof.events import Violation
-from cdcfeed.proof.kafka.consumer import KafkaSource, KafkaUnavailable
+from cdcfeed.proof.kafka.consumer import KafkaSource, KafkaUnavailable, decoder_for
 from cdcfeed.proof.kafka.delivery import Delivery, Judgement
 from cdcfeed.proof.kafka.report import KafkaReport, KafkaTally
 from cdcfeed.proof.kafka.state import KafkaState
@@ -58,7 +58,9 @@ class KafkaVerifier:
     ) -> None:
         self.db = db
         self.kafka = kafka
-        self.state = KafkaState(db, kafka.group, kafka.topic_prefix)
+        self.state = KafkaState(
+            db, kafka.group, kafka.topic_prefix, decoder_for(kafka, names).orders_topic
+        )
         self.source = KafkaSource(kafka, names)
         # Any: the source-labelled families; typed where metrics.py defines them.
         self.metrics: Any = metrics
@@ -84,6 +86,7 @@ class KafkaVerifier:
         positions = await self.state.resume()
         source = self.source
         await source.open()
+        await self.state.claim()
         decoder = source.decoder
         delivery = Delivery(
             decoder,
@@ -182,7 +185,10 @@ class KafkaVerifier:
         found = [v.violation for v in judged.verdicts if v.violation is not None]
         found += judged.amendments
         found += [Violation(e.batch_id, e.reason) for e in judged.events]
-        run.batches += len(judged.verdicts)
+        # Batches of the ledger only, as the stored totals count them ("batches_verified":
+        # status IS NOT NULL): a batch id the ledger lacks is no batch verified but a
+        # violation, counted as one (and its rows, like the totals', in "rows").
+        run.batches += sum(1 for v in judged.verdicts if v.status is not None)
         run.rows += sum(v.rows for v in judged.verdicts)
         run.duplicates += judged.duplicates
         run.violations += len(found)

@@ -3,9 +3,13 @@
 Kept in the ledger's schema under the source name `kafka:<group>`: verdicts in verify's
 results table (one per batch, and the violations no batch owns), and per partition the read
 position and highest LSN those verdicts account for, with the scope, the low-water mark and
-the counters. A judging step stores all of it in one transaction; only then does the runner
-commit the consumer's offsets, so a run stopped anywhere resumes with nothing judged twice and
-nothing skipped.
+the counters, and the digests of the latest judged batches (digest.py). A judging step stores
+all of it in one transaction; only then does the runner commit the consumer's offsets, so a
+run stopped anywhere resumes with nothing judged twice and nothing skipped.
+
+A group's state belongs to one pipeline: its first run stores the topic prefix and the orders
+topic it reads, and a run of the same group over other topics is refused (its verdicts, read
+positions and low-water mark would pass that pipeline's batches over as judged).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from cdcfeed.database import KafkaSession
 from cdcfeed.errors import UserError
 from cdcfeed.proof.events import LedgerBatch, Violation
 from cdcfeed.proof.kafka.delivery import Candidate, JudgedBatch, Judgement
+from cdcfeed.proof.kafka.digest import DIGEST_ROWS, Digest
 from cdcfeed.proof.kafka.report import KafkaReport, KafkaTally
 from cdcfeed.proof.slot.state import REPORT_VIOLATIONS
 
@@ -27,22 +32,36 @@ class KafkaBusy(UserError):
     """Another verifier holds this group's state."""
 
 
+class KafkaGroupTaken(UserError):
+    """The group's state belongs to another pipeline's topics."""
+
+
 def source_name(group: str) -> str:
     """The name a Kafka verifier's verdicts are kept under: one proof per consumer group."""
     return f"kafka:{group}"
 
 
 class KafkaState:
-    def __init__(self, db: KafkaSession, group: str, topic_prefix: str) -> None:
+    def __init__(
+        self,
+        db: KafkaSession,
+        group: str,
+        topic_prefix: str,
+        orders_topic: str,
+        digest_rows: int = DIGEST_ROWS,
+    ) -> None:
         self.db = db
         self.group = group
         self.topic_prefix = topic_prefix
+        self.orders_topic = orders_topic
+        self.digest_rows = digest_rows
         self.source = source_name(group)
         self.scope: int | None = None
         self.low_water: int | None = None
 
     async def prepare(self) -> None:
-        """Creates the state tables when missing and takes the group's verify lock."""
+        """Creates the state tables when missing, takes the group's verify lock and refuses
+        a group whose state belongs to another pipeline's topics."""
         if not await self.db.create_kafka_state(self.source):
             raise UserError(
                 "database.dsn",
@@ -55,6 +74,19 @@ class KafkaState:
                 f"another cdcfeed verify is reading with group {self.group}; give this one "
                 "its own --group",
             )
+        prefix, orders = await self.db.kafka_pipeline(self.source)
+        if prefix is not None and (prefix, orders) != (self.topic_prefix, self.orders_topic):
+            raise KafkaGroupTaken(
+                "kafka.group",
+                f"group {self.group} verifies the topics of prefix {prefix} ({orders}), not "
+                f"{self.topic_prefix} ({self.orders_topic}): its verdicts and read positions "
+                "belong to that pipeline; give this one a group of its own (--group NEW-NAME)",
+            )
+
+    async def claim(self) -> None:
+        """Once its topics are found: the group verifies this pipeline from now on (a run
+        with a mistyped prefix, finding no topics, claims nothing)."""
+        await self.db.claim_pipeline(self.source, self.topic_prefix, self.orders_topic)
 
     async def resume(self) -> list[Position]:
         """The stored read positions; loads the scope and the low-water mark."""
@@ -65,7 +97,14 @@ class KafkaState:
     async def lookup(self, batch_ids: set[int]) -> dict[int, JudgedBatch]:
         """Which of these batches were judged before (by an earlier run)."""
         found = await self.db.judged_among(self.source, sorted(batch_ids))
-        return {r["batch_id"]: JudgedBatch(_ledger_batch(r), r["rows"]) for r in found}
+        return {
+            r["batch_id"]: JudgedBatch(
+                _ledger_batch(r),
+                r["rows"],
+                None if r["digest"] is None else Digest.from_bytes(r["digest"]),
+            )
+            for r in found
+        }
 
     async def candidates(self, held: Iterable[int], scope: int | None) -> list[Candidate]:
         """The ledger rows of the batches held in memory, and of the batches in scope that
@@ -102,6 +141,12 @@ class KafkaState:
             for event in judged.events:
                 await db.record_stream_violation(
                     self.source, event.batch_id, event.xid, event.commit_lsn, event.reason
+                )
+            if judged.digests:
+                await db.save_digests(
+                    self.source,
+                    [(b, len(digest), digest.to_bytes()) for b, digest in judged.digests],
+                    self.digest_rows,
                 )
             low_water = self.low_water
             since = _since(scope, low_water)
