@@ -160,6 +160,7 @@ def skipped(env: BatchEnvironment) -> float:
     [
         (Reached.NOTHING, LOST, Outcome(Action.SKIP, str(LOST), database_down=True)),
         (Reached.NOTHING, asyncio.CancelledError(), Outcome(Action.SKIP, "cut off by shutdown")),
+        (Reached.NOTHING, REFUSED, Outcome(Action.SKIP, str(REFUSED), refused=True)),
         (
             Reached.SERVER,
             asyncio.CancelledError(),
@@ -221,6 +222,18 @@ async def test_no_connection_to_be_had_skips_the_run(tmp_path: Path) -> None:
     await run_batch(env, 0)
     assert (skipped(env), failed(env), db.failed, db.settled) == (1, 0, [], [])
     assert env.on_database_down.is_set()
+
+
+async def test_a_connection_the_server_refuses_is_a_refused_run_not_a_failed_batch(
+    tmp_path: Path,
+) -> None:
+    # A login refused when the pool opens a connection (a rotated password, say): nothing of
+    # the batch was sent, so there is no row to mark FAILED.
+    db = FakeDatabase(fail_at="acquire", error=REFUSED)
+    env = environment(db, tmp_path)
+    await run_batch(env, 0)
+    assert (db.failed, db.settled, failed(env)) == ([], [], 0)
+    assert count(env, "cdcfeed_batches_skipped_total", reason="database_refused") == 1
 
 
 @pytest.mark.parametrize("step", ["open", "copy"])

@@ -91,13 +91,7 @@ async def run_batch(env: BatchEnvironment, sequence: int) -> None:
         return
     except DatabaseRefused as exc:
         # No batch id to record it under: the run could not start, and says why.
-        env.readiness.batch_refused()
-        env.metrics.skipped.labels("database_refused").inc()
-        held_back = env.throttle.due(f"reserve:{exc.sqlstate}")
-        if held_back is not None:
-            logger.error(
-                f"batch run skipped: batch ids refused ({exc}){env.throttle.suffix(held_back)}"
-            )
+        _skip_refused(env, "batch ids refused", str(exc), exc.sqlstate)
         return
     batch_id = allocation.batch_id
     data = await render_orders(
@@ -119,6 +113,15 @@ async def run_batch(env: BatchEnvironment, sequence: int) -> None:
         await _load(env, allocation, path, data, Timings(started, generated, written))
     finally:
         env.feed.release(path, len(data))
+
+
+def _skip_refused(env: BatchEnvironment, what: str, reason: str, sqlstate: str) -> None:
+    """A run the server refused before it started: counted, and logged once in a while."""
+    env.readiness.batch_refused()
+    env.metrics.skipped.labels("database_refused").inc()
+    held_back = env.throttle.due(f"{what}:{sqlstate}")
+    if held_back is not None:
+        logger.error(f"batch run skipped: {what} ({reason}){env.throttle.suffix(held_back)}")
 
 
 def _skip_database_down(env: BatchEnvironment, reason: str) -> None:
@@ -198,9 +201,11 @@ async def _conclude(
     """Carries out the outcome `decide` gave a batch whose load did not finish."""
     log = logger.bind(batch_id=batch_id)
     if outcome.action is Action.SKIP:
+        # Nothing was sent: the batch never started, and the ledger holds nothing of it.
         if outcome.database_down:
-            # No connection to be had: nothing was sent, the batch never started.
             _skip_database_down(env, outcome.reason)
+        elif outcome.refused:
+            _skip_refused(env, "connection refused", outcome.reason, outcome.sqlstate)
         return
     if outcome.action is Action.SETTLE:
         if outcome.shutdown:

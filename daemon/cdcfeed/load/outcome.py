@@ -45,6 +45,9 @@ class Outcome:
     database_down: bool = False
     # Settle within the shutdown's deadline; the batch is cancelled, not failed.
     shutdown: bool = False
+    # A skip because the server refused us before anything of the batch was sent (a login or
+    # a connection refused): counted as a refused run, not as a FAILED batch with no row.
+    refused: bool = False
     # A refusal's SQLSTATE, for throttling its log lines by kind (not part of the decision).
     sqlstate: str = field(default="", compare=False)
 
@@ -68,6 +71,8 @@ def decide(reached: Reached, error: BaseException, copy_timeout: float | None) -
             return Outcome(Action.SETTLE, reason, database_down=True)
         return Outcome(Action.SETTLE, f"database unavailable: {error}", database_down=True)
     if isinstance(error, DatabaseRefused):
+        if reached is Reached.NOTHING:
+            return Outcome(Action.SKIP, str(error), refused=True, sqlstate=error.sqlstate)
         if reached is Reached.COMMIT:
             return Outcome(Action.SETTLE, str(error))  # only the mark was refused
         return Outcome(Action.FAIL, str(error), sqlstate=error.sqlstate)
