@@ -7,8 +7,9 @@ which `judge` weighs against the ledger's `LedgerBatch`es.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 Table: TypeAlias = Literal["orders", "ledger"]
 
@@ -98,3 +99,19 @@ class LedgerBatch:
     start_lsn: int | None
     end_lsn: int | None
     xid: int | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> LedgerBatch | None:
+        """A ledger row as the verifiers' queries give it (xid8 as text); None when the row
+        is missing (a status of NULL from an outer join: a batch id the ledger lacks)."""
+        if row["status"] is None:
+            return None
+        return cls(
+            batch_id=row["batch_id"],
+            status=row["status"],
+            row_count=row["row_count"],
+            first_order_id=row["first_order_id"],
+            start_lsn=row["start_lsn"],
+            end_lsn=row["end_lsn"],
+            xid=int(row["xid"]) if row["xid"] is not None else None,
+        )

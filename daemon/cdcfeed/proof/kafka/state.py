@@ -15,7 +15,6 @@ positions and low-water mark would pass that pipeline's batches over as judged).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from cdcfeed.database import KafkaSession
 from cdcfeed.errors import UserError
@@ -99,7 +98,7 @@ class KafkaState:
         found = await self.db.judged_among(self.source, sorted(batch_ids))
         return {
             r["batch_id"]: JudgedBatch(
-                _ledger_batch(r),
+                LedgerBatch.from_row(r),
                 r["rows"],
                 None if r["digest"] is None else Digest.from_bytes(r["digest"]),
             )
@@ -117,7 +116,7 @@ class KafkaState:
         return [
             Candidate(batch, r["completed_at"])
             for r in rows.values()
-            if (batch := _ledger_batch(r)) is not None
+            if (batch := LedgerBatch.from_row(r)) is not None
         ]
 
     async def store(self, judged: Judgement, positions: list[Position], scope: int | None) -> None:
@@ -196,17 +195,3 @@ def _since(scope: int | None, low_water: int | None) -> int | None:
     if scope is None:
         return None
     return scope if low_water is None else max(scope, low_water)
-
-
-def _ledger_batch(record: dict[str, Any]) -> LedgerBatch | None:
-    if record["status"] is None:
-        return None
-    return LedgerBatch(
-        batch_id=record["batch_id"],
-        status=record["status"],
-        row_count=record["row_count"],
-        first_order_id=record["first_order_id"],
-        start_lsn=record["start_lsn"],
-        end_lsn=record["end_lsn"],
-        xid=int(record["xid"]) if record["xid"] is not None else None,
-    )

@@ -146,7 +146,7 @@ class VerifyState:
         self, record: dict[str, Any], observations: list[Observation], judged: Judged
     ) -> None:
         batch_id = record["batch_id"]
-        batch = _ledger_batch(record)
+        batch = LedgerBatch.from_row(record)
         if record["verdict_id"] is not None:
             amendment = judge_again(batch_id, batch, observations)
             if amendment is not None:
@@ -226,18 +226,4 @@ def _observation(record: dict[str, Any]) -> Observation:
         min_order_id=record["min_order_id"],
         max_order_id=record["max_order_id"],
         sum_order_id=int(record["sum_order_id"]),  # numeric: sums outgrow bigint
-    )
-
-
-def _ledger_batch(record: dict[str, Any]) -> LedgerBatch | None:
-    if record["status"] is None:
-        return None
-    return LedgerBatch(
-        batch_id=record["batch_id"],
-        status=record["status"],
-        row_count=record["row_count"],
-        first_order_id=record["first_order_id"],
-        start_lsn=record["start_lsn"],
-        end_lsn=record["end_lsn"],
-        xid=int(record["xid"]) if record["xid"] is not None else None,
     )
