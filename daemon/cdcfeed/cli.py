@@ -3,7 +3,6 @@ every error cdcfeed names (errors.py) into one line on stderr and exit code 2.""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -15,7 +14,7 @@ from loguru import logger
 
 from cdcfeed import __version__, logs
 from cdcfeed.app import check_server, refusals_are_mistakes, resolved_database, run_daemon
-from cdcfeed.cli_kafka import verify_kafka
+from cdcfeed.cli_verify import verify_kafka, verify_slot
 from cdcfeed.config import (
     DEFAULT_CONFIG_PATH,
     Settings,
@@ -24,13 +23,9 @@ from cdcfeed.config import (
 )
 from cdcfeed.database import Database, names_of, quote_ident
 from cdcfeed.dsn import dsn_password
-from cdcfeed.errors import CdcfeedError, DatabaseUnavailable, ObjectMissing, UserError
+from cdcfeed.errors import CdcfeedError, ObjectMissing, UserError
 from cdcfeed.memory import pin_mmap_threshold
-from cdcfeed.proof.events import Violation
 from cdcfeed.proof.kafka.state import source_name
-from cdcfeed.proof.slot.report import Report
-from cdcfeed.proof.slot.runner import open_verifier, run_passes
-from cdcfeed.proof.slot.stream import StreamError
 from cdcfeed.runtime import run_async as _run_async
 from cdcfeed.runtime import stop_on_signals as _stop_on_signals
 from cdcfeed.status_view import json_default, status_table, with_confirmations, with_delivery
@@ -334,50 +329,8 @@ def verify(
     )
     if kafka is not None:
         verify_kafka(settings, follow, output)
-        return
-    cdc = settings.cdc
-
-    async def main() -> Report:
-        async with resolved_database(settings, dict(os.environ)) as database:
-            opener = functools.partial(
-                open_verifier,
-                database,
-                names_of(settings),
-                cdc.verify_slot,
-                cdc.publication,
-                create_slot=create_slot,
-                on_violation=_log_violation,
-            )
-            verifier = await opener(patient=True)  # bounded retries, one-line errors
-            if not follow:
-                try:
-                    await verifier.run_pass()
-                    return await verifier.report()
-                finally:
-                    await verifier.close()
-            reopen = functools.partial(opener, run=verifier.run)
-            return await run_passes(verifier, reopen, cdc.poll_interval, _stop_on_signals())
-
-    try:
-        report = _run_async(main)
-    except StreamError as exc:
-        raise UserError("cdc.verify_slot", f"the slot's stream cannot be decoded: {exc}") from None
-    except DatabaseUnavailable as exc:
-        raise UserError(
-            "database.dsn",
-            f"lost the database while verifying ({exc}); run verify again: "
-            "it resumes where it stopped",
-        ) from None
-    if output == "json":
-        click.echo(json.dumps(report.as_dict(), indent=2))
     else:
-        click.echo(report.as_text())
-    if not report.holds:
-        raise click.exceptions.Exit(1)
-
-
-def _log_violation(violation: Violation) -> None:
-    logger.bind(batch_id=violation.batch_id).warning(f"violation: {violation.line()}")
+        verify_slot(settings, create_slot, follow, output)
 
 
 @commands.command("config")
