@@ -336,3 +336,54 @@ async def test_past_the_digests_kept_a_copy_is_judged_by_the_ledger_alone() -> N
     assert j.duplicates == 1
     (amendment,) = j.amendments  # the LSN outside batch 2's bracket still shows
     assert amendment.batch_id == 2 and "after it was verified" in amendment.reason
+
+
+# --- restarts: what the stored state proves before the re-read reaches it -----------------
+
+
+async def test_a_restart_judges_nothing_missing_before_its_re_read_reaches_it() -> None:
+    # Run 1: batch 1's rows, a whole batch 2, batch 3's rows, a later change; 1 and 3 are
+    # IN_PROGRESS at the step, so the commit holds at batch 1's first record (offset 0).
+    w_running = batch(1, 2, 1, 100, 0, 501, status="IN_PROGRESS")
+    x_running = batch(3, 2, 9, 500, 0, 503, status="IN_PROGRESS")
+    d = delivery()
+    await feed(d, 0, [order(1, 1, 501, 150), order(2, 1, 501, 150), order(5, 2, 502, 350),
+                      order(6, 2, 502, 350), order(9, 3, 503, 550), order(10, 3, 503, 550),
+                      order(90, 77, 577, 900)])  # fmt: skip
+    j = d.judge(
+        [candidate(w_running, None), candidate(B2), candidate(x_running, None)], NOW, ORDERS
+    )
+    assert sorted(v.batch_id for v in j.verdicts) == [2, 77]
+    commit, stored = d.commit_offsets(), d.positions()
+    assert commit == {(ORDERS, 0): 0}
+    assert stored == [(ORDERS, 0, 7, None)]  # nothing was read below the committed offset
+    # Run 2: the ledger settled 1 and 3 meanwhile; the first step comes after the re-read
+    # fetched two records only. Batch 3 is not due: nothing read yet proves it passed.
+    judged = {2: JudgedBatch(B2, 2), 77: JudgedBatch(None, 1)}
+
+    async def lookup(ids: set[int]) -> dict[int, JudgedBatch]:
+        return {i: judged[i] for i in ids if i in judged}
+
+    w, x = batch(1, 2, 1, 100, 200, 501), batch(3, 2, 9, 500, 600, 503)
+    e = delivery()
+    e.resume(stored, scope=150)
+    await feed(e, 0, [order(1, 1, 501, 150), order(2, 1, 501, 150)], lookup=lookup)
+    j = e.judge([candidate(w), candidate(x)], NOW, ORDERS, deadlines=False)
+    assert ([(v.batch_id, v.reason) for v in j.verdicts], j.pending) == ([(1, None)], 1)
+    rest = [order(5, 2, 502, 350), order(6, 2, 502, 350), order(9, 3, 503, 550),
+            order(10, 3, 503, 550), order(90, 77, 577, 900)]  # fmt: skip
+    await feed(e, 0, rest, first=2, lookup=lookup)
+    j = e.judge([candidate(x)], NOW, ORDERS, deadlines=False)
+    assert [(v.batch_id, v.reason) for v in j.verdicts] == [(3, None)]
+
+
+async def test_the_high_lsn_stored_is_the_one_below_the_committed_offset() -> None:
+    d = delivery()
+    b3 = batch(3, 2, 9, 500, 600, 503)
+    await feed(d, 0, [order(5, 2, 502, 350), order(6, 2, 502, 350), order(9, 3, 503, 550)])
+    d.judge([candidate(B2), candidate(b3)], NOW, ORDERS)  # 2 whole; 3 pending, held at 2
+    assert (d.commit_offsets(), d.moved_past) == ({(ORDERS, 0): 2}, 550)
+    assert d.positions() == [(ORDERS, 0, 3, 350)]  # read to 550, but 350 below offset 2
+    e = delivery()
+    e.resume(d.positions(), scope=350)
+    assert e.moved_past == 350

@@ -126,7 +126,9 @@ class Delivery:
         self.held: set[int] = set()  # batches with rows in the fold
         self.redeliveries = Redeliveries(digest_rows)
         self.judged = self.redeliveries.judged  # batch -> JudgedBatch, for membership tests
-        self._firsts: dict[TP, dict[int, int]] = {}  # per partition: held batch -> 1st offset
+        # Per partition: held batch -> (its first record's offset, the highest source.lsn
+        # of the records before it).
+        self._firsts: dict[TP, dict[int, tuple[int, int]]] = {}
         self._ends: dict[int, tuple[TransactionEnd, TP, int]] = {}  # xid -> END, where
         self._ledger_xid: dict[int, int] = {}  # held batch -> its ledger xid (32 bits)
         self._latest: dict[int, tuple[float, float]] = {}  # batch -> (record ts, arrival)
@@ -135,7 +137,8 @@ class Delivery:
     def resume(
         self, positions: Iterable[tuple[str, int, int, int | None]], scope: int | None
     ) -> None:
-        """What the stored state accounts for: (topic, partition, position, high LSN)."""
+        """What the stored state accounts for: (topic, partition, position, high LSN below
+        the offset committed with it: `positions()` says why that one)."""
         self.scope = scope
         for topic, partition, position, high in positions:
             self.seen[(topic, partition)] = position
@@ -208,6 +211,7 @@ class Delivery:
                     counts.tombstones += 1
                 continue
             lsn = change.lsn or 0
+            below = high
             if lsn > high:
                 high = lsn
             if low is None or lsn < low:
@@ -233,7 +237,7 @@ class Delivery:
                 run = batch_id
                 run_judged = batch_id in judged
                 if not run_judged and batch_id not in firsts:
-                    firsts[batch_id] = offset
+                    firsts[batch_id] = (offset, below)
                     held.add(batch_id)
             run_ts = ts
             values = fingerprint(change.customer_id, change.amount)
@@ -374,7 +378,7 @@ class Delivery:
         offsets = dict(self.position)
         for tp, firsts in self._firsts.items():
             if firsts and tp in offsets:
-                offsets[tp] = min(offsets[tp], min(firsts.values()))
+                offsets[tp] = min(offsets[tp], min(firsts.values())[0])
         for batch_id in self.held:
             xid = self._ledger_xid.get(batch_id)
             end = None if xid is None else self._ends.get(xid)
@@ -383,12 +387,32 @@ class Delivery:
         return offsets
 
     def positions(self) -> list[tuple[str, int, int, int | None]]:
-        """What to store: (topic, partition, read position, highest LSN for orders)."""
+        """What to store: (topic, partition, read position, for orders the highest LSN
+        *below the offset committed*: `commit_offsets()`, the first record of a held batch).
+
+        Why not the highest LSN read: a restart reads again from the committed offset, and
+        until that re-read reaches the rows of a batch unjudged at the stop, the batch is not
+        held; a high LSN read past those rows would prove it passed, and judge it missing for
+        good (its rows, re-read later, fall below `seen`). With the high LSN below the
+        committed offset C: every row of a batch unjudged at the store lies at C or later on
+        this partition (a batch with a row before C would be held with its first offset
+        below C); the consumer restarts at C or earlier (the offsets Kafka holds were
+        committed by this step or an earlier one, and they only grow); so a record at LSN h
+        below C carries no row of an unjudged batch, and any row of an unjudged batch ending
+        before h came before that record, hence before C: there is none. Every later record
+        is read again in offset order and folded (below `seen` when its batch is unjudged),
+        exactly as in a run that never stopped: `moved_past` proves what it proved there.
+        """
         orders = self.decoder.orders_topic
-        return [
-            (topic, partition, position, self.high_lsn.get(partition) if topic == orders else None)
-            for (topic, partition), position in sorted(self.position.items())
-        ]
+        stored = []
+        for (topic, partition), position in sorted(self.position.items()):
+            high = None
+            if topic == orders:
+                firsts = self._firsts.get((topic, partition))
+                below = min(firsts.values())[1] if firsts else self.high_lsn.get(partition, -1)
+                high = None if below < 0 else below
+            stored.append((topic, partition, position, high))
+        return stored
 
 
 def _end(event: TransactionEvent, orders: str, ledger: str) -> TransactionEnd:
