@@ -387,3 +387,31 @@ async def test_the_high_lsn_stored_is_the_one_below_the_committed_offset() -> No
     e = delivery()
     e.resume(d.positions(), scope=350)
     assert e.moved_past == 350
+
+
+async def test_the_end_of_an_unjudged_batch_read_before_its_rows_holds_the_commit() -> None:
+    # The END of batch 2's transaction (declaring 3 orders events, the ledger says 2) is read
+    # before any of its rows, after the END of a transaction that is no batch's.
+    b = batch(2, 2, 5, 300, 400, 502)
+    d = delivery(transactions=True)
+    await feed(d, 0, [end(999, orders=0), end(502, orders=3)], topic=TX)
+    await feed(d, 0, [order(1, 1, 501, 150)])  # a row of a batch the ledger lacks: the scope
+    assert d.judge([candidate(b)], NOW, ORDERS, complete=True).pending == 1
+    assert d.commit_offsets() == {(TX, 0): 1, (ORDERS, 0): 1}
+    # A restart reads the END again from the committed offset: the count is checked.
+    e = delivery(transactions=True)
+    e.resume(d.positions(), scope=150)
+    await feed(e, 0, [end(502, orders=3)], first=1, topic=TX)
+    await feed(e, 0, [order(5, 2, 502, 350), order(6, 2, 502, 350)], first=1)
+    (verdict,) = e.judge([candidate(b)], NOW, ORDERS, complete=True).verdicts
+    assert verdict.reason == "the transaction END declares 3 orders events, the ledger says 2"
+    assert e.commit_offsets() == {(TX, 0): 2, (ORDERS, 0): 3}  # judged: its END holds no more
+
+
+async def test_ends_no_unjudged_batch_owns_are_dropped_once_the_candidates_say_so() -> None:
+    d = delivery(transactions=True)
+    await feed(d, 0, [end(999, orders=0)], topic=TX)
+    d.judge([], NOW, ORDERS)  # the candidates may not be all: kept, and held
+    assert d.commit_offsets() == {(TX, 0): 0}
+    d.judge([], NOW, ORDERS, complete=True)
+    assert d.commit_offsets() == {(TX, 0): 1}

@@ -164,7 +164,11 @@ class KafkaVerifier:
         delivery = self.delivery
         candidates = await self.state.candidates(delivery.held, delivery.scope)
         judged = delivery.judge(
-            candidates, time.time(), self.source.decoder.orders_topic, self.caught_up()
+            candidates,
+            time.time(),
+            self.source.decoder.orders_topic,
+            self.caught_up(),
+            self.state.complete,
         )
         await self.state.store(judged, delivery.positions(), delivery.scope)
         await self.source.commit(delivery.commit_offsets())
