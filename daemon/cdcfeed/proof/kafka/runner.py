@@ -73,6 +73,7 @@ class KafkaVerifier:
         # Per partition: when its last records arrived (monotonic) and the broker timestamp
         # of the last one (ms): whether the verifier has caught up with it.
         self._last: dict[tuple[str, int], tuple[float, int]] = {}
+        self._reading: float | None = None  # when the first fetch returned (monotonic)
 
     @property
     def delivery(self) -> Delivery:
@@ -115,13 +116,27 @@ class KafkaVerifier:
         return count
 
     def caught_up(self) -> bool:
-        """Whether every partition is quiet or its last record is recent: what is missing
-        now is not in a backlog still to be read."""
+        """Whether what is missing now is not in a backlog still to be read: this verifier
+        has fetched, and every partition it reads has been read at least as far as the
+        stored state accounts for (below that, records are known to wait) and is quiet (for
+        `QUIET` seconds since its last records, or since the first fetch when none came) or
+        its last record is recent. Until then `due_after` proves nothing."""
+        if self._reading is None:
+            return False
         now, wall_ms = time.monotonic(), time.time() * 1000
-        return all(
-            now - arrived >= QUIET or timestamp >= wall_ms - BEHIND * 1000
-            for arrived, timestamp in self._last.values()
-        )
+        delivery, starts = self.delivery, self.source.starts
+        for topic, partitions in self.source.partitions.items():
+            for tp in ((topic, p) for p in partitions):
+                seen, position = delivery.seen.get(tp), delivery.position.get(tp, starts.get(tp))
+                if seen is not None and (position is None or position < seen):
+                    return False
+                last = self._last.get(tp)
+                if last is None:
+                    if now - self._reading < QUIET:
+                        return False
+                elif now - last[0] < QUIET and last[1] < wall_ms - BEHIND * 1000:
+                    return False
+        return True
 
     async def read_to_end(self, idle: float = IDLE, stop: asyncio.Event | None = None) -> int:
         """Reads until every partition caught up with now or was quiet for `idle` seconds,
@@ -135,6 +150,8 @@ class KafkaVerifier:
         while stop is None or not stop.is_set():
             got = await self.source.fetch(0.2)
             now = time.monotonic()
+            if self._reading is None:
+                self._reading = now
             for (topic, partition), records in got.items():
                 await self.delivery.feed(topic, partition, records, self.state.lookup, time.time())
                 count += len(records)
@@ -152,6 +169,8 @@ class KafkaVerifier:
     async def _fetch(self, timeout: float) -> int:
         got = await self.source.fetch(timeout)
         arrival, now = time.time(), time.monotonic()
+        if self._reading is None:
+            self._reading = now
         count = 0
         for (topic, partition), records in got.items():
             await self.delivery.feed(topic, partition, records, self.state.lookup, arrival)
