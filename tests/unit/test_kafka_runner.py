@@ -4,15 +4,21 @@ a one-shot run."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from loguru import logger
+
 from cdcfeed.config_kafka import KafkaSettings
 from cdcfeed.database import Names
+from cdcfeed.metrics import Metrics
 from cdcfeed.proof.kafka import runner
-from cdcfeed.proof.kafka.debezium import DebeziumDecoder
+from cdcfeed.proof.kafka.debezium import DebeziumDecoder, DebeziumFormatError
 from cdcfeed.proof.kafka.delivery import TP, Delivery, Record
+from cdcfeed.proof.kafka.state import KafkaBusy
+from cdcfeed.retry import Backoff
 from tests.unit.test_kafka_delivery import ORDERS, Rec, order
 
 NAMES = Names(schema="public", orders="orders", batches="batch_control")
@@ -83,3 +89,36 @@ async def test_a_partition_restarted_at_its_stored_position_is_caught_up_once_qu
     await unknown._fetch(0)
     unknown._reading = time.monotonic() - runner.QUIET
     assert not unknown.caught_up()  # its records up to the stored position are to come
+
+
+async def test_the_daemons_task_outlives_what_stops_a_one_shot_run(monkeypatch: Any) -> None:
+    busy = KafkaBusy("kafka.group", "another cdcfeed verify is reading with group g")
+    unreadable = DebeziumFormatError(ORDERS, "Avro bytes: not a Debezium JSON event")
+    failures: list[BaseException] = [busy, busy, busy, unreadable]
+    done = asyncio.Event()
+
+    async def open_kafka_verifier(*args: Any, **kwargs: Any) -> runner.KafkaVerifier:
+        if failures:
+            raise failures.pop(0)
+        done.set()
+        await asyncio.Event().wait()  # the verifier would run from here on
+        raise AssertionError
+
+    monkeypatch.setattr(runner, "open_kafka_verifier", open_kafka_verifier)
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="ERROR")
+    metrics = Metrics()
+    fast = Backoff(initial=0.001, maximum=0.001, jitter=False)
+    kafka = KafkaSettings(bootstrap=["kafka:9092"])
+    task = asyncio.create_task(runner.verify_kafka_continuously(Any, NAMES, kafka, metrics, fast))  # type: ignore[arg-type]
+    try:
+        await asyncio.wait_for(done.wait(), 5)
+        assert not task.done()  # the load daemon's supervisor would stop on a task that ended
+    finally:
+        task.cancel()
+        logger.remove(sink)
+    assert lines == [
+        f"verify --kafka stopped (the load goes on): {busy}; retrying every 0.001 s",
+        f"verify --kafka stopped (the load goes on): {unreadable}; retrying every 0.001 s",
+    ]
+    assert metrics.verified.labels("kafka", "violation")._value.get() == 2

@@ -20,10 +20,11 @@ from loguru import logger
 
 from cdcfeed.config import DatabaseSettings, KafkaSettings
 from cdcfeed.database import KafkaSession, Names
-from cdcfeed.errors import DatabaseUnavailable
+from cdcfeed.errors import DatabaseUnavailable, UserError
 from cdcfeed.metrics import Metrics
 from cdcfeed.proof.events import Violation
 from cdcfeed.proof.kafka.consumer import KafkaSource, KafkaUnavailable, decoder_for
+from cdcfeed.proof.kafka.debezium import DebeziumFormatError
 from cdcfeed.proof.kafka.delivery import Delivery, Judgement
 from cdcfeed.proof.kafka.report import KafkaReport, KafkaTally
 from cdcfeed.proof.kafka.state import KafkaState
@@ -37,6 +38,12 @@ _TOPICS_EVERY = 10.0  # seconds between looks for new topics or partitions
 SOURCE = "kafka"  # the metrics' source label
 
 RETRY_ON = (DatabaseUnavailable, KafkaUnavailable)
+# What ends a one-shot run with exit code 2 (another verifier holds the group, a record of
+# unknown shape, the group is another pipeline's, ...): the daemon's task retries it instead,
+# slowly, so that a verification problem never stops the load.
+PROBLEMS = (UserError, DebeziumFormatError)
+PROBLEM_BACKOFF = Backoff(initial=5.0, maximum=60.0)
+REPEAT = 300.0  # seconds between two error lines of a problem that persists
 
 
 class TopicsChanged(KafkaUnavailable):
@@ -341,10 +348,20 @@ async def follow_kafka(
 
 
 async def verify_kafka_continuously(
-    database: DatabaseSettings, names: Names, kafka: KafkaSettings, metrics: Metrics
+    database: DatabaseSettings,
+    names: Names,
+    kafka: KafkaSettings,
+    metrics: Metrics,
+    backoff: Backoff = PROBLEM_BACKOFF,
 ) -> None:
     """The daemon's Kafka verifier: a step per second until cancelled. Violations are
-    logged as they are found and counted in cdcfeed_verified_batches_total{source="kafka"}."""
+    logged as they are found and counted in cdcfeed_verified_batches_total{source="kafka"}.
+
+    Never ends on its own: outages are ridden out by `follow_kafka`; a problem that would end
+    a one-shot run (`PROBLEMS`) is logged as one error line, again every `REPEAT` seconds
+    while it persists, each counted as a violation of source kafka (so that the alert on
+    them fires while Kafka goes unverified), and the verifier is reopened with `backoff`.
+    """
 
     def report(violation: Violation) -> None:
         logger.bind(batch_id=violation.batch_id).error(
@@ -356,4 +373,19 @@ async def verify_kafka_continuously(
             database, names, kafka, metrics=metrics, on_violation=report
         )
 
-    await follow_kafka(None, reopen)
+    logged: tuple[str, float] | None = None  # the last problem logged, and when
+
+    def problem(attempt: int, exc: BaseException, pause: float) -> None:
+        nonlocal logged
+        now = time.monotonic()
+        if logged is not None and logged[0] == str(exc) and now - logged[1] < REPEAT:
+            return
+        logged = (str(exc), now)
+        every = f"{backoff.maximum:g} s"
+        logger.error(f"verify --kafka stopped (the load goes on): {exc}; retrying every {every}")
+        metrics.verified.labels(SOURCE, "violation").inc()
+
+    async def follow() -> KafkaReport:
+        return await follow_kafka(None, reopen)
+
+    await retry(follow, what="verify --kafka", backoff=backoff, retry_on=PROBLEMS, log=problem)
