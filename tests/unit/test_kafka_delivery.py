@@ -336,3 +336,82 @@ async def test_past_the_digests_kept_a_copy_is_judged_by_the_ledger_alone() -> N
     assert j.duplicates == 1
     (amendment,) = j.amendments  # the LSN outside batch 2's bracket still shows
     assert amendment.batch_id == 2 and "after it was verified" in amendment.reason
+
+
+# --- restarts: what the stored state proves before the re-read reaches it -----------------
+
+
+async def test_a_restart_judges_nothing_missing_before_its_re_read_reaches_it() -> None:
+    # Run 1: batch 1's rows, a whole batch 2, batch 3's rows, a later change; 1 and 3 are
+    # IN_PROGRESS at the step, so the commit holds at batch 1's first record (offset 0).
+    w_running = batch(1, 2, 1, 100, 0, 501, status="IN_PROGRESS")
+    x_running = batch(3, 2, 9, 500, 0, 503, status="IN_PROGRESS")
+    d = delivery()
+    await feed(d, 0, [order(1, 1, 501, 150), order(2, 1, 501, 150), order(5, 2, 502, 350),
+                      order(6, 2, 502, 350), order(9, 3, 503, 550), order(10, 3, 503, 550),
+                      order(90, 77, 577, 900)])  # fmt: skip
+    j = d.judge(
+        [candidate(w_running, None), candidate(B2), candidate(x_running, None)], NOW, ORDERS
+    )
+    assert sorted(v.batch_id for v in j.verdicts) == [2, 77]
+    commit, stored = d.commit_offsets(), d.positions()
+    assert commit == {(ORDERS, 0): 0}
+    assert stored == [(ORDERS, 0, 7, None)]  # nothing was read below the committed offset
+    # Run 2: the ledger settled 1 and 3 meanwhile; the first step comes after the re-read
+    # fetched two records only. Batch 3 is not due: nothing read yet proves it passed.
+    judged = {2: JudgedBatch(B2, 2), 77: JudgedBatch(None, 1)}
+
+    async def lookup(ids: set[int]) -> dict[int, JudgedBatch]:
+        return {i: judged[i] for i in ids if i in judged}
+
+    w, x = batch(1, 2, 1, 100, 200, 501), batch(3, 2, 9, 500, 600, 503)
+    e = delivery()
+    e.resume(stored, scope=150)
+    await feed(e, 0, [order(1, 1, 501, 150), order(2, 1, 501, 150)], lookup=lookup)
+    j = e.judge([candidate(w), candidate(x)], NOW, ORDERS, deadlines=False)
+    assert ([(v.batch_id, v.reason) for v in j.verdicts], j.pending) == ([(1, None)], 1)
+    rest = [order(5, 2, 502, 350), order(6, 2, 502, 350), order(9, 3, 503, 550),
+            order(10, 3, 503, 550), order(90, 77, 577, 900)]  # fmt: skip
+    await feed(e, 0, rest, first=2, lookup=lookup)
+    j = e.judge([candidate(x)], NOW, ORDERS, deadlines=False)
+    assert [(v.batch_id, v.reason) for v in j.verdicts] == [(3, None)]
+
+
+async def test_the_high_lsn_stored_is_the_one_below_the_committed_offset() -> None:
+    d = delivery()
+    b3 = batch(3, 2, 9, 500, 600, 503)
+    await feed(d, 0, [order(5, 2, 502, 350), order(6, 2, 502, 350), order(9, 3, 503, 550)])
+    d.judge([candidate(B2), candidate(b3)], NOW, ORDERS)  # 2 whole; 3 pending, held at 2
+    assert (d.commit_offsets(), d.moved_past) == ({(ORDERS, 0): 2}, 550)
+    assert d.positions() == [(ORDERS, 0, 3, 350)]  # read to 550, but 350 below offset 2
+    e = delivery()
+    e.resume(d.positions(), scope=350)
+    assert e.moved_past == 350
+
+
+async def test_the_end_of_an_unjudged_batch_read_before_its_rows_holds_the_commit() -> None:
+    # The END of batch 2's transaction (declaring 3 orders events, the ledger says 2) is read
+    # before any of its rows, after the END of a transaction that is no batch's.
+    b = batch(2, 2, 5, 300, 400, 502)
+    d = delivery(transactions=True)
+    await feed(d, 0, [end(999, orders=0), end(502, orders=3)], topic=TX)
+    await feed(d, 0, [order(1, 1, 501, 150)])  # a row of a batch the ledger lacks: the scope
+    assert d.judge([candidate(b)], NOW, ORDERS, complete=True).pending == 1
+    assert d.commit_offsets() == {(TX, 0): 1, (ORDERS, 0): 1}
+    # A restart reads the END again from the committed offset: the count is checked.
+    e = delivery(transactions=True)
+    e.resume(d.positions(), scope=150)
+    await feed(e, 0, [end(502, orders=3)], first=1, topic=TX)
+    await feed(e, 0, [order(5, 2, 502, 350), order(6, 2, 502, 350)], first=1)
+    (verdict,) = e.judge([candidate(b)], NOW, ORDERS, complete=True).verdicts
+    assert verdict.reason == "the transaction END declares 3 orders events, the ledger says 2"
+    assert e.commit_offsets() == {(TX, 0): 2, (ORDERS, 0): 3}  # judged: its END holds no more
+
+
+async def test_ends_no_unjudged_batch_owns_are_dropped_once_the_candidates_say_so() -> None:
+    d = delivery(transactions=True)
+    await feed(d, 0, [end(999, orders=0)], topic=TX)
+    d.judge([], NOW, ORDERS)  # the candidates may not be all: kept, and held
+    assert d.commit_offsets() == {(TX, 0): 0}
+    d.judge([], NOW, ORDERS, complete=True)
+    assert d.commit_offsets() == {(TX, 0): 1}

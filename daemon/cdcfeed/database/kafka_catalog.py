@@ -46,7 +46,8 @@ class KafkaStatements:
                 ADD COLUMN IF NOT EXISTS orders_topic text;
             -- Per partition read: every record before `position` is accounted for by the
             -- stored verdicts (or belongs to a batch not judged yet, whose rows are read
-            -- again after a restart); high_lsn: the highest source.lsn it delivered.
+            -- again after a restart); high_lsn: the highest source.lsn it delivered before
+            -- the offset committed with it (where a restart reads from).
             CREATE TABLE IF NOT EXISTS {positions} (
                 source    text    NOT NULL,
                 topic     text    NOT NULL,

@@ -85,6 +85,7 @@ class KafkaSource:
         self.kafka = kafka
         self.decoder = decoder_for(kafka, names)
         self.partitions: dict[str, list[int]] = {}  # topic -> partitions assigned
+        self.starts: dict[TP, int] = {}  # where `assign()` started a partition at its commit
         self._consumer: AIOKafkaConsumer | None = None
 
     @property
@@ -156,6 +157,7 @@ class KafkaSource:
                     await consumer.seek_to_beginning(tp)
                 else:
                     consumer.seek(tp, committed)
+                    self.starts[(tp.topic, tp.partition)] = committed
         except KafkaError as exc:
             raise self._unavailable(exc) from None
 

@@ -126,16 +126,18 @@ class Delivery:
         self.held: set[int] = set()  # batches with rows in the fold
         self.redeliveries = Redeliveries(digest_rows)
         self.judged = self.redeliveries.judged  # batch -> JudgedBatch, for membership tests
-        self._firsts: dict[TP, dict[int, int]] = {}  # per partition: held batch -> 1st offset
+        # Per partition: held batch -> (its first record's offset, the highest source.lsn
+        # of the records before it).
+        self._firsts: dict[TP, dict[int, tuple[int, int]]] = {}
         self._ends: dict[int, tuple[TransactionEnd, TP, int]] = {}  # xid -> END, where
-        self._ledger_xid: dict[int, int] = {}  # held batch -> its ledger xid (32 bits)
         self._latest: dict[int, tuple[float, float]] = {}  # batch -> (record ts, arrival)
         self._counts = Judgement()  # counters since the last judgement
 
     def resume(
         self, positions: Iterable[tuple[str, int, int, int | None]], scope: int | None
     ) -> None:
-        """What the stored state accounts for: (topic, partition, position, high LSN)."""
+        """What the stored state accounts for: (topic, partition, position, high LSN below
+        the offset committed with it: `positions()` says why that one)."""
         self.scope = scope
         for topic, partition, position, high in positions:
             self.seen[(topic, partition)] = position
@@ -208,6 +210,7 @@ class Delivery:
                     counts.tombstones += 1
                 continue
             lsn = change.lsn or 0
+            below = high
             if lsn > high:
                 high = lsn
             if low is None or lsn < low:
@@ -233,7 +236,7 @@ class Delivery:
                 run = batch_id
                 run_judged = batch_id in judged
                 if not run_judged and batch_id not in firsts:
-                    firsts[batch_id] = offset
+                    firsts[batch_id] = (offset, below)
                     held.add(batch_id)
             run_ts = ts
             values = fingerprint(change.customer_id, change.amount)
@@ -282,10 +285,13 @@ class Delivery:
         now: float,
         hint_topic: str,
         deadlines: bool = True,
+        complete: bool = False,
     ) -> Judgement:
         """Verdicts on every batch due now; `candidates`: the ledger rows of the held batches
         and of the unjudged batches in scope. `deadlines`: whether `due_after` applies (the
-        caller has read what the topics hold). Forgets what it judged."""
+        caller has read what the topics hold). `complete`: the candidates are every unjudged
+        batch in scope (an END matching none of them is no unjudged batch's). Forgets what it
+        judged."""
         done, self._counts = self._counts, Judgement()
         moved = self.moved_past
         ledger: dict[int, Candidate] = {}
@@ -293,12 +299,13 @@ class Delivery:
             ledger[candidate.batch.batch_id] = candidate
         for batch_id in sorted(self.held - ledger.keys()):  # ids the ledger lacks
             self._judge_held(batch_id, None, None, done)
+        live: set[int] = set()  # the xids of the batches left unjudged
         for batch_id in sorted(ledger):
             candidate = ledger[batch_id]
             batch = candidate.batch
             if batch_id in self.judged or batch.status == "IN_PROGRESS":
-                if batch.xid is not None and batch_id in self.held:
-                    self._ledger_xid[batch_id] = batch.xid & XID_MASK
+                if batch.xid is not None and batch_id not in self.judged:
+                    live.add(batch.xid & XID_MASK)
                 continue
             held = batch_id in self.held
             if not held and (self.scope is None or (batch.start_lsn or 0) < self.scope):
@@ -310,8 +317,8 @@ class Delivery:
                 done.pending += 1
                 if age is not None and (done.oldest_pending is None or age > done.oldest_pending):
                     done.oldest_pending = age
-                if batch.xid is not None and held:
-                    self._ledger_xid[batch_id] = batch.xid & XID_MASK
+                if batch.xid is not None:
+                    live.add(batch.xid & XID_MASK)
                 continue
             if held:
                 self._judge_held(batch_id, batch, candidate.completed_at, done)
@@ -326,11 +333,23 @@ class Delivery:
             verdict = judge_unseen(batch_id, batch.status, batch.row_count, batch.end_lsn, hint)
             done.verdicts.append(verdict)
             self.redeliveries.remember(batch_id, JudgedBatch(batch, 0))
+        known = {c.batch.xid & XID_MASK for c in ledger.values() if c.batch.xid is not None}
+        self._forget_ends(live, known, complete)
         duplicates, amendments = self.redeliveries.take()
         done.duplicates += duplicates
         done.amendments += amendments
         done.events, self.fold.events = self.fold.events, []
         return done
+
+    def _forget_ends(self, live: set[int], known: set[int], complete: bool) -> None:
+        """Keeps the ENDs of the transactions of unjudged batches, and while the candidates
+        may not be all of those, the ENDs of transactions no candidate names: every END kept
+        holds the transaction topic's commit (`commit_offsets`), so that a restart reads it
+        again for its batch's count. An END of a batch judged or out of scope is dropped
+        (and, with `complete`, one of a transaction that is no unjudged batch's)."""
+        ends = self._ends
+        for xid in [x for x in ends if x not in live and (complete or x in known)]:
+            del ends[xid]
 
     def _whole(self, batch: LedgerBatch) -> bool:
         """Every row arrived (and the END of its transaction, when those are read)."""
@@ -351,7 +370,6 @@ class Delivery:
         digest = Digest.of(delivered) if delivered else None
         seen = self.fold.take(batch_id)
         self.held.discard(batch_id)
-        self._ledger_xid.pop(batch_id, None)
         for firsts in self._firsts.values():
             firsts.pop(batch_id, None)
         latest = self._latest.pop(batch_id, None)
@@ -370,25 +388,44 @@ class Delivery:
 
     def commit_offsets(self) -> dict[TP, int]:
         """Per partition, where a restart must read from: the first record of a batch not
-        yet judged, else the read position."""
+        yet judged, the END of a transaction that may be an unjudged batch's (`_forget_ends`),
+        else the read position."""
         offsets = dict(self.position)
         for tp, firsts in self._firsts.items():
             if firsts and tp in offsets:
-                offsets[tp] = min(offsets[tp], min(firsts.values()))
-        for batch_id in self.held:
-            xid = self._ledger_xid.get(batch_id)
-            end = None if xid is None else self._ends.get(xid)
-            if end is not None and end[1] in offsets:
-                offsets[end[1]] = min(offsets[end[1]], end[2])
+                offsets[tp] = min(offsets[tp], min(firsts.values())[0])
+        for _, tp, offset in self._ends.values():
+            if tp in offsets:
+                offsets[tp] = min(offsets[tp], offset)
         return offsets
 
     def positions(self) -> list[tuple[str, int, int, int | None]]:
-        """What to store: (topic, partition, read position, highest LSN for orders)."""
+        """What to store: (topic, partition, read position, for orders the highest LSN
+        *below the offset committed*: `commit_offsets()`, the first record of a held batch).
+
+        Why not the highest LSN read: a restart reads again from the committed offset, and
+        until that re-read reaches the rows of a batch unjudged at the stop, the batch is not
+        held; a high LSN read past those rows would prove it passed, and judge it missing for
+        good (its rows, re-read later, fall below `seen`). With the high LSN below the
+        committed offset C: every row of a batch unjudged at the store lies at C or later on
+        this partition (a batch with a row before C would be held with its first offset
+        below C); the consumer restarts at C or earlier (the offsets Kafka holds were
+        committed by this step or an earlier one, and they only grow); so a record at LSN h
+        below C carries no row of an unjudged batch, and any row of an unjudged batch ending
+        before h came before that record, hence before C: there is none. Every later record
+        is read again in offset order and folded (below `seen` when its batch is unjudged),
+        exactly as in a run that never stopped: `moved_past` proves what it proved there.
+        """
         orders = self.decoder.orders_topic
-        return [
-            (topic, partition, position, self.high_lsn.get(partition) if topic == orders else None)
-            for (topic, partition), position in sorted(self.position.items())
-        ]
+        stored = []
+        for (topic, partition), position in sorted(self.position.items()):
+            high = None
+            if topic == orders:
+                firsts = self._firsts.get((topic, partition))
+                below = min(firsts.values())[1] if firsts else self.high_lsn.get(partition, -1)
+                high = None if below < 0 else below
+            stored.append((topic, partition, position, high))
+        return stored
 
 
 def _end(event: TransactionEvent, orders: str, ledger: str) -> TransactionEnd:

@@ -20,10 +20,11 @@ from loguru import logger
 
 from cdcfeed.config import DatabaseSettings, KafkaSettings
 from cdcfeed.database import KafkaSession, Names
-from cdcfeed.errors import DatabaseUnavailable
+from cdcfeed.errors import DatabaseUnavailable, UserError
 from cdcfeed.metrics import Metrics
 from cdcfeed.proof.events import Violation
 from cdcfeed.proof.kafka.consumer import KafkaSource, KafkaUnavailable, decoder_for
+from cdcfeed.proof.kafka.debezium import DebeziumFormatError
 from cdcfeed.proof.kafka.delivery import Delivery, Judgement
 from cdcfeed.proof.kafka.report import KafkaReport, KafkaTally
 from cdcfeed.proof.kafka.state import KafkaState
@@ -37,6 +38,12 @@ _TOPICS_EVERY = 10.0  # seconds between looks for new topics or partitions
 SOURCE = "kafka"  # the metrics' source label
 
 RETRY_ON = (DatabaseUnavailable, KafkaUnavailable)
+# What ends a one-shot run with exit code 2 (another verifier holds the group, a record of
+# unknown shape, the group is another pipeline's, ...): the daemon's task retries it instead,
+# slowly, so that a verification problem never stops the load.
+PROBLEMS = (UserError, DebeziumFormatError)
+PROBLEM_BACKOFF = Backoff(initial=5.0, maximum=60.0)
+REPEAT = 300.0  # seconds between two error lines of a problem that persists
 
 
 class TopicsChanged(KafkaUnavailable):
@@ -73,6 +80,7 @@ class KafkaVerifier:
         # Per partition: when its last records arrived (monotonic) and the broker timestamp
         # of the last one (ms): whether the verifier has caught up with it.
         self._last: dict[tuple[str, int], tuple[float, int]] = {}
+        self._reading: float | None = None  # when the first fetch returned (monotonic)
 
     @property
     def delivery(self) -> Delivery:
@@ -115,13 +123,27 @@ class KafkaVerifier:
         return count
 
     def caught_up(self) -> bool:
-        """Whether every partition is quiet or its last record is recent: what is missing
-        now is not in a backlog still to be read."""
+        """Whether what is missing now is not in a backlog still to be read: this verifier
+        has fetched, and every partition it reads has been read at least as far as the
+        stored state accounts for (below that, records are known to wait) and is quiet (for
+        `QUIET` seconds since its last records, or since the first fetch when none came) or
+        its last record is recent. Until then `due_after` proves nothing."""
+        if self._reading is None:
+            return False
         now, wall_ms = time.monotonic(), time.time() * 1000
-        return all(
-            now - arrived >= QUIET or timestamp >= wall_ms - BEHIND * 1000
-            for arrived, timestamp in self._last.values()
-        )
+        delivery, starts = self.delivery, self.source.starts
+        for topic, partitions in self.source.partitions.items():
+            for tp in ((topic, p) for p in partitions):
+                seen, position = delivery.seen.get(tp), delivery.position.get(tp, starts.get(tp))
+                if seen is not None and (position is None or position < seen):
+                    return False
+                last = self._last.get(tp)
+                if last is None:
+                    if now - self._reading < QUIET:
+                        return False
+                elif now - last[0] < QUIET and last[1] < wall_ms - BEHIND * 1000:
+                    return False
+        return True
 
     async def read_to_end(self, idle: float = IDLE, stop: asyncio.Event | None = None) -> int:
         """Reads until every partition caught up with now or was quiet for `idle` seconds,
@@ -135,6 +157,8 @@ class KafkaVerifier:
         while stop is None or not stop.is_set():
             got = await self.source.fetch(0.2)
             now = time.monotonic()
+            if self._reading is None:
+                self._reading = now
             for (topic, partition), records in got.items():
                 await self.delivery.feed(topic, partition, records, self.state.lookup, time.time())
                 count += len(records)
@@ -152,6 +176,8 @@ class KafkaVerifier:
     async def _fetch(self, timeout: float) -> int:
         got = await self.source.fetch(timeout)
         arrival, now = time.time(), time.monotonic()
+        if self._reading is None:
+            self._reading = now
         count = 0
         for (topic, partition), records in got.items():
             await self.delivery.feed(topic, partition, records, self.state.lookup, arrival)
@@ -164,7 +190,11 @@ class KafkaVerifier:
         delivery = self.delivery
         candidates = await self.state.candidates(delivery.held, delivery.scope)
         judged = delivery.judge(
-            candidates, time.time(), self.source.decoder.orders_topic, self.caught_up()
+            candidates,
+            time.time(),
+            self.source.decoder.orders_topic,
+            self.caught_up(),
+            self.state.complete,
         )
         await self.state.store(judged, delivery.positions(), delivery.scope)
         await self.source.commit(delivery.commit_offsets())
@@ -318,10 +348,20 @@ async def follow_kafka(
 
 
 async def verify_kafka_continuously(
-    database: DatabaseSettings, names: Names, kafka: KafkaSettings, metrics: Metrics
+    database: DatabaseSettings,
+    names: Names,
+    kafka: KafkaSettings,
+    metrics: Metrics,
+    backoff: Backoff = PROBLEM_BACKOFF,
 ) -> None:
     """The daemon's Kafka verifier: a step per second until cancelled. Violations are
-    logged as they are found and counted in cdcfeed_verified_batches_total{source="kafka"}."""
+    logged as they are found and counted in cdcfeed_verified_batches_total{source="kafka"}.
+
+    Never ends on its own: outages are ridden out by `follow_kafka`; a problem that would end
+    a one-shot run (`PROBLEMS`) is logged as one error line, again every `REPEAT` seconds
+    while it persists, each counted as a violation of source kafka (so that the alert on
+    them fires while Kafka goes unverified), and the verifier is reopened with `backoff`.
+    """
 
     def report(violation: Violation) -> None:
         logger.bind(batch_id=violation.batch_id).error(
@@ -333,4 +373,19 @@ async def verify_kafka_continuously(
             database, names, kafka, metrics=metrics, on_violation=report
         )
 
-    await follow_kafka(None, reopen)
+    logged: tuple[str, float] | None = None  # the last problem logged, and when
+
+    def problem(attempt: int, exc: BaseException, pause: float) -> None:
+        nonlocal logged
+        now = time.monotonic()
+        if logged is not None and logged[0] == str(exc) and now - logged[1] < REPEAT:
+            return
+        logged = (str(exc), now)
+        every = f"{backoff.maximum:g} s"
+        logger.error(f"verify --kafka stopped (the load goes on): {exc}; retrying every {every}")
+        metrics.verified.labels(SOURCE, "violation").inc()
+
+    async def follow() -> KafkaReport:
+        return await follow_kafka(None, reopen)
+
+    await retry(follow, what="verify --kafka", backoff=backoff, retry_on=PROBLEMS, log=problem)

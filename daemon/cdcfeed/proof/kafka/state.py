@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from cdcfeed.database import KafkaSession
+from cdcfeed.database.kafka_store import UNJUDGED_LIMIT
 from cdcfeed.errors import UserError
 from cdcfeed.proof.events import LedgerBatch, Violation
 from cdcfeed.proof.kafka.delivery import Candidate, JudgedBatch, Judgement
@@ -57,6 +58,9 @@ class KafkaState:
         self.source = source_name(group)
         self.scope: int | None = None
         self.low_water: int | None = None
+        # Whether the last `candidates()` were every unjudged batch in scope (none left out
+        # by the query's limit, and a scope to query from).
+        self.complete = False
 
     async def prepare(self) -> None:
         """Creates the state tables when missing, takes the group's verify lock and refuses
@@ -110,8 +114,11 @@ class KafkaState:
         are not judged yet."""
         rows = {r["batch_id"]: r for r in await self.db.ledger_rows(sorted(held))}
         since = _since(scope, self.low_water)
+        self.complete = False
         if since is not None:
-            for r in await self.db.unjudged(self.source, since):
+            unjudged = await self.db.unjudged(self.source, since)
+            self.complete = len(unjudged) < UNJUDGED_LIMIT
+            for r in unjudged:
                 rows.setdefault(r["batch_id"], r)
         return [
             Candidate(batch, r["completed_at"])
