@@ -23,6 +23,7 @@ from cdcfeed.database import KafkaSession, Names
 from cdcfeed.errors import DatabaseUnavailable, UserError
 from cdcfeed.metrics import Metrics
 from cdcfeed.proof.events import Violation
+from cdcfeed.proof.follow import follow
 from cdcfeed.proof.kafka.consumer import KafkaSource, KafkaUnavailable, decoder_for
 from cdcfeed.proof.kafka.debezium import DebeziumFormatError
 from cdcfeed.proof.kafka.delivery import Delivery, Judgement
@@ -303,48 +304,25 @@ async def follow_kafka(
     Rides out outages of the brokers and the database by reopening with backoff: the stored
     state makes the reopened verifier resume where the last step stored.
     """
-    backoff = Backoff(initial=step, maximum=max(step, 10.0))
-    current = verifier
-    paused = False
 
-    def log(attempt: int, exc: BaseException, pause: float) -> None:
-        nonlocal paused
-        if not paused:
-            logger.warning(f"verify --kafka paused: {exc}; retrying")
-        paused = True
+    async def one_step(current: KafkaVerifier) -> None:
+        await current.read(step, stop)  # waits up to `step` for records: no pause between
+        await current.step()
+        await current.look_for_topics()
 
-    async def one_step() -> None:
-        nonlocal current, paused
-        try:
-            if current is None:
-                current = await reopen()
-                if paused:
-                    logger.info("verify --kafka: reading the topics again")
-                paused = False
-            await current.read(step, stop)
-            await current.step()
-            await current.look_for_topics()
-        except RETRY_ON:
-            if current is not None:
-                await current.close()
-                current = None
-            raise
-
-    try:
-        while stop is None or not stop.is_set():
-            try:
-                await retry(
-                    one_step, what="verify --kafka", backoff=backoff, stop=stop,
-                    retry_on=RETRY_ON, log=log,
-                )  # fmt: skip
-            except RETRY_ON:
-                break  # stopped while waiting for the brokers or the database
-        if current is None:
-            current = await reopen()
-        return await current.report()
-    finally:
-        if current is not None:
-            await current.close()
+    report = await follow(
+        verifier,
+        reopen,
+        one_step,
+        what="verify --kafka",
+        interval=step,
+        stop=stop,
+        retry_on=RETRY_ON,
+        pause_between=False,
+        again=lambda _: "reading the topics again",
+    )
+    assert isinstance(report, KafkaReport)
+    return report
 
 
 async def verify_kafka_continuously(

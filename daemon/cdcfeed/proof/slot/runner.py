@@ -18,10 +18,10 @@ from cdcfeed.database import Names, VerifySession
 from cdcfeed.errors import DatabaseUnavailable
 from cdcfeed.metrics import Metrics
 from cdcfeed.proof.events import Violation
+from cdcfeed.proof.follow import follow
 from cdcfeed.proof.slot.reader import CHUNK_CHANGES, SlotSource, SlotUnavailable
 from cdcfeed.proof.slot.report import Report, Tally
 from cdcfeed.proof.slot.state import REPORT_VIOLATIONS, VerifyState
-from cdcfeed.retry import Backoff, pause_until, retry
 
 
 class Verifier:
@@ -142,54 +142,24 @@ async def run_passes(
     Rides out a database outage, and a slot held by another reader, by reopening the
     verifier with backoff: the state tables make the next pass resume where the last ended.
     """
-    backoff = Backoff(initial=poll_interval, maximum=max(poll_interval, 10.0))
-    current = verifier
-    paused = False
 
-    def log(attempt: int, exc: BaseException, pause: float) -> None:
-        nonlocal paused
-        if not paused:
-            what = exc.message if isinstance(exc, SlotUnavailable) else str(exc)
-            logger.warning(f"verify paused: {what}; retrying")
-        paused = True
+    async def one_pass(current: Verifier) -> None:
+        await current.run_pass(stop)
+        if metrics is not None:
+            metrics.verify_lag.set(await current.lag_bytes())
 
-    async def one_pass() -> None:
-        nonlocal current, paused
-        try:
-            if current is None:
-                current = await reopen()
-                if paused:
-                    logger.info(f"verify: reading slot {current.slot} again")
-                paused = False
-            await current.run_pass(stop)
-            if metrics is not None:
-                metrics.verify_lag.set(await current.lag_bytes())
-        except (DatabaseUnavailable, SlotUnavailable):
-            if current is not None:
-                await current.close()
-                current = None
-            raise
-
-    try:
-        while stop is None or not stop.is_set():
-            try:
-                await retry(
-                    one_pass,
-                    what="verify",
-                    backoff=backoff,
-                    stop=stop,
-                    retry_on=(DatabaseUnavailable, SlotUnavailable),
-                    log=log,
-                )
-            except (DatabaseUnavailable, SlotUnavailable):
-                break  # stopped while waiting for the database or the slot
-            await pause_until(stop, poll_interval)
-        if current is None:
-            current = await reopen()
-        return await current.report()
-    finally:
-        if current is not None:
-            await current.close()
+    report = await follow(
+        verifier,
+        reopen,
+        one_pass,
+        what="verify",
+        interval=poll_interval,
+        stop=stop,
+        retry_on=(DatabaseUnavailable, SlotUnavailable),
+        again=lambda current: f"reading slot {current.slot} again",
+    )
+    assert isinstance(report, Report)
+    return report
 
 
 async def verify_continuously(
