@@ -151,6 +151,3 @@ class KafkaStatements:
                 reason = CASE WHEN result = 'ok' THEN $3 ELSE reason || '; ' || $3 END
             WHERE slot = $1 AND kind = 'batch' AND batch_id = $2
         """
-        self.counts = f"""
-            SELECT duplicates, snapshot_events FROM {progress} WHERE source = $1
-        """
