@@ -43,6 +43,7 @@ class _Part:
         "alone",
         "batch_id",
         "duplicates",
+        "firsts",
         "high_lsn",
         "highs",
         "last",
@@ -64,6 +65,7 @@ class _Part:
         self.duplicates = 0
         self.siblings = siblings  # every part of the batch, this one included
         self.alone = False  # the batch's only part: no other to look for an id in
+        self.firsts: dict[int, tuple[int, int, int]] | None = None  # Fold._first's, once used
 
     def holds(self, order_id: int) -> bool:
         i = bisect_right(self.lows, order_id) - 1
@@ -180,19 +182,24 @@ class Fold:
         if part is None or part.batch_id != batch_id or part.xid != xid:
             part = self._part_of(batch_id, xid)
         last = part.last
-        if (
-            order_id > last
-            and part.alone
-            and fingerprint is None
-            and part.low_lsn <= lsn <= part.high_lsn
-        ):
-            # The common case: ids in order, in a batch that one transaction carries.
+        if order_id > last and part.alone:
+            # The common case: ids in order, in a batch that one transaction carries, so new
+            # to it: `_insert` without looking.
             if order_id == last + 1:
                 part.highs[-1] = order_id
             else:
                 part.lows.append(order_id)
                 part.highs.append(order_id)
             part.last = order_id
+            if lsn > part.high_lsn:
+                part.high_lsn = lsn
+            if lsn < part.low_lsn:
+                part.low_lsn = lsn
+            if fingerprint is not None:
+                firsts = part.firsts
+                if firsts is None:
+                    firsts = part.firsts = self._first.setdefault(batch_id, {})
+                firsts[order_id] = (xid, lsn, fingerprint)
             return
         self._insert(part, order_id, lsn, fingerprint)
 

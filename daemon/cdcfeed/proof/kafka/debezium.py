@@ -28,6 +28,7 @@ PostgreSQL's `pg_lsn` and `xid8` columns are not among the types Debezium maps: 
 from __future__ import annotations
 
 import binascii
+from collections.abc import Iterable
 from decimal import Decimal
 from typing import Final, Literal, TypeAlias
 
@@ -48,6 +49,7 @@ from cdcfeed.proof.kafka.debezium_wire import (
     TxValue,
     amount_scale,
     lsn_value,
+    not_understood,
     xid_value,
 )
 
@@ -72,6 +74,7 @@ Op: TypeAlias = Literal["c", "u", "d", "r"]
 DecimalMode: TypeAlias = Literal["precise", "string", "double"]
 
 _NOT_SNAPSHOT: Final = frozenset({"false", ""})
+_STREAMED: Final = frozenset({"false", "", False})  # source.snapshot of a streamed change
 
 
 # -- What the decoder returns -------------------------------------------------------------
@@ -212,8 +215,66 @@ class DebeziumDecoder:
             return None
         topic = topic or self.orders_topic
         payload, schema = self._orders.read(topic, value)
-        if payload is None:
-            return None
+        return None if payload is None else self._order_change(topic, payload, schema)
+
+    def decode_orders(
+        self, values: Iterable[bytes | None], topic: str = ""
+    ) -> list[OrderChange | Truncate | None]:
+        """`decode_order` of each value, the same results faster: what nearly every value is
+        (an insert streamed after an embedded schema already seen) is decoded inline."""
+        topic = topic or self.orders_topic
+        reader = self._orders
+        payload_of = reader.payload_decoder.decode
+        prefix, schema = reader.prefix, reader.schema
+        cut = len(prefix)
+        mode, default_scale = self.decimal_mode, self.default_scale
+        changes: list[OrderChange | Truncate | None] = []
+        append = changes.append
+        for value in values:
+            if value is None:
+                append(None)
+                continue
+            if cut and value.startswith(prefix) and value.endswith(b"}"):
+                try:
+                    payload = payload_of(memoryview(value)[cut:-1])
+                except msgspec.DecodeError as exc:
+                    raise not_understood(topic, value, exc) from None
+                embedded = schema
+            else:
+                payload, embedded = reader.read(topic, value)
+                prefix, schema = reader.prefix, reader.schema  # learned from this one
+                cut = len(prefix)
+            if payload is None:
+                append(None)
+                continue
+            source, row = payload.source, payload.after
+            if (
+                payload.op != "c"
+                or source is None
+                or row is None
+                or not (source.snapshot is None or source.snapshot in _STREAMED)
+            ):
+                append(self._order_change(topic, payload, embedded))
+                continue
+            scale = default_scale
+            if embedded and type(row.amount) is str:
+                scale = self._scale_of(embedded)  # by identity: the schema read last
+            try:
+                amount = decode_amount(row.amount, mode, scale)
+            except (ValueError, ArithmeticError):
+                append(self._order_change(topic, payload, embedded))  # raises, saying why
+                continue
+            append(
+                OrderChange(
+                    "c", row.order_id, row.batch_id, row.customer_id, amount, source.txId,
+                    source.lsn, False, source.ts_ms, payload.ts_ms,
+                )
+            )  # fmt: skip
+        return changes
+
+    def _order_change(
+        self, topic: str, payload: OrderPayload, schema: msgspec.Raw
+    ) -> OrderChange | Truncate:
         op, source = _op_and_source(topic, payload.op, payload.source)
         if op == "t":
             return Truncate(self.orders_collection, source.txId, source.lsn, source.ts_ms)

@@ -178,19 +178,15 @@ class Delivery:
     async def _orders(
         self, tp: TP, records: Sequence[Record], lookup: Lookup, arrival: float
     ) -> None:
-        decode = self.decoder.decode_order
-        topic = tp[0]
-        decoded = [(r.offset, r.timestamp, decode(r.value, topic)) for r in records]
+        changes = self.decoder.decode_orders([r.value for r in records], tp[0])
         held, judged = self.held, self.judged
         new = {
             change.batch_id
-            for _, _, change in decoded
-            if type(change) is OrderChange
-            and change.op == "c"
-            and change.batch_id is not None
-            and change.batch_id not in held
-            and change.batch_id not in judged
+            for change in changes
+            if type(change) is OrderChange and change.op == "c" and change.batch_id is not None
         }
+        new -= held
+        new -= judged.keys()
         if new:
             self.redeliveries.learn(await lookup(new))
         fold, counts = self.fold, self._counts
@@ -200,9 +196,10 @@ class Delivery:
         low = self.scope
         run: int | None = None
         run_judged = False
-        run_ts = 0
-        again = self.redeliveries.again
-        for offset, ts, change in decoded:
+        last = records[0]  # the run's last record: its timestamp is when the run arrived
+        insert, again = fold.insert, self.redeliveries.again
+        for record, change in zip(records, changes, strict=True):
+            offset = record.offset
             if change is None:
                 if offset >= seen:
                     counts.tombstones += 1
@@ -229,26 +226,26 @@ class Delivery:
                 continue
             if batch_id != run:
                 if run is not None and not run_judged:
-                    self._arrived(run, run_ts, arrival)
+                    self._arrived(run, last.timestamp, arrival)
                 run = batch_id
                 run_judged = batch_id in judged
                 if not run_judged and batch_id not in firsts:
                     firsts[batch_id] = offset
                     held.add(batch_id)
-            run_ts = ts
+            last = record
             values = fingerprint(change.customer_id, change.amount)
             if run_judged:
                 if offset >= seen:
                     again(batch_id, change.order_id, xid, lsn, values)
                 continue
             if offset >= seen:
-                fold.insert(change.order_id, batch_id, xid, lsn, values)
+                insert(change.order_id, batch_id, xid, lsn, values)
             else:  # read before: its stream events were stored then
                 events = len(fold.events)
-                fold.insert(change.order_id, batch_id, xid, lsn, values)
+                insert(change.order_id, batch_id, xid, lsn, values)
                 del fold.events[events:]
         if run is not None and not run_judged:
-            self._arrived(run, run_ts, arrival)
+            self._arrived(run, last.timestamp, arrival)
         self.high_lsn[tp[1]] = high
         self.scope = low
 
