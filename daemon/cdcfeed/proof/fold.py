@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass
+from itertools import repeat
 
 from cdcfeed.lsn import int_to_lsn
 from cdcfeed.proof.events import (
@@ -202,6 +203,46 @@ class Fold:
                 firsts[order_id] = (xid, lsn, fingerprint)
             return
         self._insert(part, order_id, lsn, fingerprint)
+
+    def insert_run(
+        self,
+        batch_id: int,
+        order_ids: list[int],
+        xids: list[int],
+        lsns: list[int],
+        fingerprints: list[int],
+    ) -> None:
+        """`insert` of each row of one batch, in order; one step for the usual run: one
+        transaction's, its ids rising one by one above those the batch holds."""
+        xid, first, last = xids[0], order_ids[0], order_ids[-1]
+        count = len(order_ids)
+        part = self._part
+        if part is None or part.batch_id != batch_id or part.xid != xid:
+            part = self._part_of(batch_id, xid)
+        if not (
+            part.alone
+            and first > part.last
+            and last - first == count - 1
+            and xids.count(xid) == count
+            and order_ids == list(range(first, last + 1))
+        ):
+            for order_id, row_xid, lsn, fingerprint in zip(
+                order_ids, xids, lsns, fingerprints, strict=True
+            ):
+                self.insert(order_id, batch_id, row_xid, lsn, fingerprint)
+            return
+        if first == part.last + 1:
+            part.highs[-1] = last
+        else:
+            part.lows.append(first)
+            part.highs.append(last)
+        part.last = last
+        part.high_lsn = max(part.high_lsn, max(lsns))
+        part.low_lsn = min(part.low_lsn, min(lsns))
+        firsts = part.firsts
+        if firsts is None:
+            firsts = part.firsts = self._first.setdefault(batch_id, {})
+        firsts.update(zip(order_ids, zip(repeat(xid), lsns, fingerprints), strict=False))
 
     def end(self, end: TransactionEnd) -> None:
         """What a transaction's end says: where it committed, and what it declares it carried."""

@@ -49,7 +49,6 @@ from cdcfeed.proof.kafka.debezium_wire import (
     TxValue,
     amount_scale,
     lsn_value,
-    not_understood,
     xid_value,
 )
 
@@ -220,33 +219,40 @@ class DebeziumDecoder:
     def decode_orders(
         self, values: Iterable[bytes | None], topic: str = ""
     ) -> list[OrderChange | Truncate | None]:
-        """`decode_order` of each value, the same results faster: what nearly every value is
-        (an insert streamed after an embedded schema already seen) is decoded inline."""
+        """`decode_order` of each value, the same results faster: what nearly every value is,
+        a streamed insert, is decoded inline, its payload alone (after the embedded schema
+        seen last, or the whole value without one), and anything else the long way."""
         topic = topic or self.orders_topic
         reader = self._orders
-        payload_of = reader.payload_decoder.decode
+        payload_of, whole = reader.payload_decoder.decode, reader.decoder.decode
         prefix, schema = reader.prefix, reader.schema
         cut = len(prefix)
         mode, default_scale = self.decimal_mode, self.default_scale
+        scaled, schema_scale = NO_SCHEMA, default_scale  # the amount's scale in this schema
         changes: list[OrderChange | Truncate | None] = []
         append = changes.append
         for value in values:
             if value is None:
                 append(None)
                 continue
-            if cut and value.startswith(prefix) and value.endswith(b"}"):
-                try:
-                    payload = payload_of(memoryview(value)[cut:-1])
-                except msgspec.DecodeError as exc:
-                    raise not_understood(topic, value, exc) from None
-                embedded = schema
-            else:
+            payload: OrderPayload | None = None
+            embedded = NO_SCHEMA
+            try:
+                if not cut:
+                    outer = whole(value)
+                    if outer.payload is msgspec.UNSET:  # no envelope: the value is the payload
+                        payload = outer  # type: ignore[assignment]  # an OrderValue
+                elif value.startswith(prefix) and value.endswith(b"}"):
+                    payload, embedded = payload_of(value[cut:-1]), schema
+            except msgspec.DecodeError:
+                pass  # the long way says what is wrong
+            if payload is None:
                 payload, embedded = reader.read(topic, value)
                 prefix, schema = reader.prefix, reader.schema  # learned from this one
                 cut = len(prefix)
-            if payload is None:
-                append(None)
-                continue
+                if payload is None:
+                    append(None)
+                    continue
             source, row = payload.source, payload.after
             if (
                 payload.op != "c"
@@ -256,17 +262,26 @@ class DebeziumDecoder:
             ):
                 append(self._order_change(topic, payload, embedded))
                 continue
-            scale = default_scale
-            if embedded and type(row.amount) is str:
-                scale = self._scale_of(embedded)  # by identity: the schema read last
+            amount = row.amount
             try:
-                amount = decode_amount(row.amount, mode, scale)
+                if type(amount) is not str:
+                    decimal = decode_amount(amount, mode, default_scale)
+                else:
+                    scale = default_scale
+                    if embedded:
+                        if embedded is not scaled:
+                            schema_scale, scaled = self._scale_of(embedded), embedded
+                        scale = schema_scale
+                    if mode == "string" or (mode is None and "." in amount):
+                        decimal = Decimal(amount)
+                    else:
+                        decimal = decode_amount(amount, mode, scale)
             except (ValueError, ArithmeticError):
                 append(self._order_change(topic, payload, embedded))  # raises, saying why
                 continue
             append(
                 OrderChange(
-                    "c", row.order_id, row.batch_id, row.customer_id, amount, source.txId,
+                    "c", row.order_id, row.batch_id, row.customer_id, decimal, source.txId,
                     source.lsn, False, source.ts_ms, payload.ts_ms,
                 )
             )  # fmt: skip
