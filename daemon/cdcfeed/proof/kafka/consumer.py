@@ -157,13 +157,16 @@ class KafkaSource:
         consumer = self._live
         tps = [TopicPartition(t, p) for t, parts in self.partitions.items() for p in parts]
         try:
+            # Asked before assigning: the group's coordinator is then known when the consumer
+            # looks up the same offsets for its new assignment, which otherwise fails once and
+            # waits out its retry backoff (100 ms) before the first fetch.
+            committed = {tp: await consumer.committed(tp) for tp in tps}
             consumer.assign(tps)
-            for tp in tps:
-                committed = await consumer.committed(tp)
-                if committed is None or committed < 0:
+            for tp, offset in committed.items():
+                if offset is None or offset < 0:
                     await consumer.seek_to_beginning(tp)
                 else:
-                    consumer.seek(tp, committed)
+                    consumer.seek(tp, offset)
         except KafkaError as exc:
             raise self._unavailable(exc) from None
 
