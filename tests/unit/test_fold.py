@@ -161,3 +161,29 @@ def test_the_slot_source_hands_its_ranges_to_the_judge() -> None:
     )
     (o,) = reader.observations
     assert (o.order_ranges, o.duplicates, o.declared_rows) == (((10, 13), (20, 20)), 0, None)
+
+
+RUNS = [  # (batch, [(order id, xid, lsn, fingerprint)]) fed in order
+    [(7, [(1, 700, 0x300, 1), (2, 700, 0x100, 1), (3, 700, 0x200, 1)])],  # one step
+    [(7, [(1, 700, 0x100, 1), (2, 700, 0x100, 1)]), (7, [(3, 700, 0x180, 1)])],  # extends
+    [(7, [(5, 700, 0x100, 1), (6, 700, 0x100, 1)]), (7, [(9, 700, 0x180, 2)])],  # a gap
+    [(7, [(1, 700, 0x100, 1), (3, 700, 0x100, 1), (2, 700, 0x100, 1)])],  # out of order
+    [(7, [(1, 700, 0x100, 1), (2, 701, 0x200, 1)])],  # two transactions
+    [(7, [(1, 700, 0x100, 1), (2, 700, 0x100, 1)]), (7, [(2, 700, 0x100, 1)])],  # a copy
+    [(7, [(1, 700, 0x100, 1), (2, 700, 0x100, 1)]), (7, [(2, 700, 0x100, 5)])],  # differs
+    [(7, [(1, 700, 0x100, 1)]), (8, [(2, 700, 0x100, 1)]), (7, [(3, 700, 0x100, 1)])],
+]
+
+
+@pytest.mark.parametrize("runs", RUNS)
+def test_a_run_folds_as_its_rows_one_by_one(runs: list[tuple[int, list[tuple[int, ...]]]]) -> None:
+    by_run, by_row = Fold(), Fold()
+    for batch_id, rows in runs:
+        ids, xids, lsns, fingerprints = (list(column) for column in zip(*rows, strict=True))
+        by_run.insert_run(batch_id, ids, xids, lsns, fingerprints)
+        for order_id, xid, lsn, fingerprint in rows:
+            by_row.insert(order_id, batch_id, xid, lsn, fingerprint)
+    assert (by_run.events, by_run.duplicates) == (by_row.events, by_row.duplicates)
+    assert by_run.batches == by_row.batches
+    for batch_id in by_row.batches:
+        assert by_run.take(batch_id) == by_row.take(batch_id)

@@ -10,9 +10,12 @@ from decimal import Decimal
 import pytest
 
 from cdcfeed.proof.events import LedgerBatch
+from cdcfeed.proof.fold import Fold
 from cdcfeed.proof.kafka.debezium import DebeziumDecoder
-from cdcfeed.proof.kafka.delivery import Candidate, Delivery, JudgedBatch
+from cdcfeed.proof.kafka.delivery import Delivery
 from cdcfeed.proof.kafka.digest import Digest, Digests, fingerprint
+from cdcfeed.proof.kafka.records import Candidate
+from cdcfeed.proof.kafka.redelivery import JudgedBatch
 
 ORDERS = "cdcfeed.public.orders"
 TX = "cdcfeed.transaction"
@@ -415,3 +418,40 @@ async def test_ends_no_unjudged_batch_owns_are_dropped_once_the_candidates_say_s
     assert d.commit_offsets() == {(TX, 0): 0}
     d.judge([], NOW, ORDERS, complete=True)
     assert d.commit_offsets() == {(TX, 0): 1}
+
+
+async def test_a_fetch_of_inserts_only_folds_as_any_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inserts alone take the bulk path; a tombstone among them, the row by row one."""
+    rows = [order(i, 1 + (i - 1) // 3, 900 + (i - 1) // 3, 100 + i) for i in range(1, 8)]
+    rows += [order(9, 3, 902, 200), order(8, 3, 902, 190), order(9, 3, 902, 200)]
+    rows += [order(10, 3, 903, 210), order(2, 1, 900, 102, amount="2.00")]
+    bulk, by_row = delivery(), delivery()
+    runs: list[int] = []
+    insert_run = Fold.insert_run
+
+    def counted(fold: Fold, batch_id: int, *columns: list[int]) -> None:
+        runs.append(batch_id)
+        insert_run(fold, batch_id, *columns)
+
+    monkeypatch.setattr(Fold, "insert_run", counted)
+    await feed(bulk, 0, list(rows))
+    assert runs == [1, 2, 3, 1]
+    await feed(by_row, 0, [*rows, None])
+    assert runs == [1, 2, 3, 1]
+    ledger = [
+        batch(1, 3, 1, 100, 199, 900),
+        batch(2, 3, 4, 100, 199, 901),
+        batch(3, 4, 7, 150, 299, 902),
+    ]
+    judged = [d.judge([candidate(b) for b in ledger], NOW, ORDERS) for d in (bulk, by_row)]
+    assert judged[0].tombstones == 0 and judged[1].tombstones == 1
+    judged[1].tombstones = 0
+    digests = [[(b, digest.to_bytes()) for b, digest in j.digests] for j in judged]
+    assert digests[0] == digests[1] and len(digests[0]) == 3
+    judged[0].digests = judged[1].digests = []
+    assert judged[0] == judged[1]
+    assert judged[0].events and judged[0].verdicts
+    assert bulk.commit_offsets() == {(ORDERS, 0): 12} and by_row.commit_offsets() == {
+        (ORDERS, 0): 13
+    }
+    assert (bulk.held, bulk.high_lsn, bulk.scope) == (by_row.held, by_row.high_lsn, by_row.scope)

@@ -16,7 +16,8 @@ from cdcfeed.database import Names
 from cdcfeed.metrics import Metrics
 from cdcfeed.proof.kafka import runner
 from cdcfeed.proof.kafka.debezium import DebeziumDecoder, DebeziumFormatError
-from cdcfeed.proof.kafka.delivery import TP, Delivery, Record
+from cdcfeed.proof.kafka.delivery import Delivery
+from cdcfeed.proof.kafka.records import TP, Record
 from cdcfeed.proof.kafka.state import KafkaBusy
 from cdcfeed.retry import Backoff
 from tests.unit.test_kafka_delivery import ORDERS, Rec, order

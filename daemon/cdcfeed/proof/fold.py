@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass
+from itertools import repeat
 
 from cdcfeed.lsn import int_to_lsn
 from cdcfeed.proof.events import (
@@ -43,6 +44,7 @@ class _Part:
         "alone",
         "batch_id",
         "duplicates",
+        "firsts",
         "high_lsn",
         "highs",
         "last",
@@ -64,6 +66,7 @@ class _Part:
         self.duplicates = 0
         self.siblings = siblings  # every part of the batch, this one included
         self.alone = False  # the batch's only part: no other to look for an id in
+        self.firsts: dict[int, tuple[int, int, int]] | None = None  # Fold._first's, once used
 
     def holds(self, order_id: int) -> bool:
         i = bisect_right(self.lows, order_id) - 1
@@ -180,21 +183,66 @@ class Fold:
         if part is None or part.batch_id != batch_id or part.xid != xid:
             part = self._part_of(batch_id, xid)
         last = part.last
-        if (
-            order_id > last
-            and part.alone
-            and fingerprint is None
-            and part.low_lsn <= lsn <= part.high_lsn
-        ):
-            # The common case: ids in order, in a batch that one transaction carries.
+        if order_id > last and part.alone:
+            # The common case: ids in order, in a batch that one transaction carries, so new
+            # to it: `_insert` without looking.
             if order_id == last + 1:
                 part.highs[-1] = order_id
             else:
                 part.lows.append(order_id)
                 part.highs.append(order_id)
             part.last = order_id
+            if lsn > part.high_lsn:
+                part.high_lsn = lsn
+            if lsn < part.low_lsn:
+                part.low_lsn = lsn
+            if fingerprint is not None:
+                firsts = part.firsts
+                if firsts is None:
+                    firsts = part.firsts = self._first.setdefault(batch_id, {})
+                firsts[order_id] = (xid, lsn, fingerprint)
             return
         self._insert(part, order_id, lsn, fingerprint)
+
+    def insert_run(
+        self,
+        batch_id: int,
+        order_ids: list[int],
+        xids: list[int],
+        lsns: list[int],
+        fingerprints: list[int],
+    ) -> None:
+        """`insert` of each row of one batch, in order; one step for the usual run: one
+        transaction's, its ids rising one by one above those the batch holds."""
+        xid, first, last = xids[0], order_ids[0], order_ids[-1]
+        count = len(order_ids)
+        part = self._part
+        if part is None or part.batch_id != batch_id or part.xid != xid:
+            part = self._part_of(batch_id, xid)
+        if not (
+            part.alone
+            and first > part.last
+            and last - first == count - 1
+            and xids.count(xid) == count
+            and order_ids == list(range(first, last + 1))
+        ):
+            for order_id, row_xid, lsn, fingerprint in zip(
+                order_ids, xids, lsns, fingerprints, strict=True
+            ):
+                self.insert(order_id, batch_id, row_xid, lsn, fingerprint)
+            return
+        if first == part.last + 1:
+            part.highs[-1] = last
+        else:
+            part.lows.append(first)
+            part.highs.append(last)
+        part.last = last
+        part.high_lsn = max(part.high_lsn, max(lsns))
+        part.low_lsn = min(part.low_lsn, min(lsns))
+        firsts = part.firsts
+        if firsts is None:
+            firsts = part.firsts = self._first.setdefault(batch_id, {})
+        firsts.update(zip(order_ids, zip(repeat(xid), lsns, fingerprints), strict=False))
 
     def end(self, end: TransactionEnd) -> None:
         """What a transaction's end says: where it committed, and what it declares it carried."""

@@ -28,6 +28,7 @@ PostgreSQL's `pg_lsn` and `xid8` columns are not among the types Debezium maps: 
 from __future__ import annotations
 
 import binascii
+from collections.abc import Iterable
 from decimal import Decimal
 from typing import Final, Literal, TypeAlias
 
@@ -72,6 +73,7 @@ Op: TypeAlias = Literal["c", "u", "d", "r"]
 DecimalMode: TypeAlias = Literal["precise", "string", "double"]
 
 _NOT_SNAPSHOT: Final = frozenset({"false", ""})
+_STREAMED: Final = frozenset({"false", "", False})  # source.snapshot of a streamed change
 
 
 # -- What the decoder returns -------------------------------------------------------------
@@ -212,8 +214,82 @@ class DebeziumDecoder:
             return None
         topic = topic or self.orders_topic
         payload, schema = self._orders.read(topic, value)
-        if payload is None:
-            return None
+        return None if payload is None else self._order_change(topic, payload, schema)
+
+    def decode_orders(
+        self, values: Iterable[bytes | None], topic: str = ""
+    ) -> list[OrderChange | Truncate | None]:
+        """`decode_order` of each value, the same results faster: what nearly every value is,
+        a streamed insert, is decoded inline, its payload alone (after the embedded schema
+        seen last, or the whole value without one), and anything else the long way."""
+        topic = topic or self.orders_topic
+        reader = self._orders
+        payload_of, whole = reader.payload_decoder.decode, reader.decoder.decode
+        prefix, schema = reader.prefix, reader.schema
+        cut = len(prefix)
+        mode, default_scale = self.decimal_mode, self.default_scale
+        scaled, schema_scale = NO_SCHEMA, default_scale  # the amount's scale in this schema
+        changes: list[OrderChange | Truncate | None] = []
+        append = changes.append
+        for value in values:
+            if value is None:
+                append(None)
+                continue
+            payload: OrderPayload | None = None
+            embedded = NO_SCHEMA
+            try:
+                if not cut:
+                    outer = whole(value)
+                    if outer.payload is msgspec.UNSET:  # no envelope: the value is the payload
+                        payload = outer  # type: ignore[assignment]  # an OrderValue
+                elif value.startswith(prefix) and value.endswith(b"}"):
+                    payload, embedded = payload_of(value[cut:-1]), schema
+            except msgspec.DecodeError:
+                pass  # the long way says what is wrong
+            if payload is None:
+                payload, embedded = reader.read(topic, value)
+                prefix, schema = reader.prefix, reader.schema  # learned from this one
+                cut = len(prefix)
+                if payload is None:
+                    append(None)
+                    continue
+            source, row = payload.source, payload.after
+            if (
+                payload.op != "c"
+                or source is None
+                or row is None
+                or not (source.snapshot is None or source.snapshot in _STREAMED)
+            ):
+                append(self._order_change(topic, payload, embedded))
+                continue
+            amount = row.amount
+            try:
+                if type(amount) is not str:
+                    decimal = decode_amount(amount, mode, default_scale)
+                else:
+                    scale = default_scale
+                    if embedded:
+                        if embedded is not scaled:
+                            schema_scale, scaled = self._scale_of(embedded), embedded
+                        scale = schema_scale
+                    if mode == "string" or (mode is None and "." in amount):
+                        decimal = Decimal(amount)
+                    else:
+                        decimal = decode_amount(amount, mode, scale)
+            except (ValueError, ArithmeticError):
+                append(self._order_change(topic, payload, embedded))  # raises, saying why
+                continue
+            append(
+                OrderChange(
+                    "c", row.order_id, row.batch_id, row.customer_id, decimal, source.txId,
+                    source.lsn, False, source.ts_ms, payload.ts_ms,
+                )
+            )  # fmt: skip
+        return changes
+
+    def _order_change(
+        self, topic: str, payload: OrderPayload, schema: msgspec.Raw
+    ) -> OrderChange | Truncate:
         op, source = _op_and_source(topic, payload.op, payload.source)
         if op == "t":
             return Truncate(self.orders_collection, source.txId, source.lsn, source.ts_ms)

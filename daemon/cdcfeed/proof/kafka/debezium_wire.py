@@ -136,8 +136,10 @@ class Reader(Generic[_P]):
     """
 
     def __init__(self, value_type: type[_Enveloped[_P]], payload_type: type[_P]) -> None:
-        self._full: msgspec.json.Decoder[_Enveloped[_P]] = msgspec.json.Decoder(value_type)
-        self._payload: msgspec.json.Decoder[_P | None] = msgspec.json.Decoder(payload_type | None)
+        self.decoder: msgspec.json.Decoder[_Enveloped[_P]] = msgspec.json.Decoder(value_type)
+        self.payload_decoder: msgspec.json.Decoder[_P | None] = msgspec.json.Decoder(
+            payload_type | None
+        )
         self.prefix = b""
         self.schema = NO_SCHEMA
 
@@ -146,8 +148,8 @@ class Reader(Generic[_P]):
         prefix = self.prefix
         try:
             if prefix and value.startswith(prefix) and value.endswith(b"}"):
-                return self._payload.decode(memoryview(value)[len(prefix) : -1]), self.schema
-            outer = self._full.decode(value)
+                return self.payload_decoder.decode(value[len(prefix) : -1]), self.schema
+            outer = self.decoder.decode(value)
         except msgspec.DecodeError as exc:
             raise not_understood(topic, value, exc) from None
         if outer.payload is msgspec.UNSET:

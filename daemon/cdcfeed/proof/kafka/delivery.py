@@ -40,14 +40,13 @@ the batch's); otherwise it amends the verdict as a violation.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from itertools import islice
-from typing import Protocol
+from collections.abc import Iterable, Sequence
+from itertools import groupby, islice
+from typing import cast
 
-from cdcfeed.proof.events import LedgerBatch, StreamEvent, TransactionEnd, Violation
+from cdcfeed.proof.events import LedgerBatch, TransactionEnd
 from cdcfeed.proof.fold import Fold
-from cdcfeed.proof.judge import Verdict, judge_seen, judge_unseen
+from cdcfeed.proof.judge import judge_seen, judge_unseen
 from cdcfeed.proof.kafka.debezium import (
     DebeziumDecoder,
     OrderChange,
@@ -55,52 +54,10 @@ from cdcfeed.proof.kafka.debezium import (
     Truncate,
 )
 from cdcfeed.proof.kafka.digest import DIGEST_ROWS, Digest, fingerprint
+from cdcfeed.proof.kafka.records import TP, Candidate, Judgement, Lookup, Record
 from cdcfeed.proof.kafka.redelivery import XID_MASK, JudgedBatch, Redeliveries
 
-__all__ = ["XID_MASK", "Candidate", "Delivery", "JudgedBatch", "Judgement", "Record"]
-
 _MAX_ENDS = 100_000  # END events kept for batches whose rows have not arrived (or never will)
-
-TP = tuple[str, int]  # (topic, partition)
-Lookup = Callable[[set[int]], Awaitable[dict[int, "JudgedBatch"]]]
-
-
-class Record(Protocol):
-    """What is read of a Kafka record (aiokafka's ConsumerRecord has these)."""
-
-    @property
-    def offset(self) -> int: ...
-    @property
-    def timestamp(self) -> int: ...  # milliseconds since the epoch
-    @property
-    def value(self) -> bytes | None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """A ledger batch that may be due; `completed_at` in seconds since the epoch."""
-
-    batch: LedgerBatch
-    completed_at: float | None
-
-
-@dataclass
-class Judgement:
-    """What one judging step decided, and the counts to store with it."""
-
-    verdicts: list[Verdict] = field(default_factory=list)
-    amendments: list[Violation] = field(default_factory=list)
-    events: list[StreamEvent] = field(default_factory=list)
-    pending: int = 0
-    oldest_pending: float | None = None  # seconds since the oldest pending batch completed
-    # Per judged batch with rows: (ledger completion -> last record's broker timestamp,
-    # ledger completion -> its arrival here), seconds.
-    latencies: list[tuple[float, float]] = field(default_factory=list)
-    duplicates: int = 0
-    snapshot_events: int = 0
-    tombstones: int = 0
-    # The digests of the batches judged now that delivered rows: stored with their verdicts.
-    digests: list[tuple[int, Digest]] = field(default_factory=list)
 
 
 class Delivery:
@@ -180,21 +137,19 @@ class Delivery:
     async def _orders(
         self, tp: TP, records: Sequence[Record], lookup: Lookup, arrival: float
     ) -> None:
-        decode = self.decoder.decode_order
-        topic = tp[0]
-        decoded = [(r.offset, r.timestamp, decode(r.value, topic)) for r in records]
+        changes = self.decoder.decode_orders([r.value for r in records], tp[0])
         held, judged = self.held, self.judged
         new = {
             change.batch_id
-            for _, _, change in decoded
-            if type(change) is OrderChange
-            and change.op == "c"
-            and change.batch_id is not None
-            and change.batch_id not in held
-            and change.batch_id not in judged
+            for change in changes
+            if type(change) is OrderChange and change.op == "c" and change.batch_id is not None
         }
+        new -= held
+        new -= judged.keys()
         if new:
             self.redeliveries.learn(await lookup(new))
+        if self._inserts(tp, records, changes, arrival):
+            return
         fold, counts = self.fold, self._counts
         seen = self.seen.get(tp, -1)
         firsts = self._firsts.setdefault(tp, {})
@@ -202,9 +157,10 @@ class Delivery:
         low = self.scope
         run: int | None = None
         run_judged = False
-        run_ts = 0
-        again = self.redeliveries.again
-        for offset, ts, change in decoded:
+        last = records[0]  # the run's last record: its timestamp is when the run arrived
+        insert, again = fold.insert, self.redeliveries.again
+        for record, change in zip(records, changes, strict=True):
+            offset = record.offset
             if change is None:
                 if offset >= seen:
                     counts.tombstones += 1
@@ -232,28 +188,78 @@ class Delivery:
                 continue
             if batch_id != run:
                 if run is not None and not run_judged:
-                    self._arrived(run, run_ts, arrival)
+                    self._arrived(run, last.timestamp, arrival)
                 run = batch_id
                 run_judged = batch_id in judged
                 if not run_judged and batch_id not in firsts:
                     firsts[batch_id] = (offset, below)
                     held.add(batch_id)
-            run_ts = ts
+            last = record
             values = fingerprint(change.customer_id, change.amount)
             if run_judged:
                 if offset >= seen:
                     again(batch_id, change.order_id, xid, lsn, values)
                 continue
             if offset >= seen:
-                fold.insert(change.order_id, batch_id, xid, lsn, values)
+                insert(change.order_id, batch_id, xid, lsn, values)
             else:  # read before: its stream events were stored then
                 events = len(fold.events)
-                fold.insert(change.order_id, batch_id, xid, lsn, values)
+                insert(change.order_id, batch_id, xid, lsn, values)
                 del fold.events[events:]
         if run is not None and not run_judged:
-            self._arrived(run, run_ts, arrival)
+            self._arrived(run, last.timestamp, arrival)
         self.high_lsn[tp[1]] = high
         self.scope = low
+
+    def _inserts(
+        self,
+        tp: TP,
+        records: Sequence[Record],
+        changes: list[OrderChange | Truncate | None],
+        arrival: float,
+    ) -> bool:
+        """What `_orders` does with the usual fetch, by runs of rows: every record a streamed
+        insert into a batch not judged, read for the first time. False, with nothing done,
+        for any other fetch."""
+        if records[0].offset < self.seen.get(tp, -1):
+            return False  # read before, at least in part
+        try:
+            batch_ids = [c.batch_id for c in changes]  # type: ignore[union-attr]
+            ops = {c.op for c in changes}  # type: ignore[union-attr]
+            snapshots = [c.snapshot for c in changes]  # type: ignore[union-attr]
+        except AttributeError:  # a tombstone or a truncate
+            return False
+        ids = set(batch_ids)
+        if ops != {"c"} or True in snapshots or None in ids or not ids.isdisjoint(self.judged):
+            return False
+        inserts = cast(list[OrderChange], changes)
+        lsns = [c.lsn or 0 for c in inserts]
+        xids = [c.tx_id or 0 for c in inserts]
+        fingerprints = [fingerprint(c.customer_id, c.amount) for c in inserts]
+        order_ids = [c.order_id for c in inserts]
+        low, high = min(lsns), max(lsns)
+        below = self.high_lsn.get(tp[1], -1)  # the highest LSN before each run, as in _orders
+        self.high_lsn[tp[1]] = max(below, high)
+        self.scope = low if self.scope is None else min(self.scope, low)
+        firsts = self._firsts.setdefault(tp, {})
+        held, fold = self.held, self.fold
+        start = 0
+        for batch_id, run in groupby(cast(list[int], batch_ids)):
+            end = start + len(list(run))
+            if batch_id not in firsts:
+                firsts[batch_id] = (records[start].offset, below)
+                held.add(batch_id)
+            below = max(below, max(lsns[start:end]))
+            fold.insert_run(
+                batch_id,
+                order_ids[start:end],
+                xids[start:end],
+                lsns[start:end],
+                fingerprints[start:end],
+            )
+            self._arrived(batch_id, records[end - 1].timestamp, arrival)
+            start = end
+        return True
 
     def _arrived(self, batch_id: int, timestamp_ms: int, arrival: float) -> None:
         ts = timestamp_ms / 1000

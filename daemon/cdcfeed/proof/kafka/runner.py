@@ -26,7 +26,8 @@ from cdcfeed.proof.events import Violation
 from cdcfeed.proof.follow import follow
 from cdcfeed.proof.kafka.consumer import KafkaSource, KafkaUnavailable, decoder_for
 from cdcfeed.proof.kafka.debezium import DebeziumFormatError
-from cdcfeed.proof.kafka.delivery import Delivery, Judgement
+from cdcfeed.proof.kafka.delivery import Delivery
+from cdcfeed.proof.kafka.records import Judgement
 from cdcfeed.proof.kafka.report import KafkaReport, KafkaTally
 from cdcfeed.proof.kafka.state import KafkaState
 from cdcfeed.retry import Backoff, retry

@@ -20,8 +20,9 @@ from cdcfeed.database import KafkaSession
 from cdcfeed.database.kafka_store import UNJUDGED_LIMIT
 from cdcfeed.errors import UserError
 from cdcfeed.proof.events import LedgerBatch, Violation
-from cdcfeed.proof.kafka.delivery import Candidate, JudgedBatch, Judgement
 from cdcfeed.proof.kafka.digest import DIGEST_ROWS, Digest
+from cdcfeed.proof.kafka.records import Candidate, Judgement
+from cdcfeed.proof.kafka.redelivery import JudgedBatch
 from cdcfeed.proof.kafka.report import KafkaReport, KafkaTally
 from cdcfeed.proof.slot.state import REPORT_VIOLATIONS
 
