@@ -20,11 +20,9 @@ from cdcfeed.endpoint import Readiness
 from cdcfeed.errors import PrivilegeRefused, UserError
 from cdcfeed.load import batch
 from cdcfeed.load.batch import BatchEnvironment, run_batch
-from cdcfeed.load.feed import FeedDirectory
-from cdcfeed.load.ids import IdReservations
-from cdcfeed.metrics import Metrics
 from cdcfeed.retry import Backoff
 from cdcfeed.throttle import Throttle
+from tests.unit.batch_environment import environment as batch_environment
 
 DENIED = PrivilegeRefused("InsufficientPrivilegeError [42501]: permission denied for table x")
 
@@ -158,21 +156,8 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def environment(db: RefusingDatabase, feed_dir: Path) -> BatchEnvironment:
-    feed = FeedDirectory(load_settings(None, {"feed": {"dir": str(feed_dir)}}, {}).feed)
-    feed.prepare()
-    return BatchEnvironment(
-        database=db,  # type: ignore[arg-type]
-        ids=IdReservations(db, rows=5, batches=1),  # type: ignore[arg-type]
-        feed=feed,
-        metrics=Metrics(),
-        instance="test",
-        batch_size=5,
-        seed=1,
-        stopping=asyncio.Event(),
-        on_database_down=asyncio.Event(),
-        settle_seconds=1.0,
-        readiness=Readiness(database_up=True, scheduler_running=True),
-    )
+    readiness = Readiness(database_up=True, scheduler_running=True)
+    return batch_environment(db, feed_dir, readiness=readiness)
 
 
 async def test_a_refused_mark_is_retried_until_it_is_written(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from cdcfeed.config import load_settings
 from cdcfeed.database import Allocation, Settlement
 from cdcfeed.errors import (
     BatchAborted,
@@ -25,11 +24,9 @@ from cdcfeed.errors import (
 )
 from cdcfeed.load import batch
 from cdcfeed.load.batch import BatchEnvironment, run_batch
-from cdcfeed.load.feed import FeedDirectory
-from cdcfeed.load.ids import IdReservations
 from cdcfeed.load.outcome import Action, Outcome, Reached, decide
-from cdcfeed.metrics import Metrics
 from cdcfeed.retry import Backoff
+from tests.unit.batch_environment import environment as batch_environment
 
 LOST = DatabaseUnavailable("ConnectionDoesNotExistError: connection was closed")
 REFUSED = DatabaseRefused("UniqueViolationError [23505]: duplicate key", "23505")
@@ -118,21 +115,7 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def environment(db: FakeDatabase, feed_dir: Path) -> BatchEnvironment:
-    feed = FeedDirectory(load_settings(None, {"feed": {"dir": str(feed_dir)}}, {}).feed)
-    feed.prepare()
-    return BatchEnvironment(
-        database=db,  # type: ignore[arg-type]
-        ids=IdReservations(db, rows=5, batches=1),  # type: ignore[arg-type]
-        feed=feed,
-        metrics=Metrics(),
-        instance="test",
-        batch_size=5,
-        seed=1,
-        stopping=asyncio.Event(),
-        on_database_down=asyncio.Event(),
-        settle_seconds=1.0,
-        copy_timeout=6.0,
-    )
+    return batch_environment(db, feed_dir, copy_timeout=6.0)
 
 
 def count(env: BatchEnvironment, metric: str, **labels: str) -> float:

@@ -7,7 +7,7 @@ which `judge` weighs against the ledger's `LedgerBatch`es.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
@@ -58,6 +58,16 @@ class Violation:
     def line(self) -> str:
         where = "stream" if self.batch_id is None else f"batch {self.batch_id}"
         return f"{where}: {self.reason}"
+
+
+def violation_lines(shown: Sequence[Violation], total: int) -> list[str]:
+    """A report's violation lines: those it holds, then how many more the state has."""
+    lines = [f"violation: {v.line()}" for v in shown]
+    if total > len(shown):
+        lines.append(
+            f"... and {total - len(shown)} more (see --format json or table cdcfeed_verify_results)"
+        )
+    return lines
 
 
 @dataclass(frozen=True, slots=True)

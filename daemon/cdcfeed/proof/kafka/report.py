@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cdcfeed.proof.events import Violation
+from cdcfeed.proof.events import Violation, violation_lines
 
 
 @dataclass
@@ -76,10 +76,4 @@ class KafkaReport:
             f"this run: {self.run.batches} batches verified, {self.run.rows} rows, "
             f"{self.run.duplicates} duplicates, {self.run.violations} violations",
         ]
-        lines += [f"violation: {v.line()}" for v in self.violations]
-        hidden = self.violation_count - len(self.violations)
-        if hidden > 0:
-            lines.append(
-                f"... and {hidden} more (see --format json or table cdcfeed_verify_results)"
-            )
-        return "\n".join(lines)
+        return "\n".join(lines + violation_lines(self.violations, self.violation_count))
