@@ -40,6 +40,19 @@ class Verdict:
     def violation(self) -> Violation | None:
         return None if self.reason is None else Violation(self.batch_id, self.reason)
 
+    @property
+    def stored(self) -> tuple[int, str | None, str, int, int | None, int | None, str | None]:
+        """What a verifier's state keeps of it, in the order `record_verdict` takes."""
+        return (
+            self.batch_id,
+            self.status,
+            self.result,
+            self.rows,
+            self.xid,
+            self.commit_lsn,
+            self.reason,
+        )
+
 
 def reasons_against(
     batch_id: int, batch: LedgerBatch | None, seen: Sequence[Observation], judged_before: bool

@@ -132,16 +132,7 @@ class KafkaState:
         db = self.db
         async with db.transaction():
             for verdict in judged.verdicts:
-                await db.record_verdict(
-                    self.source,
-                    verdict.batch_id,
-                    verdict.status,
-                    verdict.result,
-                    verdict.rows,
-                    verdict.xid,
-                    verdict.commit_lsn,
-                    verdict.reason,
-                )
+                await db.record_verdict(self.source, *verdict.stored)
             for amendment in judged.amendments:
                 assert amendment.batch_id is not None
                 await db.amend(self.source, amendment.batch_id, amendment.reason)

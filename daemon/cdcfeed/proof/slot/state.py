@@ -162,16 +162,7 @@ class VerifyState:
             judged.found.append(verdict.violation)
 
     async def _store(self, verdict: Verdict) -> None:
-        await self.db.record_verdict(
-            self.source,
-            verdict.batch_id,
-            verdict.status,
-            verdict.result,
-            verdict.rows,
-            verdict.xid,
-            verdict.commit_lsn,
-            verdict.reason,
-        )
+        await self.db.record_verdict(self.source, *verdict.stored)
 
     async def lag_bytes(self) -> int:
         """WAL written since the position the source has been read to."""
