@@ -19,22 +19,13 @@ from tests.support import (
     daemon_args,
     free_port,
     http_get,
+    one_error_line,
     parse_metrics,
     run_cli,
     spawn,
     wait_for_batches,
     wheel_bin_dir,
 )
-
-
-def _one_line(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr
-    # Log lines (each connection retry, say) may come first; the error is one line, last.
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("cdcfeed: ")]
-    assert errors == lines[-1:], result.stderr
-    return lines[-1]
 
 
 @pytest.mark.parametrize(
@@ -51,7 +42,7 @@ def _one_line(result: subprocess.CompletedProcess[str]) -> str:
     ],
 )
 def test_bad_values_are_one_line_and_exit_2(args: list[str], names: str) -> None:
-    line = _one_line(run_cli("run", *args))
+    line = one_error_line(run_cli("run", *args))
     assert names in line
     assert "pw" not in line
 
@@ -59,7 +50,7 @@ def test_bad_values_are_one_line_and_exit_2(args: list[str], names: str) -> None
 def test_unknown_key_in_the_file(tmp_path: Path) -> None:
     config = tmp_path / "cdcfeed.toml"
     config.write_text("[load]\nrate = 2\nbatchsize = 10\n")
-    line = _one_line(run_cli("config", "--config", str(config)))
+    line = one_error_line(run_cli("config", "--config", str(config)))
     assert "load.batchsize" in line and "unknown setting" in line
 
 
@@ -88,7 +79,7 @@ def test_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text("[database]\nconnect_attempts = 2\nconnect_timeout = 2\n")
     dsn = f"postgresql://u:hunter2@127.0.0.1:{port}/db"
-    line = _one_line(run_cli(*daemon_args(dsn, tmp_path / "feed"), "--config", str(config)))
+    line = one_error_line(run_cli(*daemon_args(dsn, tmp_path / "feed"), "--config", str(config)))
     assert line.startswith("cdcfeed: database.dsn: cannot connect to postgresql://u:***@127.0.0.1")
     assert "hunter2" not in line
 
@@ -103,13 +94,13 @@ def test_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
 def test_verify_kafka_without_brokers_is_one_line(dsn: str, bootstrap: str, expected: str) -> None:
     assert run_cli("init-db", "--dsn", dsn).returncode == 0
     result = run_cli("verify", "--kafka", bootstrap.format(port=free_port()), "--dsn", dsn)
-    assert _one_line(result).startswith(expected)
+    assert one_error_line(result).startswith(expected)
 
 
 def test_an_unwritable_feed_dir_is_one_line(tmp_path: Path, dsn: str) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    line = _one_line(
+    line = one_error_line(
         run_cli(*daemon_args(dsn, tmp_path / "feed"), "--feed-dir", str(blocker / "feed"))
     )
     assert line.startswith("cdcfeed: feed.dir: cannot create or write")

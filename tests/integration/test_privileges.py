@@ -24,7 +24,9 @@ from tests.support import (
     count_batches,
     create_schema,
     daemon_args,
+    execute,
     fetchval,
+    one_error_line,
     run_cli,
     running,
     settings_for,
@@ -36,27 +38,9 @@ FAILED = "status = 'FAILED'"
 _roles = itertools.count(1)
 
 
-def _one_line(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("cdcfeed: ")]
-    assert errors == lines[-1:], result.stderr
-    return lines[-1]
-
-
 def as_role(dsn: str, role: str) -> str:
     """The test database's DSN for `role` (the test server trusts loopback)."""
     return dsn.replace("postgresql://postgres@", f"postgresql://{role}@", 1)
-
-
-async def admin(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 @pytest.fixture
@@ -64,9 +48,9 @@ async def loader(dsn: str) -> AsyncIterator[str]:
     """A login role with no privileges on the test database's schema (roles are the server's:
     its name is unique to this test, and it is dropped after it)."""
     role = f"loader_{os.getpid()}_{next(_roles)}"
-    await admin(dsn, f"CREATE ROLE {role} LOGIN")
+    await execute(dsn, f"CREATE ROLE {role} LOGIN")
     yield role
-    await admin(dsn, f"DROP OWNED BY {role}", f"DROP ROLE {role}")
+    await execute(dsn, f"DROP OWNED BY {role}", f"DROP ROLE {role}")
 
 
 def run_as(dsn: str, role: str, feed_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -87,7 +71,9 @@ async def test_run_without_grants_names_each_privilege_and_the_grant(
     dsn: str, loader: str, feed_dir: Path
 ) -> None:
     await create_schema(dsn)
-    line = _one_line(await asyncio.to_thread(run_as, dsn, loader, feed_dir, "--no-init-schema"))
+    line = one_error_line(
+        await asyncio.to_thread(run_as, dsn, loader, feed_dir, "--no-init-schema")
+    )
     assert f"role {loader} lacks" in line
     assert "SELECT, INSERT, UPDATE on table public.batch_control" in line
     assert "USAGE on sequence public.batch_control_batch_id_seq" in line
@@ -98,8 +84,8 @@ async def test_run_without_grants_names_each_privilege_and_the_grant(
 
 async def test_no_usage_on_the_batch_id_sequence(dsn: str, loader: str, feed_dir: Path) -> None:
     assert run_cli("init-db", "--dsn", dsn, "--grant", loader).returncode == 0
-    await admin(dsn, f"REVOKE USAGE ON SEQUENCE batch_control_batch_id_seq FROM {loader}")
-    line = _one_line(await asyncio.to_thread(run_as, dsn, loader, feed_dir))
+    await execute(dsn, f"REVOKE USAGE ON SEQUENCE batch_control_batch_id_seq FROM {loader}")
+    line = one_error_line(await asyncio.to_thread(run_as, dsn, loader, feed_dir))
     assert "lacks USAGE on sequence public.batch_control_batch_id_seq" in line
     assert f'GRANT USAGE ON SEQUENCE "public"."batch_control_batch_id_seq" TO "{loader}"' in line
     assert await statuses(dsn) == {}
@@ -110,7 +96,7 @@ async def test_no_select_on_orders_leaves_an_earlier_runs_batches_to_a_run_that_
 ) -> None:
     """Settling what an earlier run left reads orders: the check comes before it."""
     assert run_cli("init-db", "--dsn", dsn, "--grant", loader).returncode == 0
-    await admin(
+    await execute(
         dsn,
         "INSERT INTO batch_control (batch_id, instance, status, row_count, first_order_id, "
         "start_lsn, started_at) SELECT id, 'crashed', 'IN_PROGRESS', 5, 1000000 + 5 * id, "
@@ -118,11 +104,11 @@ async def test_no_select_on_orders_leaves_an_earlier_runs_batches_to_a_run_that_
         f"REVOKE SELECT ON orders FROM {loader}",
     )
     extra = ("--instance", "crashed")
-    line = _one_line(await asyncio.to_thread(run_as, dsn, loader, feed_dir, *extra))
+    line = one_error_line(await asyncio.to_thread(run_as, dsn, loader, feed_dir, *extra))
     assert "lacks SELECT on table public.orders" in line
     assert await statuses(dsn) == {"IN_PROGRESS": 2}  # untouched, not half-settled
 
-    await admin(dsn, f"GRANT SELECT ON orders TO {loader}")
+    await execute(dsn, f"GRANT SELECT ON orders TO {loader}")
     result = await asyncio.to_thread(run_as, dsn, loader, feed_dir, *extra)
     assert result.returncode == 0, result.stderr
     assert await statuses(dsn) == {"FAILED": 2, "COMPLETED": 3}
@@ -130,14 +116,14 @@ async def test_no_select_on_orders_leaves_an_earlier_runs_batches_to_a_run_that_
 
 async def test_init_db_and_status_as_a_role_that_cannot_create(dsn: str, loader: str) -> None:
     as_loader = as_role(dsn, loader)
-    line = _one_line(run_cli("status", "--dsn", as_loader))
+    line = one_error_line(run_cli("status", "--dsn", as_loader))
     assert "schema public holds no cdcfeed ledger" in line and "cdcfeed init-db" in line
-    line = _one_line(run_cli("init-db", "--dsn", as_loader))
+    line = one_error_line(run_cli("init-db", "--dsn", as_loader))
     assert f"role {loader} may not create" in line
     assert f"cdcfeed init-db --grant {loader}" in line
 
     assert run_cli("init-db", "--dsn", dsn).returncode == 0
-    line = _one_line(run_cli("status", "--dsn", as_loader))
+    line = one_error_line(run_cli("status", "--dsn", as_loader))
     assert "lacks SELECT on table public.batch_control" in line
     assert f'GRANT SELECT ON TABLE "public"."batch_control" TO "{loader}"' in line
     # On a current schema, init-db does no DDL: the role that cannot create may run it.
@@ -157,7 +143,7 @@ async def test_init_db_grant_is_all_a_plain_run_needs(
     assert await statuses(dsn) == {"COMPLETED": 3}
     assert "Traceback" not in result.stderr
 
-    line = _one_line(run_cli("init-db", "--dsn", dsn, "--grant", "nobody_at_all"))
+    line = one_error_line(run_cli("init-db", "--dsn", dsn, "--grant", "nobody_at_all"))
     assert "--grant: role nobody_at_all does not exist" in line
 
 
@@ -178,23 +164,23 @@ async def test_a_privilege_revoked_mid_run_fails_batches_not_the_daemon(
         async with running(settings) as daemon:
             await wait_until("the daemon is ready", daemon.ready)
             # The COPY refused: each batch is FAILED with the server's error.
-            await admin(dsn, f"REVOKE INSERT ON orders FROM {loader}")
+            await execute(dsn, f"REVOKE INSERT ON orders FROM {loader}")
             await wait_until(
                 "refused batches FAILED", lambda: count_batches(dsn, FAILED), at_least(3)
             )
             await wait_until("not ready while refused", daemon.ready, lambda ready: not ready)
             error = await fetchval(dsn, f"SELECT error FROM batch_control WHERE {FAILED} LIMIT 1")
             assert "permission denied for table orders" in error
-            await admin(dsn, f"GRANT INSERT ON orders TO {loader}")
+            await execute(dsn, f"GRANT INSERT ON orders TO {loader}")
             await more_completed(daemon)
 
             # Even the FAILED mark refused: the batches wait for the grant, the daemon goes on.
-            await admin(dsn, f"REVOKE UPDATE ON batch_control FROM {loader}")
+            await execute(dsn, f"REVOKE UPDATE ON batch_control FROM {loader}")
             await wait_until("not ready", daemon.ready, lambda ready: not ready)
             await asyncio.sleep(2.0)
             assert not daemon.task.done()
             assert await count_batches(dsn, "status = 'IN_PROGRESS'") >= 1  # awaiting the mark
-            await admin(dsn, f"GRANT UPDATE ON batch_control TO {loader}")
+            await execute(dsn, f"GRANT UPDATE ON batch_control TO {loader}")
             await more_completed(daemon)
     finally:
         logger.remove(sink)

@@ -22,6 +22,7 @@ from tests.support import (
     PostgresCluster,
     at_least,
     equals,
+    execute,
     fetchval,
     names_for,
     prepare_slot,
@@ -47,15 +48,6 @@ def verify(dsn: str, *args: str, slot: str = SLOT, publication: str = PUBLICATIO
     assert "Traceback" not in result.stderr, result.stderr
     report = json.loads(result.stdout) if "--format" in args else result.stdout
     return result.returncode, report, result.stderr
-
-
-async def execute(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 async def ledger_counts(dsn: str) -> dict[str, int]:

@@ -49,6 +49,7 @@ from tests.support import (
     cdcfeed_command,
     clean_environment,
     create_schema,
+    execute,
     run_cli,
     run_in_process,
     settings_for,
@@ -253,12 +254,7 @@ async def pipeline(
     work = tmp_path_factory.mktemp("kafka-scenarios")
     dsn, bootstrap = module_dsn, broker.bootstrap
     await create_schema(dsn)
-    conn = await asyncpg.connect(dsn)
-    try:
-        for statement in TRAP:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
+    await execute(dsn, *TRAP)
     for prefix, partitions in ORDERS_PARTITIONS.items():
         await broker.create_topics(
             {

@@ -113,3 +113,14 @@ def run_cli(*args: str, timeout: float = 60, **env: str) -> subprocess.Completed
         env=clean_environment(**env),
         check=False,
     )
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The error of a command that failed as a user mistake: exit 2, no traceback, and one
+    `cdcfeed: …` line, the last (log lines, each connection retry say, may come first)."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("cdcfeed: ")]
+    assert errors == lines[-1:], result.stderr
+    return lines[-1]

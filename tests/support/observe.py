@@ -53,6 +53,16 @@ async def fetchval(dsn: str, query: str, *args: Any) -> Any:
         await conn.close()
 
 
+async def execute(dsn: str, *statements: str) -> None:
+    """Runs SQL as the test server's superuser, one statement after the other."""
+    conn = await asyncpg.connect(dsn, timeout=5)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
 async def count_batches(dsn: str, where: str = "status = 'COMPLETED'", *args: Any) -> int:
     """Batches in the ledger matching `where`; -1 while the server or the schema is not there."""
     try:
