@@ -95,6 +95,16 @@ def _settings(
 @click.option("--feed-dir", type=click.Path(path_type=Path), help="Directory for CSV feed files.")
 @click.option("--metrics-address", help="host:port for /metrics, /healthz, /readyz; port 0 = any.")
 @click.option("--seed", type=int, help="Seed for reproducible order values.")
+@click.option(
+    "--mix",
+    metavar="insert=W,update=W,delete=W",
+    help="Weights of inserts, updates and deletes in each batch (default insert=100).",
+)
+@click.option(
+    "--toast-bytes",
+    type=int,
+    help="Size of the note text each insert writes: 0 = none, else at least 2048 (TOASTed).",
+)
 @log_format_option
 @click.option("--instance", help="Instance name in the ledger (default: the host name).")
 @click.option("--grace-period", type=float, help="Seconds in-flight batches get after SIGTERM.")
@@ -114,6 +124,8 @@ def run(
     feed_dir: Path | None,
     metrics_address: str | None,
     seed: int | None,
+    mix: str | None,
+    toast_bytes: int | None,
     log_format: str | None,
     instance: str | None,
     grace_period: float | None,
@@ -131,6 +143,8 @@ def run(
                 "max_batches": max_batches,
                 "duration": duration,
                 "seed": seed,
+                "mix": mix,
+                "toast_bytes": toast_bytes,
             },
             "feed": {"dir": feed_dir},
             "metrics": {"address": metrics_address},
