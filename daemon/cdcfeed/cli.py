@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 from loguru import logger
@@ -177,8 +177,18 @@ def run(
     help="Also grant ROLE exactly what `cdcfeed run` needs (docs/operations.md lists it); "
     "run as the schema's owner.",
 )
+@click.option(
+    "--replica-identity",
+    type=click.Choice(["default", "full"]),
+    help="Also set orders' REPLICA IDENTITY: what the change stream carries of an updated or "
+    "deleted order's old row (default: the key; full: the whole row). Absent: left as is.",
+)
 def init_db(
-    config: Path | None, dsn: str | None, publication: str | None, grant_to: str | None
+    config: Path | None,
+    dsn: str | None,
+    publication: str | None,
+    grant_to: str | None,
+    replica_identity: Literal["default", "full"] | None,
 ) -> None:
     """Create or upgrade the schema (idempotent; safe from several instances at once)."""
     settings = _settings(config, {"database": {"dsn": dsn}, "cdc": {"publication": publication}})
@@ -196,6 +206,8 @@ def init_db(
                     await db.ensure_publication(settings.cdc.publication)
                 if grant_to:
                     granted = await _grant(db, grant_to)
+                if replica_identity:
+                    await db.set_replica_identity(replica_identity)
             if publication:
                 await check_server(db)  # a publication nobody can decode is worth a warning
         logger.info(f"schema ready: {names.schema}.{names.orders}, {names.schema}.{names.batches}")
@@ -203,6 +215,8 @@ def init_db(
             logger.info(f"publication {settings.cdc.publication} covers both tables")
         if grant_to:
             logger.info(f"granted {grant_to}: {'; '.join(granted)}")
+        if replica_identity:
+            logger.info(f"{names.schema}.{names.orders}: replica identity {replica_identity}")
 
     _run_async(main)
 
