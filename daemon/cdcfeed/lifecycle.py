@@ -24,6 +24,11 @@ def updated_status(order_id: int) -> str:
     return CANCELLED if order_id % 10 == 0 else PAID
 
 
+def changed(updated: int, deleted: int) -> str:
+    """What a batch updated and deleted, for its log lines: nothing for a batch of inserts."""
+    return (f" updated={updated}" if updated else "") + (f" deleted={deleted}" if deleted else "")
+
+
 @dataclass(frozen=True, slots=True)
 class Mix:
     """The weights of inserts, updates and deletes in every batch."""

@@ -31,7 +31,7 @@ from cdcfeed.database import Allocation, Changes, Database, Settlement
 from cdcfeed.database.names import NOTED_ORDER_COLUMNS
 from cdcfeed.endpoint import Readiness
 from cdcfeed.errors import DatabaseRefused, DatabaseUnavailable, FeedError
-from cdcfeed.lifecycle import Mix
+from cdcfeed.lifecycle import Mix, changed
 from cdcfeed.load.changes import Plan, plan_batch, render_batch
 from cdcfeed.load.feed import FeedDirectory
 from cdcfeed.load.generate import batch_rng
@@ -83,11 +83,6 @@ class Timings:
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}ms"
-
-
-def _changed(updated: int, deleted: int) -> str:
-    """What a batch updated and deleted, for its log line: nothing for a batch of inserts."""
-    return (f" updated={updated}" if updated else "") + (f" deleted={deleted}" if deleted else "")
 
 
 async def run_batch(env: BatchEnvironment, sequence: int) -> None:
@@ -216,7 +211,7 @@ async def _load(
         end_lsn=end_lsn,
         xid=xid,
     ).info(
-        f"batch {batch_id} COMPLETED rows={rows}{_changed(changes.updated, changes.deleted)} "
+        f"batch {batch_id} COMPLETED rows={rows}{changed(changes.updated, changes.deleted)} "
         f"start_lsn={start_lsn} end_lsn={end_lsn} "
         f"xid={xid} generate={_ms(timings.generated - timings.started)} "
         f"write={_ms(timings.written - timings.generated)} copy={_ms(copy_seconds)} "
@@ -371,9 +366,9 @@ async def _settle_until_known(
         env.metrics.batches.labels("completed").inc()
         env.metrics.rows.inc(settlement.row_count)
         env.metrics.count_changes(settlement.row_count, settlement.updated, settlement.deleted)
-        changed = _changed(settlement.updated, settlement.deleted)
+        changes = changed(settlement.updated, settlement.deleted)
         log.warning(
-            f"batch {batch_id} COMPLETED (recovered) rows={settlement.row_count}{changed} "
+            f"batch {batch_id} COMPLETED (recovered) rows={settlement.row_count}{changes} "
             f"end_lsn={settlement.end_lsn}"
         )
     else:
