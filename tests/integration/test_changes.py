@@ -81,7 +81,7 @@ async def ledger_sums(dsn: str) -> list[float]:
 
 
 async def _lock_waits(dsn: str, stop: asyncio.Event) -> list[str]:
-    """The statements seen waiting for a lock on orders' changes until `stop`."""
+    """The applies seen waiting for another transaction's row or table lock until `stop`."""
     seen: list[str] = []
     conn = await asyncpg.connect(dsn)
     try:
@@ -90,7 +90,10 @@ async def _lock_waits(dsn: str, stop: asyncio.Event) -> list[str]:
                 row[0]
                 for row in await conn.fetch(
                     "SELECT query FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock' AND query LIKE '%inserted AS%'"
+                    "AND wait_event_type = 'Lock' AND query LIKE '%inserted AS%' "
+                    # Row and table locks; not the relation extension lock concurrent
+                    # inserts into one table share, which is no wait for another's rows.
+                    "AND wait_event IN ('transactionid', 'tuple', 'relation')"
                 )
             ]
             await asyncio.sleep(0.002)
