@@ -11,6 +11,10 @@ checkpoint; the goal is judged on the median of the per-repetition ratios, which
 most of the noise of a shared machine. Example:
 
     .venv/bin/python bench/throughput.py --repeat 5
+
+With `--mix` (and `--toast-bytes`), cdcfeed also runs that change mix at each concurrency;
+its figure is changes per second (orders inserted, updated and deleted), printed next to the
+insert-only one.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ GOAL_RATIO = 0.9
 REFERENCE = "server COPY FROM file, 2 sessions"
 # Reference files take order ids far above the daemon's, although every run starts empty.
 REFERENCE_FIRST_ID = 10**12
+# The columns of the reference files: orders has more (status, updated_at, note: defaults).
+COLUMNS = "(order_id, batch_id, customer_id, amount, created_at)"
 
 
 @dataclass
@@ -82,7 +88,7 @@ async def server_copy(dsn: str, files: list[Path], sessions: int) -> Outcome:
     async def session(conn: asyncpg.Connection) -> None:
         while queue:
             path = queue.pop(0)
-            await conn.execute(f"COPY orders FROM '{path}' (FORMAT csv, HEADER)")
+            await conn.execute(f"COPY orders {COLUMNS} FROM '{path}' (FORMAT csv, HEADER)")
 
     try:
         started = time.perf_counter()
@@ -104,7 +110,7 @@ def psql_copy(cluster: PostgresCluster, dsn: str, files: list[Path], sessions: i
         script = files[0].parent.parent / f"copy_{index}.sql"
         script.write_text(
             "".join(
-                f"\\copy orders FROM '{path}' (FORMAT csv, HEADER)\n"
+                f"\\copy orders {COLUMNS} FROM '{path}' (FORMAT csv, HEADER)\n"
                 for path in files[index::sessions]
             )
         )
@@ -157,11 +163,17 @@ async def cdcfeed_run(
     concurrency: int,
     rate: float,
     meter: CpuMeter,
+    mix: str | None = None,
+    toast_bytes: int = 0,
 ) -> Outcome:
+    changes: tuple[str, ...] = ()
+    if mix is not None:
+        changes = ("--mix", mix, "--toast-bytes", str(toast_bytes))
+        await restart_change_cursor(dsn)
     daemon = Daemon.start(
         dsn,
         workdir,
-        f"throughput-c{concurrency}",
+        f"throughput-c{concurrency}{'-mixed' if mix else ''}",
         "--rate",
         str(rate),
         "--batch-size",
@@ -170,6 +182,7 @@ async def cdcfeed_run(
         str(concurrency),
         "--max-batches",
         str(batches),
+        *changes,
     )
     # Start-up (imports, schema, connections) is not load: measure from readiness, which is
     # also when the first batch starts (the ledger span begins with it).
@@ -179,7 +192,35 @@ async def cdcfeed_run(
     if code != 0 or daemon.error_lines():
         raise RuntimeError(f"cdcfeed exited {code}; see {daemon.log}")
     span = await ledger_span(dsn)
-    return Outcome(span.rows, span.seconds)
+    if mix is None:
+        return Outcome(span.rows, span.seconds)
+    return Outcome(await changed_orders(dsn), span.seconds)
+
+
+async def restart_change_cursor(dsn: str) -> None:
+    """The tables were emptied: the change cursor starts again at the next insert, so that
+    the mixed run's windows hold its own orders (not those truncated before it)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("UPDATE cdcfeed_order_ids SET next_change_id = next_order_id")
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError):
+        pass  # no schema yet: the daemon makes it, the cursor at the start
+    finally:
+        await conn.close()
+
+
+async def changed_orders(dsn: str) -> int:
+    """Orders inserted, updated and deleted by the completed batches."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT coalesce(sum(row_count + updated + deleted), 0) FROM batch_control "
+                "WHERE status = 'COMPLETED'"
+            )
+        )
+    finally:
+        await conn.close()
 
 
 async def measure(
@@ -223,12 +264,46 @@ async def main(args: argparse.Namespace) -> int:
                 cdcfeed_run, dsn, root, batches, args.batch_size, concurrency, args.rate
             )
             runs.append((contender, daemon_run))
+        mixed = {c: Contender(f"cdcfeed mix, concurrency {c}") for c in args.concurrency}
+        for concurrency, contender in mixed.items() if args.mix else ():
+            mixed_run = partial(
+                cdcfeed_run,
+                dsn,
+                root,
+                batches,
+                args.batch_size,
+                concurrency,
+                args.rate,
+                mix=args.mix,
+                toast_bytes=args.toast_bytes,
+            )
+            runs.append((contender, mixed_run))
         for repetition in range(args.repeat):
             print(f"repetition {repetition + 1}/{args.repeat}", flush=True)
             shift = repetition % len(runs)
             for contender, run in runs[shift:] + runs[:shift]:
                 await measure(contender, cluster, dsn, run)
-    return report(args, [one, two, psql, pgbench, *daemons.values()], two, psql, pgbench, daemons)
+    code = report(args, [one, two, psql, pgbench, *daemons.values()], two, psql, pgbench, daemons)
+    if args.mix:
+        report_mixed(args, daemons, mixed)
+    return code
+
+
+def report_mixed(
+    args: argparse.Namespace, daemons: dict[int, Contender], mixed: dict[int, Contender]
+) -> None:
+    """The change mix's changes/s next to the insert-only rows/s at each concurrency."""
+    print()
+    toast = f", notes of {args.toast_bytes} bytes" if args.toast_bytes else ""
+    print(f"change mix {args.mix}{toast} (M changes/s) next to insert-only (M rows/s):")
+    for concurrency, contender in mixed.items():
+        plain = median(daemons[concurrency].rows_per_second)
+        changes = median(contender.rows_per_second)
+        print(
+            f"  concurrency {concurrency}: mixed {changes / 1e6:6.3f}  insert-only "
+            f"{plain / 1e6:6.3f}  ratio {changes / plain:.3f}  "
+            f"{spread(contender.rows_per_second, 1e-6)}"
+        )
 
 
 def report(
@@ -292,6 +367,13 @@ def parse_args() -> argparse.Namespace:
         help="cdcfeed's target batches/s: above what the server can take, so it runs flat out",
     )
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--mix",
+        help="also run cdcfeed with this change mix (e.g. insert=60,update=25,delete=15)",
+    )
+    parser.add_argument(
+        "--toast-bytes", type=int, default=0, help="with --mix: each insert's note size"
+    )
     return parser.parse_args()
 
 

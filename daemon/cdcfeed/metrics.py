@@ -16,6 +16,7 @@ from cdcfeed import __version__
 PHASES = ("generate", "write", "copy", "total")
 BATCH_STATUSES = ("completed", "failed")
 SKIP_REASONS = ("busy", "database_down", "disk_full")
+CHANGE_OPS = ("insert", "update", "delete")
 VERIFY_RESULTS = ("ok", "violation")
 # What a verifier reads: the replication slot (what PostgreSQL emitted) or Kafka (what the
 # pipeline delivered). Only Kafka has pending batches, duplicates and a delivery latency.
@@ -60,6 +61,12 @@ class Metrics:
             registry=registry,
         )
         self.rows = Counter("cdcfeed_rows", "Order rows committed.", registry=registry)
+        self.changes = Counter(
+            "cdcfeed_changes",
+            "Orders inserted, updated and deleted by COMPLETED batches.",
+            ["op"],
+            registry=registry,
+        )
         self.duration = Histogram(
             "cdcfeed_batch_duration_seconds",
             "Batch duration by phase.",
@@ -197,6 +204,8 @@ class Metrics:
             self.duration.labels(phase)
         for reason in SKIP_REASONS:
             self.skipped.labels(reason)
+        for op in CHANGE_OPS:
+            self.changes.labels(op)
         for source in VERIFY_SOURCES:
             for result in VERIFY_RESULTS:
                 self.verified.labels(source, result)
@@ -211,6 +220,12 @@ class Metrics:
         self._starts: deque[float] = deque()
         self._created = time.monotonic()
         self.achieved_rate.set_function(self._achieved_rate)
+
+    def count_changes(self, inserted: int, updated: int, deleted: int) -> None:
+        """A COMPLETED batch's changes (`cdcfeed_rows_total` counts its inserts on its own)."""
+        for op, count in zip(CHANGE_OPS, (inserted, updated, deleted), strict=True):
+            if count:
+                self.changes.labels(op).inc(count)
 
     def batch_started(self) -> None:
         self._starts.append(time.monotonic())

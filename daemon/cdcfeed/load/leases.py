@@ -3,8 +3,9 @@
 Every instance keeps a lease row in `cdcfeed_instances`, renewed each heartbeat. At start, before
 its first batch, an instance settles what its own earlier run left IN_PROGRESS; on every
 heartbeat after that it also settles the batches of instances whose lease lapsed. Settling
-looks at the order-id block: rows present → COMPLETED (recovered, `row_count` counted, `end_lsn`
-from then); absent → FAILED, `interrupted`.
+looks at the xid the batch's transaction wrote into its row: there → COMPLETED (recovered,
+its counts as recorded, `end_lsn` from then); absent → FAILED, `interrupted` (`Ledger.decide`;
+rows of older versions without an xid are decided by their order-id block).
 
 Why this is safe with any number of settlers, and even when a "dead" owner is only slow: the
 loader holds its batch row locked for the whole COPY transaction (`claim_batch`, step 4 in
@@ -27,6 +28,7 @@ from cdcfeed.config import DaemonSettings
 from cdcfeed.database import Database, Settled
 from cdcfeed.database.ledger import INTERRUPTED, SETTLE_SLICE
 from cdcfeed.errors import DatabaseBusy, DatabaseRefused, DatabaseUnavailable
+from cdcfeed.lifecycle import changed
 from cdcfeed.retry import Backoff, retry
 from cdcfeed.throttle import Throttle
 
@@ -37,7 +39,8 @@ def _log(batch: Settled, instance: str) -> None:
     if batch.status == "COMPLETED":
         log.warning(
             f"batch {batch.batch_id} left IN_PROGRESS by {whose}: COMPLETED (recovered) "
-            f"rows={batch.row_count} end_lsn={batch.end_lsn}"
+            f"rows={batch.row_count}{changed(batch.updated, batch.deleted)} "
+            f"end_lsn={batch.end_lsn}"
         )
     else:
         log.warning(f"batch {batch.batch_id} left IN_PROGRESS by {whose}: FAILED ({INTERRUPTED})")
