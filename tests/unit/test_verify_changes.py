@@ -7,7 +7,8 @@ import json
 from dataclasses import replace
 
 from cdcfeed.metrics import Metrics
-from cdcfeed.proof.events import ChangeObservation
+from cdcfeed.proof.events import ChangeObservation, LedgerBatch
+from cdcfeed.proof.judge import judge_seen
 from cdcfeed.proof.slot.pgoutput import UNCHANGED, TupleValue
 from cdcfeed.proof.slot.report import ChangedBatch, Report
 from cdcfeed.proof.slot.state import _changes, _stored
@@ -215,3 +216,23 @@ def test_a_verdicts_changes_are_counted_by_op_and_toast() -> None:
     assert value("cdcfeed_unchanged_toast_total", source="slot", resolved="false") == 25
     assert value("cdcfeed_unchanged_toast_total", source="slot", resolved="true") == 3
     assert value("cdcfeed_unchanged_toast_total", source="kafka", resolved="true") == 0
+
+
+def test_a_stale_after_image_read_from_the_slot_is_named_by_the_judge() -> None:
+    reader = read(
+        orders_relation(),
+        LEDGER_RELATION,
+        begin(700),
+        claim(7, 700),
+        pg.update(ORDERS_ID, row(21, "paid")),
+        pg.update(ORDERS_ID, row(22, "created")),  # the old status: an update lost its write
+        pg.update(ORDERS_ID, row(30, "paid")),  # order ids ending in 0 are cancelled
+        commit(0x100, 0x130),
+    )
+    batch = LedgerBatch(7, "COMPLETED", 0, 1, 0x90, 0x200, 700, 3, 0, (21, 22, 30), ())
+    verdict = judge_seen(7, batch, [], reader.changes)
+    assert verdict.reason == (
+        "stale after image: status 'created', not the one an update gives, for order ids 22 "
+        "(1); stale after image: status 'paid', not the one an update gives, for order ids 30 "
+        "(1)"
+    )
