@@ -299,3 +299,29 @@ async def test_the_daemon_counts_verified_changes_continuously(dsn: str, feed_di
         scrape = await daemon.scrape()
         assert scrape.get("cdcfeed_unchanged_toast_total", source="slot", resolved="false") > 0
         assert scrape.get("cdcfeed_verified_batches_total", source="slot", result="violation") == 0
+
+
+async def test_verify_state_of_an_older_version_is_upgraded(dsn: str) -> None:
+    await prepare_slot(dsn)
+    await load(dsn)
+    assert verify(dsn)[0] == 0
+    # The state as a version before the change mix left it, with its verdicts.
+    await execute(
+        dsn,
+        "DROP TABLE cdcfeed_verify_pending_changes",
+        "DROP INDEX cdcfeed_verify_results_changed_idx",
+        """ALTER TABLE cdcfeed_verify_results DROP COLUMN updated, DROP COLUMN deleted,
+               DROP COLUMN unchanged_toast, DROP COLUMN resolved_toast""",
+    )
+    conn = await asyncpg.connect(dsn)
+    try:
+        await mixed_batch(conn, 3, 161, 10, [150], [151])
+    finally:
+        await conn.close()
+
+    code, report = verify(dsn)
+
+    assert code == 0, report
+    assert report["batches_verified"] == 3
+    # The older verdicts count no changes; the new one does.
+    assert (changed(report)["updated"], changed(report)["deleted"]) == (1, 1)
