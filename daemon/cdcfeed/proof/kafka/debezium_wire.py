@@ -43,6 +43,11 @@ class OrderRow(msgspec.Struct, gc=False):
     batch_id: int | None = None
     customer_id: int | None = None
     amount: Amount = None
+    status: str | None = None
+    updated_at: str | None = None
+    # Kept as the raw JSON: a TOASTed note is kilobytes that only need telling apart from
+    # Debezium's placeholder for a value it did not get, never decoding.
+    note: msgspec.Raw = msgspec.Raw(b"")
 
 
 class LedgerRow(msgspec.Struct, gc=False):
@@ -71,6 +76,17 @@ class LedgerPayload(msgspec.Struct, gc=False):
     ts_ms: int | None = None
 
 
+class OrderKey(msgspec.Struct, gc=False):
+    order_id: int
+
+
+class OrderKeyValue(msgspec.Struct, gc=False):
+    """An orders record's key, in either converter form (as the values, see below)."""
+
+    order_id: int | None = None
+    payload: OrderKey | None = None
+
+
 class Collection(msgspec.Struct, gc=False):
     data_collection: str
     event_count: int
@@ -85,6 +101,25 @@ class TxPayload(msgspec.Struct, gc=False):
 
 
 NO_SCHEMA: Final = msgspec.Raw(b"")
+
+UNAVAILABLE: Final = "__debezium_unavailable_value"
+"""Debezium's default `unavailable.value.placeholder`: a TOASTed value the change did not
+carry (an update that left it alone, without REPLICA IDENTITY FULL)."""
+# As the JSON of a text column, and of a bytes column in binary.handling.mode base64 or hex.
+_UNAVAILABLE_JSON: Final = frozenset(
+    b'"' + form + b'"'
+    for form in (
+        UNAVAILABLE.encode(),
+        binascii.b2a_base64(UNAVAILABLE.encode(), newline=False),
+        UNAVAILABLE.encode().hex().encode(),
+    )
+)
+_UNAVAILABLE_LONGEST: Final = max(map(len, _UNAVAILABLE_JSON))
+
+
+def unavailable(raw: msgspec.Raw) -> bool:
+    """Whether a column's raw JSON is Debezium's placeholder for a value it did not get."""
+    return len(raw) <= _UNAVAILABLE_LONGEST and bytes(raw) in _UNAVAILABLE_JSON
 
 
 # A value with the schema envelope has "schema" and "payload"; one without is the payload
