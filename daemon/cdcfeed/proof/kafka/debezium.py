@@ -34,7 +34,6 @@ PostgreSQL's `pg_lsn` and `xid8` columns are not among the types Debezium maps: 
 
 from __future__ import annotations
 
-import binascii
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import Final, Literal, TypeAlias
@@ -44,8 +43,8 @@ import msgspec
 from cdcfeed.proof.kafka.debezium_wire import (
     NO_SCHEMA,
     UNAVAILABLE,
-    Amount,
     DebeziumFormatError,
+    DecimalMode,
     LedgerPayload,
     LedgerValue,
     OrderKeyValue,
@@ -54,11 +53,14 @@ from cdcfeed.proof.kafka.debezium_wire import (
     OrderValue,
     Reader,
     Schema,
-    Source,
     TxPayload,
     TxValue,
     amount_scale,
+    decode_amount,
+    is_snapshot,
     lsn_value,
+    op_and_source,
+    row_name,
     unavailable,
     xid_value,
 )
@@ -85,9 +87,6 @@ DEFAULT_SCALE: Final = 2
 Op: TypeAlias = Literal["c", "u", "d", "r"]
 Before: TypeAlias = Literal["none", "key", "row"]
 """What an event's old row holds: nothing, the key alone, or the whole row."""
-DecimalMode: TypeAlias = Literal["precise", "string", "double"]
-
-_NOT_SNAPSHOT: Final = frozenset({"false", ""})
 _STREAMED: Final = frozenset({"false", "", False})  # source.snapshot of a streamed change
 
 
@@ -170,25 +169,6 @@ Decoded: TypeAlias = OrderChange | LedgerChange | TransactionEvent | Truncate | 
 
 
 # -- Decoding ------------------------------------------------------------------------------
-
-
-def decode_amount(value: Amount, mode: DecimalMode | None, scale: int) -> Decimal | None:
-    """An `amount` in any decimal.handling.mode as a Decimal.
-
-    `mode` None infers it from the value: a number is `double`; a string with a "." is
-    `string` (Debezium writes numeric(p,s>0) as plain text with its scale); any other string
-    is `precise` base64 (its alphabet has no ".").
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if mode == "string" or (mode is None and "." in value):
-            return Decimal(value)
-        raw = binascii.a2b_base64(value, strict_mode=True)
-        return Decimal(int.from_bytes(raw, "big", signed=True)).scaleb(-scale)
-    if isinstance(value, float):
-        return Decimal(repr(value))
-    return Decimal(value)
 
 
 class DebeziumDecoder:
@@ -316,13 +296,13 @@ class DebeziumDecoder:
     def _order_change(
         self, topic: str, payload: OrderPayload, schema: msgspec.Raw
     ) -> OrderChange | Truncate:
-        op, source = _op_and_source(topic, payload.op, payload.source)
+        op, source = op_and_source(topic, payload.op, payload.source)
         if op == "t":
             return Truncate(self.orders_collection, source.txId, source.lsn, source.ts_ms)
         row = payload.before if op == "d" else payload.after
         if row is None:
-            raise DebeziumFormatError(topic, f"op {op} without its {_row_name(op)} row")
-        snapshot = op == "r" or _is_snapshot(source.snapshot)
+            raise DebeziumFormatError(topic, f"op {op} without its {row_name(op)} row")
+        snapshot = op == "r" or is_snapshot(source.snapshot)
         if op == "d":
             if not row.batch_id:
                 # Without REPLICA IDENTITY FULL a delete's before row holds the key alone;
@@ -387,12 +367,12 @@ class DebeziumDecoder:
         payload, _ = self._ledger.read(topic, value)
         if payload is None:
             return None
-        op, source = _op_and_source(topic, payload.op, payload.source)
+        op, source = op_and_source(topic, payload.op, payload.source)
         if op == "t":
             return Truncate(self.ledger_collection, source.txId, source.lsn, source.ts_ms)
         row = payload.before if op == "d" else payload.after
         if row is None:
-            raise DebeziumFormatError(topic, f"op {op} without its {_row_name(op)} row")
+            raise DebeziumFormatError(topic, f"op {op} without its {row_name(op)} row")
         return LedgerChange(
             op,
             row.batch_id,
@@ -404,7 +384,7 @@ class DebeziumDecoder:
             xid_value(topic, row.xid),
             source.txId,
             source.lsn,
-            op == "r" or _is_snapshot(source.snapshot),
+            op == "r" or is_snapshot(source.snapshot),
             source.ts_ms,
             payload.ts_ms,
         )
@@ -447,33 +427,3 @@ class DebeziumDecoder:
             self._scales[key] = scale
         self._last_schema, self._last_scale = schema, scale
         return scale
-
-
-_OPS: Final[dict[str, Literal["c", "u", "d", "r", "t"]]] = {
-    "c": "c", "u": "u", "d": "d", "r": "r", "t": "t"
-}  # fmt: skip
-
-
-def _op_and_source(
-    topic: str, op: str | None, source: Source | None
-) -> tuple[Literal["c", "u", "d", "r", "t"], Source]:
-    if source is None:
-        if op is None:
-            raise DebeziumFormatError(
-                topic, "a JSON value without op or source: not a Debezium change event"
-            )
-        raise DebeziumFormatError(topic, f"op {op} without a source block")
-    known = _OPS.get(op or "")
-    if known is None:
-        raise DebeziumFormatError(topic, f"unknown op {op!r}")
-    return known, source
-
-
-def _row_name(op: str) -> str:
-    return "before" if op == "d" else "after"
-
-
-def _is_snapshot(flag: str | bool | None) -> bool:
-    if flag is None or flag is False:
-        return False
-    return flag is True or flag not in _NOT_SNAPSHOT

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import binascii
 import re
-from typing import Final, Generic, Protocol, TypeAlias, TypeVar, cast
+from decimal import Decimal
+from typing import Final, Generic, Literal, Protocol, TypeAlias, TypeVar, cast
 
 import msgspec
 
@@ -27,6 +28,7 @@ class DebeziumFormatError(CdcfeedError):
 
 # The wire shapes: fields the decoder does not name are skipped unread.
 
+DecimalMode: TypeAlias = Literal["precise", "string", "double"]
 Scalar: TypeAlias = str | int | float | None
 Amount: TypeAlias = str | float | int | None
 
@@ -261,3 +263,53 @@ def not_understood(topic: str, value: bytes, exc: msgspec.DecodeError) -> Debezi
             f"JsonConverter output only",
         )
     return DebeziumFormatError(topic, f"not a Debezium JSON event: {exc}")
+
+
+def decode_amount(value: Amount, mode: DecimalMode | None, scale: int) -> Decimal | None:
+    """An `amount` in any decimal.handling.mode as a Decimal.
+
+    `mode` None infers it from the value: a number is `double`; a string with a "." is
+    `string` (Debezium writes numeric(p,s>0) as plain text with its scale); any other string
+    is `precise` base64 (its alphabet has no ".").
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if mode == "string" or (mode is None and "." in value):
+            return Decimal(value)
+        raw = binascii.a2b_base64(value, strict_mode=True)
+        return Decimal(int.from_bytes(raw, "big", signed=True)).scaleb(-scale)
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    return Decimal(value)
+
+
+_NOT_SNAPSHOT: Final = frozenset({"false", ""})
+_OPS: Final[dict[str, Literal["c", "u", "d", "r", "t"]]] = {
+    "c": "c", "u": "u", "d": "d", "r": "r", "t": "t"
+}  # fmt: skip
+
+
+def op_and_source(
+    topic: str, op: str | None, source: Source | None
+) -> tuple[Literal["c", "u", "d", "r", "t"], Source]:
+    if source is None:
+        if op is None:
+            raise DebeziumFormatError(
+                topic, "a JSON value without op or source: not a Debezium change event"
+            )
+        raise DebeziumFormatError(topic, f"op {op} without a source block")
+    known = _OPS.get(op or "")
+    if known is None:
+        raise DebeziumFormatError(topic, f"unknown op {op!r}")
+    return known, source
+
+
+def row_name(op: str) -> str:
+    return "before" if op == "d" else "after"
+
+
+def is_snapshot(flag: str | bool | None) -> bool:
+    if flag is None or flag is False:
+        return False
+    return flag is True or flag not in _NOT_SNAPSHOT

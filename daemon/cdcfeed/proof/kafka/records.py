@@ -24,6 +24,8 @@ class Record(Protocol):
     @property
     def timestamp(self) -> int: ...  # milliseconds since the epoch
     @property
+    def key(self) -> bytes | None: ...
+    @property
     def value(self) -> bytes | None: ...
 
 
