@@ -17,6 +17,9 @@ PHASES = ("generate", "write", "copy", "total")
 BATCH_STATUSES = ("completed", "failed")
 SKIP_REASONS = ("busy", "database_down", "disk_full")
 VERIFY_RESULTS = ("ok", "violation")
+# The rows a verdict covers, by what the batch did to them (the change mix).
+VERIFY_OPS = ("insert", "update", "delete")
+TOAST_RESOLVED = ("true", "false")
 # What a verifier reads: the replication slot (what PostgreSQL emitted) or Kafka (what the
 # pipeline delivered). Only Kafka has pending batches, duplicates and a delivery latency.
 VERIFY_SOURCES = ("slot", "kafka")
@@ -160,6 +163,20 @@ class Metrics:
             ["source", "result"],
             registry=registry,
         )
+        self.verified_changes = Counter(
+            "cdcfeed_verified_changes",
+            "Orders changes checked against the change stream, by source, what the batch did "
+            "(insert, update, delete) and the verdict on the batch.",
+            ["source", "op", "result"],
+            registry=registry,
+        )
+        self.unchanged_toast = Counter(
+            "cdcfeed_unchanged_toast",
+            "Updates whose after image lacked the TOASTed note; resolved when the before "
+            "image held it.",
+            ["source", "resolved"],
+            registry=registry,
+        )
         self.pending_batches = Gauge(
             "cdcfeed_pending_batches",
             "Settled batches not yet due for a verdict: the pipeline has not moved past them.",
@@ -200,6 +217,10 @@ class Metrics:
         for source in VERIFY_SOURCES:
             for result in VERIFY_RESULTS:
                 self.verified.labels(source, result)
+                for op in VERIFY_OPS:
+                    self.verified_changes.labels(source, op, result)
+            for resolved in TOAST_RESOLVED:
+                self.unchanged_toast.labels(source, resolved)
         for source in DELIVERY_SOURCES:
             self.pending_batches.labels(source)
             self.oldest_pending_seconds.labels(source)
@@ -211,6 +232,19 @@ class Metrics:
         self._starts: deque[float] = deque()
         self._created = time.monotonic()
         self.achieved_rate.set_function(self._achieved_rate)
+
+    def verdict_changes(
+        self, source: str, result: str, counts: tuple[int, int, int], toast: tuple[int, int]
+    ) -> None:
+        """A verdict's rows: (inserted, updated, deleted), and (unchanged, resolved) TOAST."""
+        for op, n in zip(VERIFY_OPS, counts, strict=True):
+            if n:
+                self.verified_changes.labels(source, op, result).inc(n)
+        unchanged, resolved = toast
+        if unchanged:
+            self.unchanged_toast.labels(source, "false").inc(unchanged)
+        if resolved:
+            self.unchanged_toast.labels(source, "true").inc(resolved)
 
     def batch_started(self) -> None:
         self._starts.append(time.monotonic())

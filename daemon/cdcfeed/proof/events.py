@@ -1,13 +1,15 @@
 """The records a source produces and the judge consumes, whatever the source reads.
 
-A source turns what it reads into `ChangeEvent`s and `TransactionEnd`s, which carry what any
-change data capture consumer sees; `fold` turns those into `Observation`s and `StreamEvent`s,
-which `judge` weighs against the ledger's `LedgerBatch`es.
+A source turns what it reads into `ChangeEvent`s (inserts, and changes cdcfeed never makes),
+`OrderChange`s (updates and deletes of orders) and `TransactionEnd`s, which carry what any
+change data capture consumer sees; `fold` turns those into `Observation`s (inserts, per batch),
+`ChangeObservation`s (updates and deletes, per transaction) and `StreamEvent`s, which `judge`
+weighs against the ledger's `LedgerBatch`es.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
@@ -18,6 +20,20 @@ Op: TypeAlias = Literal["c", "u", "d", "r", "t"]
 
 OrderRanges: TypeAlias = tuple[tuple[int, int], ...]
 """Order ids as sorted, disjoint, inclusive (first, last) ranges."""
+
+Before: TypeAlias = Literal["key", "row"]
+"""What an update's or a delete's before image carried: the key alone (or no before image at
+all: pgoutput sends none for an update under REPLICA IDENTITY DEFAULT), or the whole old row."""
+
+Note: TypeAlias = Literal["value", "unchanged", "resolved", "none"]
+"""What an update's after image carried of the TOASTed `note`: its value; not the value
+(pgoutput's 'u' marker, Debezium's placeholder) and no before image holding it either
+("unchanged"); not the value, but the before image holds it ("resolved"); nothing to carry
+("none": a delete, a NULL note, a table without the column)."""
+
+Identity: TypeAlias = Literal["d", "f", "n", "i"]
+"""The replica identity of orders as the source knows it (`pg_class.relreplident`): d default
+(the key), f full (the whole old row), n nothing, i an index."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +51,29 @@ class ChangeEvent:
     # When the event reached the stream (a Kafka record's timestamp), in seconds since the
     # epoch; None when the source does not know.
     timestamp: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OrderChange:
+    """One update or delete of orders as the stream carried it.
+
+    Attributed to a batch by its transaction (the ledger's xid of the batch), never by the
+    row: an update's after image carries the batch that inserted the row, a delete's before
+    image under REPLICA IDENTITY DEFAULT carries the key alone.
+    """
+
+    op: Literal["u", "d"]
+    order_id: int
+    xid: int  # 32 bits, as in ChangeEvent
+    lsn: int  # as in ChangeEvent
+    status: str | None  # the after image's status; None for a delete
+    before: Before
+    note: Note = "none"
+    identity: Identity = "d"  # the replica identity the source knew when it read the change
+    # Kafka: whether the delete's tombstone followed it; None where there is no such promise
+    # (the slot, an update).
+    tombstone: bool | None = None
+    fingerprint: int | None = None  # as in ChangeEvent: tells a redelivered copy apart
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +130,65 @@ class Observation:
 
 
 @dataclass(frozen=True, slots=True)
+class ChangeObservation:
+    """One transaction's updates and deletes of orders, as the stream carried them.
+
+    Kept as ranges of ids, like inserts; an update's after status is kept too (ranges of the
+    ids per status), since the judge checks each against the lifecycle.
+    """
+
+    batch_id: int | None  # the batch whose ledger row the transaction claimed, when known
+    xid: int
+    commit_lsn: int
+    commit_end_lsn: int
+    statuses: tuple[tuple[str | None, OrderRanges], ...] = ()  # updated ids per after status
+    deleted: OrderRanges = ()
+    key_only: OrderRanges = ()  # updates and deletes whose before image carried the key only
+    identity: Identity = "d"  # the strictest the source knew during the transaction
+    unchanged_toast: int = 0  # after images without the note, nor a before image holding it
+    resolved_toast: int = 0  # after images without the note, the before image holding it
+    missing_tombstones: OrderRanges = ()  # Kafka: deletes no tombstone followed
+    twice: OrderRanges = ()  # ids the transaction changed more than once, differently
+    declared_rows: int | None = None  # the END's orders count (inserts included)
+    declared_ledger_rows: int | None = None
+    duplicates: int = 0  # redelivered copies, not counted in the ranges
+
+    @property
+    def updated(self) -> OrderRanges:
+        """Every updated id, whatever its after status."""
+        return merged([r for _, ranges in self.statuses for r in ranges])
+
+    @property
+    def updates(self) -> int:
+        return count(self.updated)
+
+    @property
+    def deletes(self) -> int:
+        return count(self.deleted)
+
+
+def merged(ranges: Sequence[tuple[int, int]]) -> OrderRanges:
+    """Sorted, disjoint ranges covering the same ids (the given ones may overlap)."""
+    out: list[tuple[int, int]] = []
+    for low, high in sorted(ranges):
+        if out and low <= out[-1][1] + 1:
+            if high > out[-1][1]:
+                out[-1] = (out[-1][0], high)
+        else:
+            out.append((low, high))
+    return tuple(out)
+
+
+def as_ranges(ids: Iterable[int]) -> OrderRanges:
+    """Order ids (any order, repeats allowed) as ranges."""
+    return merged([(i, i) for i in ids])
+
+
+def count(ranges: OrderRanges) -> int:
+    return sum(high - low + 1 for low, high in ranges)
+
+
+@dataclass(frozen=True, slots=True)
 class StreamEvent:
     """A change to orders that cdcfeed never makes, or an order delivered twice, differently."""
 
@@ -109,6 +207,23 @@ class LedgerBatch:
     start_lsn: int | None
     end_lsn: int | None
     xid: int | None
+    # What a batch of the change mix updated and deleted (ascending ids); counts 0 and ids
+    # None for an insert-only batch (and for ledgers older than the change mix).
+    updated: int = 0
+    deleted: int = 0
+    updated_ids: tuple[int, ...] | None = None
+    deleted_ids: tuple[int, ...] | None = None
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the batch ran as a batch of the change mix (its ledger row names the ids
+        it changed, if none): its transaction then writes its ledger row twice."""
+        return self.updated_ids is not None or self.deleted_ids is not None
+
+    @property
+    def changes(self) -> int:
+        """Orders events its transaction makes: inserts, updates and deletes."""
+        return self.row_count + self.updated + self.deleted
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> LedgerBatch | None:
@@ -124,4 +239,13 @@ class LedgerBatch:
             start_lsn=row["start_lsn"],
             end_lsn=row["end_lsn"],
             xid=int(row["xid"]) if row["xid"] is not None else None,
+            # Absent from rows of queries (or ledgers) older than the change mix.
+            updated=row.get("updated") or 0,
+            deleted=row.get("deleted") or 0,
+            updated_ids=_ids(row.get("updated_ids")),
+            deleted_ids=_ids(row.get("deleted_ids")),
         )
+
+
+def _ids(value: Sequence[int] | None) -> tuple[int, ...] | None:
+    return None if value is None else tuple(value)

@@ -2,7 +2,9 @@
 
 Every source hands its changes to a `Fold`: orders inserts become one `Observation` per batch
 and transaction (rows, smallest, largest and sum of its distinct order ids, the ids as
-ranges), changes cdcfeed never makes become `StreamEvent`s. Memory holds ranges of ids, not
+ranges); updates and deletes (`OrderChange`s) are kept per transaction, since only the
+transaction says which batch made them, and become one `ChangeObservation` per transaction;
+changes cdcfeed never makes become `StreamEvent`s. Memory holds ranges of ids, not
 rows, unless the events carry fingerprints: then each id's first delivery is kept, to tell a
 redelivered copy (counted) from one that differs (a violation).
 
@@ -10,89 +12,33 @@ Two ways to use it:
 
 - A source that reads whole transactions in commit order (a pgoutput slot) builds it with
   `transactional=True`, feeds a transaction's changes, its `end()`, then `flush()` (or
-  `discard()`, for a transaction an earlier read already recorded): `observations` and
-  `events` grow at each flush.
+  `discard()`, for a transaction an earlier read already recorded): `observations`,
+  `changes` and `events` grow at each flush. Its updates and deletes belong to the batch
+  whose ledger row the transaction claimed (`claim()`, from the ledger's change in the same
+  transaction); those of a transaction that claimed none become `events`.
 - A source whose transactions interleave or arrive twice (Kafka) keeps each batch until it is
-  due and `take()`s its observations then; `events` grow as changes arrive.
+  due and `take()`s its observations then, and the updates and deletes of the batch's
+  transaction (the ledger's xid) with `take_changes()`; those of a transaction no batch ran
+  become `events` with `orphan()`. Other `events` grow as changes arrive.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import repeat
 
 from cdcfeed.lsn import int_to_lsn
 from cdcfeed.proof.events import (
     ChangeEvent,
+    ChangeObservation,
     Observation,
     Op,
+    OrderChange,
     StreamEvent,
     Table,
     TransactionEnd,
 )
-
-# Below any bigint by more than one: the first id of a part never extends a range.
-_NONE = -(2**63) - 2
-_NO_LSN = 2**64  # above any LSN
-
-
-class _Part:
-    """One transaction's share of one batch: its order ids as sorted, disjoint ranges."""
-
-    __slots__ = (
-        "alone",
-        "batch_id",
-        "duplicates",
-        "firsts",
-        "high_lsn",
-        "highs",
-        "last",
-        "low_lsn",
-        "lows",
-        "siblings",
-        "xid",
-    )
-
-    def __init__(self, batch_id: int, xid: int, siblings: list[_Part]) -> None:
-        self.batch_id = batch_id
-        self.xid = xid
-        self.lows: list[int] = []
-        self.highs: list[int] = []
-        self.last = _NONE  # highs[-1]: an id above it is new to this part
-        # The LSNs of the ids it holds (a copy of an id held elsewhere does not count).
-        self.low_lsn = _NO_LSN
-        self.high_lsn = -1
-        self.duplicates = 0
-        self.siblings = siblings  # every part of the batch, this one included
-        self.alone = False  # the batch's only part: no other to look for an id in
-        self.firsts: dict[int, tuple[int, int, int]] | None = None  # Fold._first's, once used
-
-    def holds(self, order_id: int) -> bool:
-        i = bisect_right(self.lows, order_id) - 1
-        return i >= 0 and order_id <= self.highs[i]
-
-    def place(self, order_id: int, lsn: int) -> None:
-        """Adds an id this part does not hold, merging the ranges it touches."""
-        if lsn < self.low_lsn:
-            self.low_lsn = lsn
-        if lsn > self.high_lsn:
-            self.high_lsn = lsn
-        lows, highs = self.lows, self.highs
-        i = bisect_right(lows, order_id)  # lows[i - 1] < order_id < lows[i]
-        joins_left = i > 0 and highs[i - 1] + 1 == order_id
-        joins_right = i < len(lows) and lows[i] - 1 == order_id
-        if joins_left and joins_right:
-            highs[i - 1] = highs[i]
-            del lows[i], highs[i]
-        elif joins_left:
-            highs[i - 1] = order_id
-        elif joins_right:
-            lows[i] = order_id
-        else:
-            lows.insert(i, order_id)
-            highs.insert(i, order_id)
-        self.last = highs[-1]
+from cdcfeed.proof.held import Changes, Part
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +46,7 @@ class _Pending:
     batch_id: int | None
     xid: int
     lsn: int
-    what: str
+    what: str  # "": where the updates and deletes of an unclaimed `xid` are reported
 
 
 class Fold:
@@ -109,17 +55,20 @@ class Fold:
     def __init__(self, *, transactional: bool = False) -> None:
         self.transactional = transactional
         self.observations: list[Observation] = []  # grown by flush()
+        self.changes: list[ChangeObservation] = []  # grown by flush()
         self.events: list[StreamEvent] = []
         self.duplicates = 0  # redelivered copies, counted and otherwise ignored
         self.snapshot_rows = 0  # orders read by a snapshot (op r), never part of a batch
-        self._batches: dict[int, list[_Part]] = {}
+        self._batches: dict[int, list[Part]] = {}
         self._ends: dict[int, TransactionEnd] = {}
         self._parts_of_xid: dict[int, int] = {}  # xid -> how many held batches it carried
         # order id -> (xid, lsn, fingerprint) of its first delivery, per batch; only for
         # events that carry a fingerprint.
         self._first: dict[int, dict[int, tuple[int, int, int]]] = {}
         self._pending: list[_Pending] = []
-        self._part: _Part | None = None  # the last part an insert went to
+        self._part: Part | None = None  # the last part an insert went to
+        self._changes: dict[int, Changes] = {}  # xid -> its updates and deletes
+        self._claims: dict[int, int] = {}  # xid -> the batch whose ledger row it claimed
 
     @property
     def batches(self) -> list[int]:
@@ -252,12 +201,24 @@ class Fold:
         """Everything folded so far becomes `observations` and `events`, in arrival order."""
         for parts in self._batches.values():
             self.observations += self._observe(parts)
+        for xid, held in self._changes.items():
+            batch_id = self._claims.get(xid)
+            if batch_id is not None:
+                self.changes.append(held.observe(batch_id, self._ends.get(xid)))
         for p in self._pending:
             end = self._ends.get(p.xid)
             lsn = p.lsn if end is None or end.commit_lsn is None else end.commit_lsn
-            reason = f"{p.what} (transaction xid {p.xid}, commit {int_to_lsn(lsn)})"
-            self.events.append(StreamEvent(p.batch_id, p.xid, lsn, reason))
+            if not p.what:
+                if p.xid not in self._claims:
+                    for what in self._changes[p.xid].orphaned():
+                        self._flushed_event(p.xid, lsn, what)
+                continue
+            self._flushed_event(p.xid, lsn, p.what, p.batch_id)
         self.discard()
+
+    def _flushed_event(self, xid: int, lsn: int, what: str, batch_id: int | None = None) -> None:
+        reason = f"{what} (transaction xid {xid}, commit {int_to_lsn(lsn)})"
+        self.events.append(StreamEvent(batch_id, xid, lsn, reason))
 
     def discard(self) -> None:
         """Forgets everything folded since the last flush."""
@@ -267,6 +228,8 @@ class Fold:
         self._first = {}
         self._pending = []
         self._part = None
+        self._changes = {}
+        self._claims = {}
 
     def firsts(self, batch_id: int) -> dict[int, tuple[int, int, int]]:
         """Per order id of a batch not yet taken: (xid, lsn, fingerprint) of its first
@@ -283,15 +246,63 @@ class Fold:
             self._part = None
         observations = self._observe(parts)
         for part in parts:
-            left = self._parts_of_xid[part.xid] - 1
-            if left:
-                self._parts_of_xid[part.xid] = left
-            else:  # its transaction carried no other batch held: its end is of no more use
-                del self._parts_of_xid[part.xid]
-                self._ends.pop(part.xid, None)
+            self._release(part.xid)
         return observations
 
-    def _part_of(self, batch_id: int, xid: int) -> _Part:
+    # --- updates and deletes -----------------------------------------------------------------
+
+    def order_change(self, change: OrderChange) -> None:
+        """An update or delete of orders, kept with its transaction's others."""
+        held = self._changes.get(change.xid)
+        if held is None:
+            held = self._changes[change.xid] = Changes(change.xid)
+            self._parts_of_xid[change.xid] = self._parts_of_xid.get(change.xid, 0) + 1
+            if self.transactional:
+                # Where its changes are reported, in arrival order, should no batch claim it.
+                self._pending.append(_Pending(None, change.xid, change.lsn, ""))
+        if held.add(change):
+            self.duplicates += 1
+
+    def claim(self, xid: int, batch_id: int) -> None:
+        """Transaction `xid` wrote batch `batch_id`'s ledger row with its own xid: the
+        updates and deletes it carries are that batch's (transactional use)."""
+        self._claims.setdefault(xid, batch_id)
+
+    @property
+    def change_xids(self) -> list[int]:
+        """The transactions with updates or deletes folded and not yet taken."""
+        return list(self._changes)
+
+    def take_changes(self, xid: int, batch_id: int | None) -> ChangeObservation | None:
+        """The updates and deletes of transaction `xid`, as `batch_id`'s (the batch whose
+        ledger xid it is), forgetting them; None when it carried none."""
+        held = self._changes.pop(xid, None)
+        if held is None:
+            return None
+        observation = held.observe(batch_id, self._ends.get(xid))
+        self._release(xid)
+        return observation
+
+    def orphan(self, xid: int) -> None:
+        """The updates and deletes of transaction `xid`, which no batch of the ledger ran,
+        become `events`; forgotten."""
+        held = self._changes.pop(xid, None)
+        if held is None:
+            return
+        for what in held.orphaned():
+            reason = f"{what} (transaction xid {xid}, LSN {int_to_lsn(held.low_lsn)})"
+            self.events.append(StreamEvent(None, xid, held.low_lsn, reason))
+        self._release(xid)
+
+    def _release(self, xid: int) -> None:
+        left = self._parts_of_xid[xid] - 1
+        if left:
+            self._parts_of_xid[xid] = left
+        else:  # its transaction carried nothing else held: its end is of no more use
+            del self._parts_of_xid[xid]
+            self._ends.pop(xid, None)
+
+    def _part_of(self, batch_id: int, xid: int) -> Part:
         parts = self._batches.get(batch_id)
         if parts is None:
             parts = self._batches[batch_id] = []
@@ -299,7 +310,7 @@ class Fold:
             if part.xid == xid:
                 break
         else:
-            part = _Part(batch_id, xid, parts)
+            part = Part(batch_id, xid, parts)
             parts.append(part)
             for sibling in parts:
                 sibling.alone = len(parts) == 1
@@ -307,7 +318,7 @@ class Fold:
         self._part = part
         return part
 
-    def _insert(self, part: _Part, order_id: int, lsn: int, fingerprint: int | None) -> None:
+    def _insert(self, part: Part, order_id: int, lsn: int, fingerprint: int | None) -> None:
         firsts = self._first.get(part.batch_id)
         if fingerprint is not None and firsts is None:
             firsts = self._first[part.batch_id] = {}
@@ -353,7 +364,7 @@ class Fold:
             reason = f"{what} (transaction xid {xid}, LSN {int_to_lsn(lsn)})"
             self.events.append(StreamEvent(batch_id, xid, lsn, reason))
 
-    def _observe(self, parts: list[_Part]) -> list[Observation]:
+    def _observe(self, parts: list[Part]) -> list[Observation]:
         observations = []
         for part in parts:
             if not part.lows:
