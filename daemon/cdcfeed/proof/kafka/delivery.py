@@ -330,7 +330,10 @@ class Delivery:
                     f"none of its rows reached {hint_topic} in the {self.due_after:g} s "
                     "after it completed (due_after)"
                 )
-            verdict = judge_unseen(batch_id, batch.status, batch.row_count, batch.end_lsn, hint)
+            changes = batch.updated + batch.deleted if batch.mixed else None
+            verdict = judge_unseen(
+                batch_id, batch.status, batch.row_count, batch.end_lsn, hint, changes
+            )
             done.verdicts.append(verdict)
             self.redeliveries.remember(batch_id, JudgedBatch(batch, 0))
         known = {c.batch.xid & XID_MASK for c in ledger.values() if c.batch.xid is not None}
@@ -377,6 +380,9 @@ class Delivery:
             return
         verdict = judge_seen(batch_id, batch, seen, () if changed is None else (changed,))
         done.verdicts.append(verdict)
+        done.updated += verdict.updated
+        done.deleted += verdict.deleted
+        done.unchanged_toast += verdict.unchanged_toast
         done.duplicates += sum(o.duplicates for o in seen)
         self.redeliveries.remember(batch_id, JudgedBatch(batch, verdict.rows, digest))
         if digest is not None:
