@@ -7,6 +7,7 @@ gets a database of its own.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -15,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import PostgresCluster, any_bin_dir, fresh_database, pg15_bin_dir, wheel_bin_dir
+from tests.support import (
+    PostgresCluster,
+    any_bin_dir,
+    execute,
+    fresh_database,
+    pg15_bin_dir,
+    wheel_bin_dir,
+)
 
 SERVERS = ("pg15", "pg18")
 
@@ -80,6 +88,19 @@ async def module_dsn(clusters: dict[str, PostgresCluster], scratch: Path) -> Asy
     cluster = _cluster("pg15", clusters, scratch)
     async with fresh_database(cluster) as database:
         yield database
+
+
+_roles = itertools.count(1)
+
+
+@pytest.fixture
+async def loader(dsn: str) -> AsyncIterator[str]:
+    """A login role with no privileges on the test database's schema (roles are the server's:
+    its name is unique to this test, and it is dropped after it)."""
+    role = f"loader_{os.getpid()}_{next(_roles)}"
+    await execute(dsn, f"CREATE ROLE {role} LOGIN")
+    yield role
+    await execute(dsn, f"DROP OWNED BY {role}", f"DROP ROLE {role}")
 
 
 @pytest.fixture

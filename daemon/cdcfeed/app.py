@@ -91,7 +91,11 @@ async def start_loading(db: Database, settings: Settings, metrics: Metrics) -> I
     """Before the first batch: the schema (DDL only when it is not current), the role's
     privileges, the server's settings, then the lease and what earlier runs left behind."""
     with refusals_are_mistakes():
-        await db.prepare("load", create=settings.database.init_schema)
+        await db.prepare(
+            "load",
+            create=settings.database.init_schema,
+            changes=settings.load.change_mix.changes,
+        )
         await check_server(db, metrics)
         lease = InstanceLease(db, settings.instance_name, settings.daemon)
         await lease.acquire()

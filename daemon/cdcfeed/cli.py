@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 from loguru import logger
@@ -95,6 +95,16 @@ def _settings(
 @click.option("--feed-dir", type=click.Path(path_type=Path), help="Directory for CSV feed files.")
 @click.option("--metrics-address", help="host:port for /metrics, /healthz, /readyz; port 0 = any.")
 @click.option("--seed", type=int, help="Seed for reproducible order values.")
+@click.option(
+    "--mix",
+    metavar="insert=W,update=W,delete=W",
+    help="Weights of inserts, updates and deletes in each batch (default insert=100).",
+)
+@click.option(
+    "--toast-bytes",
+    type=int,
+    help="Size of the note text each insert writes: 0 = none, else at least 2048 (TOASTed).",
+)
 @log_format_option
 @click.option("--instance", help="Instance name in the ledger (default: the host name).")
 @click.option("--grace-period", type=float, help="Seconds in-flight batches get after SIGTERM.")
@@ -114,6 +124,8 @@ def run(
     feed_dir: Path | None,
     metrics_address: str | None,
     seed: int | None,
+    mix: str | None,
+    toast_bytes: int | None,
     log_format: str | None,
     instance: str | None,
     grace_period: float | None,
@@ -131,6 +143,8 @@ def run(
                 "max_batches": max_batches,
                 "duration": duration,
                 "seed": seed,
+                "mix": mix,
+                "toast_bytes": toast_bytes,
             },
             "feed": {"dir": feed_dir},
             "metrics": {"address": metrics_address},
@@ -163,8 +177,18 @@ def run(
     help="Also grant ROLE exactly what `cdcfeed run` needs (docs/operations.md lists it); "
     "run as the schema's owner.",
 )
+@click.option(
+    "--replica-identity",
+    type=click.Choice(["default", "full"]),
+    help="Also set orders' REPLICA IDENTITY: what the change stream carries of an updated or "
+    "deleted order's old row (default: the key; full: the whole row). Absent: left as is.",
+)
 def init_db(
-    config: Path | None, dsn: str | None, publication: str | None, grant_to: str | None
+    config: Path | None,
+    dsn: str | None,
+    publication: str | None,
+    grant_to: str | None,
+    replica_identity: Literal["default", "full"] | None,
 ) -> None:
     """Create or upgrade the schema (idempotent; safe from several instances at once)."""
     settings = _settings(config, {"database": {"dsn": dsn}, "cdc": {"publication": publication}})
@@ -182,6 +206,8 @@ def init_db(
                     await db.ensure_publication(settings.cdc.publication)
                 if grant_to:
                     granted = await _grant(db, grant_to)
+                if replica_identity:
+                    await db.set_replica_identity(replica_identity)
             if publication:
                 await check_server(db)  # a publication nobody can decode is worth a warning
         logger.info(f"schema ready: {names.schema}.{names.orders}, {names.schema}.{names.batches}")
@@ -189,6 +215,8 @@ def init_db(
             logger.info(f"publication {settings.cdc.publication} covers both tables")
         if grant_to:
             logger.info(f"granted {grant_to}: {'; '.join(granted)}")
+        if replica_identity:
+            logger.info(f"{names.schema}.{names.orders}: replica identity {replica_identity}")
 
     _run_async(main)
 

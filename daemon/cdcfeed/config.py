@@ -45,6 +45,7 @@ from pydantic_settings import (
 from cdcfeed.config_kafka import KafkaSettings as KafkaSettings  # `[kafka]`, re-exported
 from cdcfeed.dsn import parse_dsn, redact_dsn
 from cdcfeed.errors import UserError
+from cdcfeed.lifecycle import DEFAULT_MIX, Mix, parse_mix
 
 ENV_PREFIX = "CDCFEED_"
 DEFAULT_CONFIG_PATH = Path("/etc/cdcfeed/cdcfeed.toml")
@@ -66,6 +67,23 @@ def _identifier(value: str) -> str:
 
 
 Identifier = Annotated[str, AfterValidator(_identifier)]
+
+
+def _mix(value: str) -> str:
+    parse_mix(value)  # the error says what is wrong; the text is kept as given
+    return value
+
+
+# A note below ~2 KB stays in the row: it would not exercise TOAST at all.
+MIN_TOAST_BYTES = 2048
+
+
+def _toast_bytes(value: int) -> int:
+    if 0 < value < MIN_TOAST_BYTES:
+        raise ValueError(
+            f"must be 0 (off) or at least {MIN_TOAST_BYTES}, so the note is stored out of line"
+        )
+    return value
 
 
 class _Section(BaseModel):
@@ -123,6 +141,12 @@ class LoadSettings(_Section):
     burst_rate: Rate = 10.0
     burst_seconds: float = Field(10.0, gt=0)
     burst_every: float = Field(60.0, gt=0)
+    mix: Annotated[str, AfterValidator(_mix)] = DEFAULT_MIX
+    toast_bytes: Annotated[int, Field(ge=0, le=1 << 20), AfterValidator(_toast_bytes)] = 0
+
+    @property
+    def change_mix(self) -> Mix:
+        return parse_mix(self.mix)
 
     @model_validator(mode="after")
     def _shape_has_arrivals(self) -> LoadSettings:

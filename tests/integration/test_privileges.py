@@ -8,18 +8,15 @@ privilege revoked mid-run fails batches, never the daemon, which recovers when i
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
-import pytest
 from loguru import logger
 
 from tests.support import (
     Daemon,
+    as_role,
     at_least,
     count_batches,
     create_schema,
@@ -34,23 +31,6 @@ from tests.support import (
 )
 
 FAILED = "status = 'FAILED'"
-
-_roles = itertools.count(1)
-
-
-def as_role(dsn: str, role: str) -> str:
-    """The test database's DSN for `role` (the test server trusts loopback)."""
-    return dsn.replace("postgresql://postgres@", f"postgresql://{role}@", 1)
-
-
-@pytest.fixture
-async def loader(dsn: str) -> AsyncIterator[str]:
-    """A login role with no privileges on the test database's schema (roles are the server's:
-    its name is unique to this test, and it is dropped after it)."""
-    role = f"loader_{os.getpid()}_{next(_roles)}"
-    await execute(dsn, f"CREATE ROLE {role} LOGIN")
-    yield role
-    await execute(dsn, f"DROP OWNED BY {role}", f"DROP ROLE {role}")
 
 
 def run_as(dsn: str, role: str, feed_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:

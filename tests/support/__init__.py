@@ -1,7 +1,8 @@
 """The suite's harness, one import for every test module (and for bench/harness.py).
 
 - servers: `DEBIAN_PG15`, `pg15_bin_dir`, `any_bin_dir`, `fresh_database`
-- settings: `settings_for` (presets `QUICK`, `FAULTS`), `names_for`, `create_schema`
+- settings: `settings_for` (presets `QUICK`, `FAULTS`), `names_for`, `create_schema`,
+  `as_role` (and the `loader` fixture in conftest.py: a role with no privileges)
 - daemon: `run_in_process`, `running` (in this process), `daemon_args`, `spawn` (a child),
   `run_cli`, `cdcfeed_command`, `clean_environment`
 - waiting: `wait_until` (and `wait_until_blocking`), with `at_least` and `equals`
@@ -43,7 +44,14 @@ from tests.support.oracle import (
 )
 from tests.support.product import PostgresCluster, free_port, wheel_bin_dir
 from tests.support.servers import DEBIAN_PG15, any_bin_dir, fresh_database, pg15_bin_dir
-from tests.support.settings import FAULTS, QUICK, create_schema, names_for, settings_for
+from tests.support.settings import (
+    FAULTS,
+    QUICK,
+    as_role,
+    create_schema,
+    names_for,
+    settings_for,
+)
 from tests.support.waiting import at_least, equals, wait_until, wait_until_blocking
 
 __all__ = [
@@ -57,6 +65,7 @@ __all__ = [
     "Transaction",
     "answers_200",
     "any_bin_dir",
+    "as_role",
     "at_least",
     "cdcfeed_command",
     "check_invariant",

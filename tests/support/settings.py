@@ -47,6 +47,11 @@ def settings_for(
     return load_settings(None, overrides, environ={})
 
 
+def as_role(dsn: str, role: str) -> str:
+    """The test database's DSN for `role` (the test server trusts loopback)."""
+    return dsn.replace("postgresql://postgres@", f"postgresql://{role}@", 1)
+
+
 def names_for(dsn: str) -> Names:
     """The table names of the default settings."""
     return names_of(settings_for(dsn, Path("/nonexistent")))

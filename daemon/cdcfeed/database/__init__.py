@@ -9,7 +9,7 @@ from cdcfeed.database.connect import connect_kwargs
 from cdcfeed.database.database import BatchSession, Database
 from cdcfeed.database.errors import describe_error, is_unavailable
 from cdcfeed.database.kafka_store import KafkaSession
-from cdcfeed.database.ledger import Allocation, Settled, Settlement
+from cdcfeed.database.ledger import Allocation, Changes, Settled, Settlement
 from cdcfeed.database.names import Names, names_of, quote_ident
 from cdcfeed.database.schema import ensure_database
 from cdcfeed.database.server import CHECKED_SETTINGS, ServerSettings
@@ -20,6 +20,7 @@ __all__ = [
     "CHECKED_SETTINGS",
     "Allocation",
     "BatchSession",
+    "Changes",
     "Database",
     "KafkaSession",
     "Names",

@@ -9,7 +9,13 @@ from __future__ import annotations
 from functools import lru_cache
 
 from cdcfeed.database.cdc_catalog import CdcStatements
-from cdcfeed.database.names import INSTANCES_TABLE, ORDER_IDS_TABLE, Names, quote_ident
+from cdcfeed.database.names import (
+    INSTANCES_TABLE,
+    ORDER_IDS_TABLE,
+    STAGING_TABLE,
+    Names,
+    quote_ident,
+)
 
 # The embedded server's bootstrap (run before any cdcfeed schema exists).
 DATABASE_EXISTS = "SELECT 1 FROM pg_database WHERE datname = $1"
@@ -21,12 +27,22 @@ EXISTING_RELATIONS = """
     SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE n.nspname = $1 AND c.relname = ANY($2::text[])
 """
+# Of the columns later versions added ($2 tables, $3 columns), those an existing table lacks.
+MISSING_COLUMNS = """
+    SELECT t.rel || '.' || t.col FROM unnest($2::text[], $3::text[]) AS t(rel, col)
+    JOIN pg_class c ON c.relname = t.rel
+    JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = $1
+    WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a
+                      WHERE a.attrelid = c.oid AND a.attname = t.col AND NOT a.attisdropped)
+"""
+CURRENT_DATABASE = "SELECT current_database()::text"
 LACKING_PRIVILEGES = """
     SELECT i::int FROM unnest($1::text[], $2::text[], $3::text[])
         WITH ORDINALITY AS t(kind, name, privilege, i)
     WHERE NOT CASE kind
         WHEN 'SCHEMA' THEN has_schema_privilege(name, privilege)
         WHEN 'SEQUENCE' THEN has_sequence_privilege(name, privilege)
+        WHEN 'DATABASE' THEN has_database_privilege(name, privilege)
         ELSE has_table_privilege(name, privilege)
     END
     ORDER BY i
@@ -109,12 +125,33 @@ class Statements:
                 heartbeat_at timestamptz NOT NULL DEFAULT now(),
                 lease_until  timestamptz NOT NULL DEFAULT now()
             );
+            -- The change mix's columns, added the same way to new tables and to those of
+            -- older versions (hence not in the CREATEs above).
+            ALTER TABLE {orders}
+                ADD COLUMN IF NOT EXISTS status     text NOT NULL DEFAULT 'created',
+                ADD COLUMN IF NOT EXISTS updated_at timestamptz,
+                ADD COLUMN IF NOT EXISTS note       text;
+            -- Out of line and uncompressed: a note is TOASTed as itself, whatever it holds.
+            ALTER TABLE {orders} ALTER COLUMN note SET STORAGE EXTERNAL;
+            -- What a batch changed besides its inserts, written by its own transaction.
+            ALTER TABLE {batches}
+                ADD COLUMN IF NOT EXISTS updated     integer NOT NULL DEFAULT 0,
+                ADD COLUMN IF NOT EXISTS deleted     integer NOT NULL DEFAULT 0,
+                ADD COLUMN IF NOT EXISTS updated_ids bigint[],
+                ADD COLUMN IF NOT EXISTS deleted_ids bigint[];
+            -- The change cursor: the lowest order id no batch has been given to change yet.
+            ALTER TABLE {order_ids} ADD COLUMN IF NOT EXISTS next_change_id bigint;
         """
         self.lock_schema = "SELECT pg_advisory_xact_lock($1)"
         self.seed_order_ids = f"""
             INSERT INTO {order_ids} (orders_table, next_order_id)
             VALUES ($1, coalesce((SELECT max(order_id) + 1 FROM {orders}), 1))
             ON CONFLICT (orders_table) DO NOTHING
+        """
+        self.seed_change_cursor = f"""
+            UPDATE {order_ids}
+            SET next_change_id = coalesce((SELECT min(order_id) FROM {orders}), next_order_id)
+            WHERE orders_table = $1 AND next_change_id IS NULL
         """
         # Step 1 of the protocol, for several batches at once (ids.py): $4 batch ids and one
         # block of $4 * $2 order ids, in one round trip and one commit. A NULL block: no
@@ -127,6 +164,27 @@ class Statements:
             )
             SELECT (SELECT first_order_id FROM block),
                    ARRAY(SELECT nextval($3::regclass) FROM generate_series(1, $4))
+        """
+        # The same for batches that update or delete: each also gets a window of $5 order ids
+        # to change, from the change cursor, never past the inserts made before this
+        # reservation. The row is locked first so that both cursors are read as updated.
+        self.reserve_ids_and_changes = f"""
+            WITH cursors AS (
+                SELECT next_order_id, next_change_id FROM {order_ids}
+                WHERE orders_table = $1
+                FOR UPDATE
+            ), block AS (
+                UPDATE {order_ids} o
+                SET next_order_id = c.next_order_id + $2::bigint * $4::integer,
+                    next_change_id = LEAST(c.next_change_id + $5::bigint * $4::integer,
+                                           c.next_order_id)
+                FROM cursors c
+                WHERE o.orders_table = $1
+                RETURNING c.next_order_id AS first_order_id, c.next_change_id AS first_change_id
+            )
+            SELECT (SELECT first_order_id FROM block),
+                   ARRAY(SELECT nextval($3::regclass) FROM generate_series(1, $4)),
+                   (SELECT first_change_id FROM block)
         """
         self.sequence_regclass = sequence
         # Step 3: start_lsn is read in the same statement that opens the batch.
@@ -141,6 +199,41 @@ class Statements:
             f"BEGIN; UPDATE {batches} SET xid = pg_current_xact_id() WHERE batch_id = "
         )
         self._claim_tail = " AND status = 'IN_PROGRESS'"
+        # A batch that updates or deletes: its feed file is COPied into this staging table
+        # (made on first use by each connection, inside the claim's round trip), then one
+        # statement applies it and records what it changed in the batch's row.
+        self.staging_table = STAGING_TABLE
+        self._claim_staged_head = (
+            f"BEGIN; CREATE TEMPORARY TABLE IF NOT EXISTS {quote_ident(STAGING_TABLE)} ("
+            "order_id bigint, batch_id bigint, customer_id integer, amount numeric(10,2), "
+            "created_at timestamptz, note text, op text, status text, updated_at timestamptz"
+            f") ON COMMIT DELETE ROWS; {self._claim_head}"
+        )
+        staging = f"pg_temp.{quote_ident(STAGING_TABLE)}"
+        self.apply_changes = f"""
+            WITH inserted AS (
+                INSERT INTO {orders} (order_id, batch_id, customer_id, amount, created_at, note)
+                SELECT order_id, batch_id, customer_id, amount, created_at, note
+                FROM {staging} WHERE op = 'c'
+                RETURNING 1
+            ), updated AS (
+                UPDATE {orders} o SET status = s.status, updated_at = s.updated_at
+                FROM {staging} s
+                WHERE s.op = 'u' AND o.order_id = s.order_id
+                RETURNING o.order_id
+            ), deleted AS (
+                DELETE FROM {orders} o USING {staging} s
+                WHERE s.op = 'd' AND o.order_id = s.order_id
+                RETURNING o.order_id
+            )
+            UPDATE {batches}
+            SET updated = (SELECT count(*) FROM updated),
+                deleted = (SELECT count(*) FROM deleted),
+                updated_ids = ARRAY(SELECT order_id FROM updated ORDER BY 1),
+                deleted_ids = ARRAY(SELECT order_id FROM deleted ORDER BY 1)
+            WHERE batch_id = $1
+            RETURNING (SELECT count(*) FROM inserted)::int, updated, deleted
+        """
         self.commit = "COMMIT"
         self.rollback = "ROLLBACK"
         # Step 5: a new statement after the COPY committed, so the insert position is past
@@ -160,7 +253,8 @@ class Statements:
         # Settling one batch whose COPY outcome is unknown (Ledger.settle): its row, locked.
         # NOWAIT: a lock held means its COPY transaction (or another settler) is still at it.
         self.lock_batch = f"""
-            SELECT status, first_order_id, row_count, xid::text, end_lsn::text FROM {batches}
+            SELECT status, first_order_id, row_count, xid::text, end_lsn::text, updated, deleted
+            FROM {batches}
             WHERE batch_id = $1
             FOR UPDATE NOWAIT
         """
@@ -179,7 +273,7 @@ class Statements:
         self.recent_batches = f"""
             SELECT batch_id, instance, status, row_count, start_lsn::text, end_lsn::text,
                    xid::text, started_at, completed_at, recovered, error,
-                   generate_seconds, write_seconds, copy_seconds
+                   generate_seconds, write_seconds, copy_seconds, updated, deleted
             FROM {batches} ORDER BY batch_id DESC LIMIT $1
         """
         # Leases (leases.py): each instance renews its row every heartbeat; the batches of
@@ -209,7 +303,8 @@ class Statements:
         # of an instance whose lease lapsed (or that never had one). SKIP LOCKED passes over
         # batches whose COPY is running (see claim_batch) and those another settler holds.
         self.claim_abandoned = f"""
-            SELECT b.batch_id, b.first_order_id, b.row_count, b.xid::text, b.instance
+            SELECT b.batch_id, b.first_order_id, b.row_count, b.xid::text, b.instance,
+                   b.updated, b.deleted
             FROM {batches} b
             WHERE b.status = 'IN_PROGRESS'
               AND CASE WHEN b.instance = $1 THEN b.started_at < $2
@@ -223,7 +318,7 @@ class Statements:
         # At start, an earlier run's batches are waited for instead of skipped: a run killed
         # mid-COPY leaves a backend that holds the lock until it has read the rest of the data.
         self.claim_earlier_runs = f"""
-            SELECT batch_id, first_order_id, row_count, xid::text, instance
+            SELECT batch_id, first_order_id, row_count, xid::text, instance, updated, deleted
             FROM {batches}
             WHERE status = 'IN_PROGRESS' AND instance = $1 AND started_at < $2
             ORDER BY batch_id
@@ -251,3 +346,12 @@ class Statements:
         do not COPY. The id is an int, rendered by us: a simple query takes no parameters.
         """
         return f"{self._claim_head}{int(batch_id)}{self._claim_tail}"
+
+    def claim_staged_batch(self, batch_id: int) -> str:
+        """`claim_batch` for a batch that updates or deletes: the staging table first."""
+        return f"{self._claim_staged_head}{int(batch_id)}{self._claim_tail}"
+
+    def replica_identity(self, identity: str) -> str:
+        """`ALTER TABLE orders REPLICA IDENTITY DEFAULT|FULL` (only those two)."""
+        keyword = {"default": "DEFAULT", "full": "FULL"}[identity]
+        return f"ALTER TABLE {self.names.table(self.names.orders)} REPLICA IDENTITY {keyword}"

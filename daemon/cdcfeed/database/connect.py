@@ -124,6 +124,8 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     small batch's cost. Pooled connections never carry session state (no SET, LISTEN,
     session advisory locks or cursors; code that needs one opens a connection of its own, as
     verify does), and asyncpg still rolls back a transaction left open before this is called.
+    The one thing kept on purpose is the change mix's staging table: temporary, and empty
+    outside a batch's transaction (ON COMMIT DELETE ROWS).
     """
 
 

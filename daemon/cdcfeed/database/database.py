@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import asyncpg
 
@@ -21,15 +21,22 @@ from cdcfeed.config import DatabaseSettings
 from cdcfeed.database.catalog import Statements, statements
 from cdcfeed.database.connect import close_pool, create_pool
 from cdcfeed.database.errors import describe_error, raise_translated, translated
-from cdcfeed.database.ledger import Allocation, Connection, Ledger, Settled, Settlement
-from cdcfeed.database.names import ORDER_COLUMNS, Names
+from cdcfeed.database.ledger import (
+    Allocation,
+    Changes,
+    Connection,
+    Ledger,
+    Settled,
+    Settlement,
+)
+from cdcfeed.database.names import ORDER_COLUMNS, STAGED_COLUMNS, STAGING_TABLE, Names
 from cdcfeed.database.privileges import (
     Purpose,
     check_privileges,
     current_role,
     grant_statements,
     missing_relations,
-    needs_of,
+    needs_for,
     schema_relations,
 )
 from cdcfeed.database.schema import ensure_publication, init_schema
@@ -49,6 +56,8 @@ class Database:
         self._pool = pool
         self.names = names
         self._q: Statements = statements(names)
+        # Whether batches update and delete (a change mix): what the loading role needs.
+        self._changes = False
 
     @classmethod
     @asynccontextmanager
@@ -75,16 +84,19 @@ class Database:
         """A privilege refusal naming what the loading role lacks and the GRANT, when the
         catalog tells (a revoke mid-run, say); the server's own words otherwise."""
         try:
-            explained = await check_privileges(conn, self.names, "load", describe_error(exc))
+            explained = await check_privileges(
+                conn, self.names, "load", describe_error(exc), self._changes
+            )
         except Exception:
             explained = None
         return explained or PrivilegeRefused(describe_error(exc))
 
     # --- the batch protocol ------------------------------------------------------------------
 
-    async def reserve_ids(self, rows: int, batches: int) -> list[Allocation]:
-        """Step 1: batch ids and order-id blocks for `batches` batches, committed."""
-        return await self._run(lambda ledger: ledger.reserve(rows, batches))
+    async def reserve_ids(self, rows: int, batches: int, changes: int = 0) -> list[Allocation]:
+        """Step 1: batch ids and order-id blocks for `batches` batches, committed; with
+        `changes`, a window of that many order ids to change for each."""
+        return await self._run(lambda ledger: ledger.reserve(rows, batches, changes))
 
     @asynccontextmanager
     async def batch_session(self) -> AsyncIterator[BatchSession]:
@@ -147,19 +159,21 @@ class Database:
         await self._pool.expire_connections()
 
     @translated
-    async def prepare(self, purpose: Purpose, *, create: bool) -> bool:
+    async def prepare(self, purpose: Purpose, *, create: bool, changes: bool = False) -> bool:
         """Checks, before anything else, that the schema is current and that the role holds
-        what `purpose` needs; creates or upgrades the schema first when it is not current
-        and `create` says so (a current one gets no DDL). True when DDL ran.
+        what `purpose` needs (with `changes`: batches that update and delete); creates or
+        upgrades the schema first when it is not current and `create` says so (a current one
+        gets no DDL). True when DDL ran.
 
         SchemaMissing or PrivilegeRefused, each naming what to run, when the role cannot go on.
         """
+        self._changes = changes
         async with self._pool.acquire() as conn:
             absent = await missing_relations(conn, self.names)
             created = False
             lacks = (
                 "holds no cdcfeed ledger"
-                if len(absent) == len(schema_relations(self.names))
+                if set(schema_relations(self.names)) <= set(absent)
                 else f"lacks {', '.join(absent)}"
             )
             if absent and not create:
@@ -179,7 +193,7 @@ class Database:
                         f"schema's owner (or a role with CREATE on the database), then "
                         f"`cdcfeed init-db --grant {role}`"
                     ) from exc
-            refused = await check_privileges(conn, self.names, purpose)
+            refused = await check_privileges(conn, self.names, purpose, changes=changes)
             if refused is not None:
                 raise refused
             return created
@@ -190,12 +204,19 @@ class Database:
 
     @translated
     async def grant(self, role: str) -> list[str]:
-        """Grants `role` what loading needs, in one transaction; the statements run."""
-        grants = grant_statements(needs_of(self.names, "load"), role)
+        """Grants `role` what loading needs, with any change mix, in one transaction; the
+        statements run."""
         async with self._pool.acquire() as conn, conn.transaction():
+            grants = grant_statements(await needs_for(conn, self.names, "load", True), role)
             for statement in grants:
                 await conn.execute(statement)
         return grants
+
+    @translated
+    async def set_replica_identity(self, identity: Literal["default", "full"]) -> None:
+        """What the change stream carries of an updated or deleted order's old row."""
+        async with self._pool.acquire() as conn:
+            await conn.execute(self._q.replica_identity(identity))
 
     @translated
     async def server_settings(self) -> ServerSettings:
@@ -263,7 +284,13 @@ class BatchSession:
         )
 
     @translated
-    async def copy(self, batch_id: int, data: bytes, timeout: float | None) -> None:
+    async def copy(
+        self,
+        batch_id: int,
+        data: bytes,
+        timeout: float | None,
+        columns: tuple[str, ...] = ORDER_COLUMNS,
+    ) -> None:
         """Step 4: claim the batch row, COPY, commit; rolled back whole on any failure.
 
         BatchAborted when a settler decided the batch first: nothing is loaded.
@@ -271,12 +298,7 @@ class BatchSession:
         q = self._q
         conn = self._conn
         try:
-            claimed = await conn.execute(q.claim_batch(batch_id))
-            if claimed != "UPDATE 1":
-                raise BatchAborted(
-                    "settled by another instance before its COPY "
-                    "(was this instance's lease lapsing?)"
-                )
+            await self._claim(q.claim_batch(batch_id))
             await conn.copy_to_table(
                 q.names.orders,
                 # The bytes just written whole to the feed file: the COPY loads the file's
@@ -285,7 +307,7 @@ class BatchSession:
                 # documented sources; the stubs only list paths, files and iterables).
                 source=memoryview(data),  # type: ignore[arg-type]
                 schema_name=q.names.schema,
-                columns=ORDER_COLUMNS,
+                columns=columns,
                 format="csv",
                 header=True,
                 timeout=timeout,
@@ -295,6 +317,40 @@ class BatchSession:
             # Shielded: shutdown cancels batches, and the transaction must end all the same.
             await asyncio.shield(self._end_transaction())
             raise
+
+    @translated
+    async def apply(self, batch_id: int, data: bytes, timeout: float | None) -> Changes:
+        """Step 4 of a batch that updates or deletes: claim the batch row, COPY the staging
+        file into the session's staging table, apply it and record in the batch row what it
+        changed (one statement), commit; rolled back whole on any failure. One transaction,
+        as a plain batch's COPY: one xid, one commit inside the batch's LSN bracket.
+        """
+        q = self._q
+        conn = self._conn
+        try:
+            await self._claim(q.claim_staged_batch(batch_id))
+            await conn.copy_to_table(
+                STAGING_TABLE,
+                source=memoryview(data),  # type: ignore[arg-type]  # see `copy`
+                schema_name="pg_temp",
+                columns=STAGED_COLUMNS,
+                format="csv",
+                header=True,
+                timeout=timeout,
+            )
+            record = await conn.fetchrow(q.apply_changes, batch_id, timeout=timeout)
+            await conn.execute(q.commit)
+        except BaseException:
+            await asyncio.shield(self._end_transaction())
+            raise
+        assert record is not None  # the claim found the row; it is locked since
+        return Changes(record[0], record[1], record[2])
+
+    async def _claim(self, claim: str) -> None:
+        if await self._conn.execute(claim) != "UPDATE 1":
+            raise BatchAborted(
+                "settled by another instance before its COPY (was this instance's lease lapsing?)"
+            )
 
     async def _end_transaction(self) -> None:
         """Rolls back step 4's transaction after a failure, or closes the connection; never

@@ -30,6 +30,20 @@ INTERRUPTED = "interrupted"
 class Allocation:
     batch_id: int
     first_order_id: int
+    # The window of order ids the batch may update or delete (a change mix): no other batch
+    # ever gets any of them. Shorter than asked for (even empty) when the change cursor
+    # caught up with the inserts.
+    first_change_id: int = 0
+    change_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What a batch's transaction changed: orders inserted, updated and deleted."""
+
+    inserted: int
+    updated: int = 0
+    deleted: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +54,8 @@ class Settlement:
     status: str
     end_lsn: str | None = None
     row_count: int = 0
+    updated: int = 0
+    deleted: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +67,8 @@ class Settled:
     status: str  # COMPLETED or FAILED
     row_count: int
     end_lsn: str | None
+    updated: int = 0
+    deleted: int = 0
 
 
 class Ledger:
@@ -58,19 +76,39 @@ class Ledger:
         self.conn = conn
         self.q = names if isinstance(names, Statements) else statements(names)
 
-    async def reserve(self, rows: int, batches: int) -> list[Allocation]:
-        """Batch ids and order-id blocks for `batches` batches of `rows` orders, committed."""
+    async def reserve(self, rows: int, batches: int, changes: int = 0) -> list[Allocation]:
+        """Batch ids and order-id blocks for `batches` batches of `rows` orders, committed;
+        with `changes`, each batch's window of that many order ids to change."""
         q = self.q
-        record = await self.conn.fetchrow(
-            q.reserve_ids, q.names.orders, rows, q.sequence_regclass, batches
-        )
+        if changes:
+            record = await self.conn.fetchrow(
+                q.reserve_ids_and_changes,
+                q.names.orders,
+                rows,
+                q.sequence_regclass,
+                batches,
+                changes,
+            )
+        else:
+            record = await self.conn.fetchrow(
+                q.reserve_ids, q.names.orders, rows, q.sequence_regclass, batches
+            )
         if record is None or record[0] is None:
             raise RuntimeError("order id allocation row is missing; run `cdcfeed init-db`")
         first: int = record[0]
-        return [
-            Allocation(batch_id=batch_id, first_order_id=first + index * rows)
-            for index, batch_id in enumerate(record[1])
-        ]
+        if not changes:
+            return [
+                Allocation(batch_id=batch_id, first_order_id=first + index * rows)
+                for index, batch_id in enumerate(record[1])
+            ]
+        cursor: int = record[2]
+        allocations = []
+        for index, batch_id in enumerate(record[1]):
+            # Never past the inserts made before this reservation (`first`).
+            start = min(cursor + index * changes, first)
+            end = min(cursor + (index + 1) * changes, first)
+            allocations.append(Allocation(batch_id, first + index * rows, start, end - start))
+        return allocations
 
     async def open_batch(
         self,
@@ -113,16 +151,29 @@ class Ledger:
             await self.fail_batch(allocation.batch_id, error, None)
 
     async def decide(
-        self, batch_id: int, first_order_id: int, row_count: int, xid: str | None, reason: str
+        self,
+        batch_id: int,
+        first_order_id: int,
+        row_count: int,
+        xid: str | None,
+        reason: str,
+        updated: int = 0,
+        deleted: int = 0,
     ) -> Settlement:
         """Settles an IN_PROGRESS batch whose row lock the caller holds, in its transaction.
 
-        Under the lock no COPY of the batch is running and none will start, so the block's
-        count is final: a COPY commits all of its rows or none. The COPY's transaction wrote
-        its xid into the row; a row without one (written by an older cdcfeed) gets it from
-        its orders.
+        Under the lock no transaction of the batch is running and none will start. Its
+        transaction wrote its xid (and what it updated and deleted) into the row by its
+        claim, so an xid says it committed, with the counts as recorded. Counting the block's
+        orders would not do: later batches may have deleted some. A row without an xid either
+        rolled back (no order of its block exists) or was written by an older cdcfeed, which
+        did not record one: that is what the block's count tells, as it always did (a COPY
+        commits all of its rows or none), and its orders give the xid.
         """
         q = self.q
+        if xid is not None:
+            end_lsn = await self.conn.fetchval(q.recover_batch, batch_id, row_count, xid)
+            return Settlement("COMPLETED", end_lsn, row_count, updated, deleted)
         present = await self.conn.fetchval(q.count_block, first_order_id, row_count, batch_id)
         if not present:
             await self.fail_batch(batch_id, reason, None)
@@ -143,10 +194,12 @@ class Ledger:
                 return Settlement("IN_PROGRESS")
             if row is None:
                 return Settlement("NOT_STARTED")
-            status, first_order_id, row_count, xid, end_lsn = row
+            status, first_order_id, row_count, xid, end_lsn, updated, deleted = row
             if status != "IN_PROGRESS":
-                return Settlement(status, end_lsn, row_count)
-            return await self.decide(batch_id, first_order_id, row_count, xid, reason)
+                return Settlement(status, end_lsn, row_count, updated, deleted)
+            return await self.decide(
+                batch_id, first_order_id, row_count, xid, reason, updated, deleted
+            )
 
     async def settle_abandoned(
         self, instance: str, run_started: datetime, *, own: bool = False
@@ -161,10 +214,20 @@ class Ledger:
         claim = self.q.claim_earlier_runs if own else self.q.claim_abandoned
         async with self.conn.transaction():
             claimed = await self.conn.fetch(claim, instance, run_started, SETTLE_SLICE)
-            for batch_id, first_order_id, row_count, xid, owner in claimed:
-                decided = await self.decide(batch_id, first_order_id, row_count, xid, INTERRUPTED)
+            for batch_id, first_order_id, row_count, xid, owner, updated, deleted in claimed:
+                decided = await self.decide(
+                    batch_id, first_order_id, row_count, xid, INTERRUPTED, updated, deleted
+                )
                 settled.append(
-                    Settled(batch_id, owner, decided.status, decided.row_count, decided.end_lsn)
+                    Settled(
+                        batch_id,
+                        owner,
+                        decided.status,
+                        decided.row_count,
+                        decided.end_lsn,
+                        decided.updated,
+                        decided.deleted,
+                    )
                 )
         return settled
 

@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from cdcfeed.config import Settings
 
 ORDER_COLUMNS = ("order_id", "batch_id", "customer_id", "amount", "created_at")
+# An insert-only batch with notes (toast_bytes) COPies these; a batch that updates or deletes
+# COPies STAGED_COLUMNS into the session's staging table.
+NOTED_ORDER_COLUMNS = (*ORDER_COLUMNS, "note")
+STAGED_COLUMNS = (*NOTED_ORDER_COLUMNS, "op", "status", "updated_at")
+STAGING_TABLE = "cdcfeed_staging"
 
 # Serialises concurrent `init-db` runs: CREATE ... IF NOT EXISTS alone races on the catalog.
 SCHEMA_LOCK_KEY = 0x63646366  # "cdcf"

@@ -1,10 +1,11 @@
 """What a role needs of the schema, checked before it is needed and granted by `init-db --grant`.
 
-One list per purpose (`load`: the daemon's batches, leases and reconciliation; `status`:
-reading the ledger), from which both the check and the GRANT statements are made, so the two
-cannot drift apart. The check reads the catalog only, which needs no privileges, and runs
-before the first batch: a role that lacks something is told which privilege on which object,
-and the GRANT that fixes it, before anything of a batch is written.
+One list per purpose (`load`: the daemon's batches, leases and reconciliation, and with a
+change mix the updates and deletes; `status`: reading the ledger), from which both the check
+and the GRANT statements are made, so the two cannot drift apart. The check reads the catalog
+only, which needs no privileges, and runs before the first batch: a role that lacks
+something is told which privilege on which object, and the GRANT that fixes it, before
+anything of a batch is written.
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from cdcfeed.database.catalog import CURRENT_ROLE, EXISTING_RELATIONS, LACKING_PRIVILEGES
+from cdcfeed.database.catalog import (
+    CURRENT_DATABASE,
+    CURRENT_ROLE,
+    EXISTING_RELATIONS,
+    LACKING_PRIVILEGES,
+    MISSING_COLUMNS,
+)
 from cdcfeed.database.ledger import Connection
 from cdcfeed.database.names import INSTANCES_TABLE, ORDER_IDS_TABLE, Names, quote_ident
 from cdcfeed.errors import PrivilegeRefused
@@ -22,23 +29,29 @@ Purpose = Literal["load", "status", "schema"]
 
 @dataclass(frozen=True)
 class Need:
-    kind: Literal["SCHEMA", "TABLE", "SEQUENCE"]
-    name: str  # a relation's quoted, qualified name; a schema's own name (as has_* takes it)
+    kind: Literal["SCHEMA", "TABLE", "SEQUENCE", "DATABASE"]
+    # A relation's quoted, qualified name; a schema's or database's own name (as has_* takes it)
+    name: str
     shown: str  # as a user reads it: schema.name
     privileges: tuple[str, ...]
 
     @property
     def granted_on(self) -> str:
         """The object as GRANT names it."""
-        return f"{self.kind} {quote_ident(self.name) if self.kind == 'SCHEMA' else self.name}"
+        plain = self.kind in ("SCHEMA", "DATABASE")
+        return f"{self.kind} {quote_ident(self.name) if plain else self.name}"
 
 
 def _relation(names: Names, kind: Literal["TABLE", "SEQUENCE"], name: str, *privs: str) -> Need:
     return Need(kind, names.table(name), f"{names.schema}.{name}", privs)
 
 
-def needs_of(names: Names, purpose: Purpose) -> tuple[Need, ...]:
-    """What a role doing `purpose` needs; `schema` (init-db itself) needs nothing more."""
+def needs_of(names: Names, purpose: Purpose, database: str | None = None) -> tuple[Need, ...]:
+    """What a role doing `purpose` needs; `schema` (init-db itself) needs nothing more.
+
+    `database`: the database's name when batches update and delete (a change mix), which
+    needs more of `orders` and a temporary staging table.
+    """
     schema = Need("SCHEMA", names.schema, names.schema, ("USAGE",))
     if purpose == "status":
         return (schema, _relation(names, "TABLE", names.batches, "SELECT"))
@@ -52,11 +65,26 @@ def needs_of(names: Names, purpose: Purpose) -> tuple[Need, ...]:
         _relation(names, "TABLE", INSTANCES_TABLE, "SELECT", "INSERT", "UPDATE"),
         # Order-id blocks are taken by an UPDATE ... RETURNING.
         _relation(names, "TABLE", ORDER_IDS_TABLE, "SELECT", "UPDATE"),
-        # The COPY; settling reads an order-id block back.
-        _relation(names, "TABLE", names.orders, "SELECT", "INSERT"),
+        # The COPY; settling reads an order-id block back; a change mix updates and deletes.
+        _relation(
+            names,
+            "TABLE",
+            names.orders,
+            *(("SELECT", "INSERT", "UPDATE", "DELETE") if database else ("SELECT", "INSERT")),
+        ),
         # Batch ids: nextval.
         _relation(names, "SEQUENCE", names.batch_sequence, "USAGE"),
+        # The staging table a batch with updates or deletes COPies its changes into.
+        *((Need("DATABASE", database, database, ("TEMPORARY",)),) if database else ()),
     )
+
+
+async def needs_for(
+    conn: Connection, names: Names, purpose: Purpose, changes: bool = False
+) -> tuple[Need, ...]:
+    """`needs_of`, with the database's name read when `changes` asks for it."""
+    database = await current_database(conn) if changes and purpose == "load" else None
+    return needs_of(names, purpose, database)
 
 
 def grant_statements(needs: tuple[Need, ...], role: str) -> list[str]:
@@ -78,15 +106,38 @@ def schema_relations(names: Names) -> list[str]:
     ]
 
 
+def added_columns(names: Names) -> list[tuple[str, str]]:
+    """(table, column) of the columns later versions added to tables older ones made."""
+    added = {
+        names.orders: ("status", "updated_at", "note"),
+        names.batches: ("updated", "deleted", "updated_ids", "deleted_ids"),
+        ORDER_IDS_TABLE: ("next_change_id",),
+    }
+    return [(table, column) for table, columns in added.items() for column in columns]
+
+
 async def missing_relations(conn: Connection, names: Names) -> list[str]:
-    """The schema's relations that do not exist (yet): empty when the schema is current."""
+    """The schema's relations that do not exist (yet), then the columns an existing table
+    lacks (`table.column`): empty when the schema is current."""
     expected = schema_relations(names)
     existing = {row[0] for row in await conn.fetch(EXISTING_RELATIONS, names.schema, expected)}
-    return [name for name in expected if name not in existing]
+    missing = [name for name in expected if name not in existing]
+    columns = added_columns(names)
+    rows = await conn.fetch(
+        MISSING_COLUMNS,
+        names.schema,
+        [table for table, _ in columns],
+        [column for _, column in columns],
+    )
+    return missing + sorted(row[0] for row in rows)
 
 
 async def current_role(conn: Connection) -> str:
     return str(await conn.fetchval(CURRENT_ROLE))
+
+
+async def current_database(conn: Connection) -> str:
+    return str(await conn.fetchval(CURRENT_DATABASE))
 
 
 async def lacking(conn: Connection, needs: tuple[Need, ...]) -> list[tuple[Need, str]]:
@@ -135,10 +186,11 @@ def refusal(role: str, missing: list[tuple[Need, str]], server: str = "") -> Pri
 
 
 async def check_privileges(
-    conn: Connection, names: Names, purpose: Purpose, server: str = ""
+    conn: Connection, names: Names, purpose: Purpose, server: str = "", changes: bool = False
 ) -> PrivilegeRefused | None:
-    """The refusal naming what the role lacks for `purpose`; None when it lacks nothing."""
-    missing = await lacking(conn, needs_of(names, purpose))
+    """The refusal naming what the role lacks for `purpose` (with `changes`: a change mix);
+    None when it lacks nothing."""
+    missing = await lacking(conn, await needs_for(conn, names, purpose, changes))
     if not missing:
         return None
     return refusal(await current_role(conn), missing, server)

@@ -15,8 +15,9 @@ from cdcfeed.database.privileges import missing_relations
 async def init_schema(conn: Connection, names: Names) -> bool:
     """Creates or upgrades the schema; idempotent and safe from several instances at once.
 
-    A schema that is current is only looked at, so a role that may not create runs this as
-    well as the owner. Returns True when DDL ran.
+    A schema that is current (every relation and every column there) is only looked at, so
+    a role that may not create runs this as well as the owner; one made by an older version
+    gets the columns it lacks. Returns True when DDL ran.
     """
     if not await missing_relations(conn, names):
         return False
@@ -26,6 +27,7 @@ async def init_schema(conn: Connection, names: Names) -> bool:
         await conn.execute(q.schema_ddl)
         await conn.execute(q.cdc.ledger_indexes_ddl)  # for the slot metrics
         await conn.execute(q.seed_order_ids, names.orders)
+        await conn.execute(q.seed_change_cursor, names.orders)
     return True
 
 

@@ -265,4 +265,8 @@ def describe_load(load: LoadSettings) -> str:
         )
     else:
         shape = f"{load.rate:g} batches/s"
-    return f"{shape} ({arrivals}) x {load.batch_size} rows, concurrency {load.concurrency}"
+    changes = ""
+    if load.change_mix.changes or load.toast_bytes:
+        changes = f", mix {load.change_mix}"
+        changes += f", notes of {load.toast_bytes} bytes" if load.toast_bytes else ""
+    return f"{shape} ({arrivals}) x {load.batch_size} rows, concurrency {load.concurrency}{changes}"
