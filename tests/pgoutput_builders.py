@@ -67,3 +67,16 @@ def delete(relation_id: int, *old: TupleValue, kind: str = "K") -> bytes:
 def truncate(*relation_ids: int, options: int = 0) -> bytes:
     ids = struct.pack(f"!{len(relation_ids)}I", *relation_ids)
     return b"T" + struct.pack("!IB", len(relation_ids), options) + ids
+
+
+def update(
+    relation_id: int,
+    new: tuple[TupleValue, ...],
+    old: tuple[TupleValue, ...] | None = None,
+    kind: str = "K",
+) -> bytes:
+    """An Update: the old tuple ('K' key or 'O' whole row) only when given, then the new one."""
+    head = b"U" + struct.pack("!I", relation_id)
+    if old is not None:
+        head += kind.encode() + tuple_data(*old)
+    return head + b"N" + tuple_data(*new)

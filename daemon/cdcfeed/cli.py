@@ -333,9 +333,11 @@ def verify(
 
     Reads the slot with pgoutput (as Debezium does) and checks each batch the ledger settled:
     exactly its rows and order ids, in one transaction with the ledger's xid, committed inside
-    (start_lsn, end_lsn]; no rows for FAILED batches or batches the ledger lacks; no UPDATE,
-    DELETE or TRUNCATE of orders. Progress is kept in the database, so runs continue where
-    the last one stopped. Exit 0 when everything holds, 1 on any violation, 2 on a mistake.
+    (start_lsn, end_lsn]; with a change mix, exactly the updates and deletes its ledger row
+    names, in that transaction; no rows for FAILED batches or batches the ledger lacks; no
+    other UPDATE, DELETE or TRUNCATE of orders. Progress is kept in the database, so runs
+    continue where the last one stopped. Exit 0 when everything holds, 1 on any violation,
+    2 on a mistake.
 
     With --kafka, the same proof over what Debezium delivered to Kafka (orders, ledger and
     transaction topics), with redelivered duplicates counted and batches the pipeline has

@@ -8,6 +8,7 @@ integers: asyncpg's pg_lsn codec maps them both ways.
 from __future__ import annotations
 
 from cdcfeed.database.names import (
+    PENDING_CHANGES_TABLE,
     PENDING_TABLE,
     PROGRESS_TABLE,
     RESULTS_TABLE,
@@ -18,12 +19,23 @@ from cdcfeed.database.names import (
 # safe_wal_size arrived in PostgreSQL 13; older servers report nothing for it.
 SAFE_WAL_SIZE_SINCE = 13
 
+# What a batch of the change mix did, from its ledger row `b`. Through to_jsonb, so a ledger
+# older than the change mix (never upgraded by a load of this version) reads as insert-only
+# instead of failing the query.
+_CHANGE_COLUMNS = """
+    (to_jsonb(b) ->> 'updated')::bigint AS updated,
+    (to_jsonb(b) ->> 'deleted')::bigint AS deleted,
+    nullif(to_jsonb(b) -> 'updated_ids', 'null')::text AS updated_ids,
+    nullif(to_jsonb(b) -> 'deleted_ids', 'null')::text AS deleted_ids
+"""
+
 
 class CdcStatements:
     def __init__(self, names: Names) -> None:
         batches = names.table(names.batches)
         progress = names.table(PROGRESS_TABLE)
         pending = names.table(PENDING_TABLE)
+        pending_changes = names.table(PENDING_CHANGES_TABLE)
         results = names.table(RESULTS_TABLE)
         end_lsn_index = names.batches_index("end_lsn")
         start_lsn_index = names.batches_index("start_lsn")
@@ -84,6 +96,24 @@ class CdcStatements:
                 reason      text,
                 verified_at timestamptz NOT NULL DEFAULT now()
             );
+            -- The change mix: what each verdict found the batch updated and deleted, and the
+            -- after images that lacked a TOASTed value (resolved: the before image held it).
+            ALTER TABLE {results}
+                ADD COLUMN IF NOT EXISTS updated         bigint NOT NULL DEFAULT 0,
+                ADD COLUMN IF NOT EXISTS deleted         bigint NOT NULL DEFAULT 0,
+                ADD COLUMN IF NOT EXISTS unchanged_toast bigint NOT NULL DEFAULT 0,
+                ADD COLUMN IF NOT EXISTS resolved_toast  bigint NOT NULL DEFAULT 0;
+            -- What a transaction updated and deleted for a batch not judged yet (the batch
+            -- whose ledger row it claimed), as `ChangeObservation` in JSON: ranges of ids.
+            CREATE TABLE IF NOT EXISTS {pending_changes} (
+                slot           text    NOT NULL,
+                batch_id       bigint  NOT NULL,
+                commit_lsn     pg_lsn  NOT NULL,
+                commit_end_lsn pg_lsn  NOT NULL,
+                xid            bigint  NOT NULL,
+                changes        jsonb   NOT NULL,
+                PRIMARY KEY (slot, batch_id, commit_lsn)
+            );
             CREATE UNIQUE INDEX IF NOT EXISTS {quote_ident(RESULTS_TABLE + "_batch_idx")}
                 ON {results} (slot, batch_id) WHERE kind = 'batch';
             CREATE INDEX IF NOT EXISTS {quote_ident(RESULTS_TABLE + "_violation_idx")}
@@ -139,7 +169,8 @@ class CdcStatements:
             VALUES ($1, $2, $3, $3, $3)
         """
         self.forget_slot = tuple(
-            f"DELETE FROM {table} WHERE slot = $1" for table in (progress, pending, results)
+            f"DELETE FROM {table} WHERE slot = $1"
+            for table in (progress, pending, pending_changes, results)
         )
         self.set_position = f"""
             UPDATE {progress} SET position = $2, publication = $3, updated_at = now()
@@ -154,6 +185,12 @@ class CdcStatements:
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
             ON CONFLICT DO NOTHING
         """
+        self.record_pending_changes = f"""
+            INSERT INTO {pending_changes} (slot, batch_id, commit_lsn, commit_end_lsn, xid,
+                                           changes)
+            VALUES ($1, $2, $3, $4, $5, $6::jsonb)
+            ON CONFLICT DO NOTHING
+        """
         self.record_stream_violation = f"""
             INSERT INTO {results} (slot, kind, batch_id, result, xid, commit_lsn, reason)
             VALUES ($1, 'stream', $2, 'violation', $3, $4, $5)
@@ -164,8 +201,10 @@ class CdcStatements:
         # ledger, or judged before (a later transaction carried more of their rows).
         self.ready_pending = f"""
             SELECT p.batch_id, b.status, b.row_count, b.first_order_id, b.start_lsn,
-                   b.end_lsn, b.xid::text AS xid, r.id AS verdict_id
-            FROM (SELECT DISTINCT batch_id FROM {pending} WHERE slot = $1) p
+                   b.end_lsn, b.xid::text AS xid, r.id AS verdict_id, {_CHANGE_COLUMNS}
+            FROM (SELECT batch_id FROM {pending} WHERE slot = $1
+                  UNION
+                  SELECT batch_id FROM {pending_changes} WHERE slot = $1) p
             LEFT JOIN {batches} b ON b.batch_id = p.batch_id
             LEFT JOIN {results} r
                 ON r.slot = $1 AND r.kind = 'batch' AND r.batch_id = p.batch_id
@@ -179,13 +218,20 @@ class CdcStatements:
             FROM {pending} WHERE slot = $1 AND batch_id = ANY($2::bigint[])
             ORDER BY batch_id, commit_lsn
         """
-        self.drop_pending = f"""
-            DELETE FROM {pending} WHERE slot = $1 AND batch_id = ANY($2::bigint[])
+        self.pending_changes_of = f"""
+            SELECT batch_id, changes::text AS changes
+            FROM {pending_changes} WHERE slot = $1 AND batch_id = ANY($2::bigint[])
+            ORDER BY batch_id, commit_lsn
         """
+        self.drop_pending = tuple(
+            f"DELETE FROM {table} WHERE slot = $1 AND batch_id = ANY($2::bigint[])"
+            for table in (pending, pending_changes)
+        )
         self.record_verdict = f"""
             INSERT INTO {results} (slot, kind, batch_id, status, result, rows, xid,
-                                   commit_lsn, reason)
-            VALUES ($1, 'batch', $2, $3, $4, $5, $6, $7, $8)
+                                   commit_lsn, reason, updated, deleted, unchanged_toast,
+                                   resolved_toast)
+            VALUES ($1, 'batch', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
         """
         self.amend_verdict = f"""
             UPDATE {results}
@@ -206,7 +252,7 @@ class CdcStatements:
                 SELECT batch_id FROM {batches}
                 WHERE status = 'COMPLETED' AND end_lsn > $3 AND end_lsn <= $5
             )
-            SELECT b.batch_id, b.status, b.row_count, b.end_lsn
+            SELECT b.batch_id, b.status, b.row_count, b.end_lsn, {_CHANGE_COLUMNS}
             FROM candidates c JOIN {batches} b ON b.batch_id = c.batch_id
             WHERE b.start_lsn >= $2
               AND (b.status = 'FAILED' OR (b.status = 'COMPLETED' AND b.end_lsn <= $5))
@@ -214,6 +260,8 @@ class CdcStatements:
                               WHERE r.slot = $1 AND r.kind = 'batch'
                                 AND r.batch_id = b.batch_id)
               AND NOT EXISTS (SELECT 1 FROM {pending} p
+                              WHERE p.slot = $1 AND p.batch_id = b.batch_id)
+              AND NOT EXISTS (SELECT 1 FROM {pending_changes} p
                               WHERE p.slot = $1 AND p.batch_id = b.batch_id)
             ORDER BY b.batch_id
             LIMIT $6
@@ -229,15 +277,29 @@ class CdcStatements:
                    count(*) FILTER (WHERE kind = 'batch' AND status = 'COMPLETED') AS completed,
                    count(*) FILTER (WHERE kind = 'batch' AND status = 'FAILED') AS failed,
                    coalesce(sum(rows) FILTER (WHERE kind = 'batch'), 0)::bigint AS rows,
+                   coalesce(sum(updated), 0)::bigint AS updated,
+                   coalesce(sum(deleted), 0)::bigint AS deleted,
+                   coalesce(sum(unchanged_toast), 0)::bigint AS unchanged_toast,
+                   coalesce(sum(resolved_toast), 0)::bigint AS resolved_toast,
                    count(*) FILTER (WHERE result = 'violation') AS violations
             FROM {results} WHERE slot = $1
+        """
+        # The latest verdicts of batches that updated or deleted, for the report.
+        self.changed_batches = f"""
+            SELECT batch_id, result, rows, updated, deleted, unchanged_toast, resolved_toast
+            FROM {results}
+            WHERE slot = $1 AND kind = 'batch' AND (updated > 0 OR deleted > 0)
+            ORDER BY id DESC LIMIT $2
         """
         self.violations = f"""
             SELECT batch_id, reason FROM {results}
             WHERE slot = $1 AND result = 'violation' ORDER BY id LIMIT $2
         """
         self.waiting = f"""
-            SELECT (SELECT count(DISTINCT batch_id) FROM {pending} WHERE slot = $1)
+            SELECT (SELECT count(*) FROM (SELECT batch_id FROM {pending} WHERE slot = $1
+                                          UNION
+                                          SELECT batch_id FROM {pending_changes}
+                                          WHERE slot = $1) p)
                  + (SELECT count(*) FROM {batches} b
                     WHERE b.status = 'COMPLETED' AND b.end_lsn > $2 AND b.start_lsn >= $3
                       AND NOT EXISTS (SELECT 1 FROM {results} r

@@ -25,6 +25,7 @@ ORDER_IDS_TABLE = "cdcfeed_order_ids"
 INSTANCES_TABLE = "cdcfeed_instances"
 PROGRESS_TABLE = "cdcfeed_verify_progress"
 PENDING_TABLE = "cdcfeed_verify_pending"
+PENDING_CHANGES_TABLE = "cdcfeed_verify_pending_changes"
 RESULTS_TABLE = "cdcfeed_verify_results"
 
 

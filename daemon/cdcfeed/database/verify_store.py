@@ -7,6 +7,7 @@ errors; the verifier never sees a connection.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -32,6 +33,7 @@ class VerifySession:
         self._statements = statements(names)
         self._q = self._statements.cdc
         self.orders_relation = names.orders_relation
+        self.ledger_relation = (names.schema, names.batches)
         self.qualified_batches = self._q.qualified_batches
 
     @classmethod
@@ -161,6 +163,16 @@ class VerifySession:
         await self._conn.executemany(self._q.record_pending, [(slot, *row) for row in rows])
 
     @translated
+    async def record_pending_changes(
+        self, slot: str, rows: Sequence[tuple[int, int, int, int, dict[str, Any]]]
+    ) -> None:
+        """(batch_id, commit_lsn, commit_end_lsn, xid, what it changed) per transaction."""
+        await self._conn.executemany(
+            self._q.record_pending_changes,
+            [(slot, *row[:4], json.dumps(row[4])) for row in rows],
+        )
+
+    @translated
     async def record_stream_violation(
         self, slot: str, batch_id: int | None, xid: int | None, commit_lsn: int, reason: str
     ) -> None:
@@ -184,7 +196,18 @@ class VerifySession:
 
     @translated
     async def ready_pending(self, slot: str, limit: int) -> list[dict[str, Any]]:
-        return [dict(r) for r in await self._conn.fetch(self._q.ready_pending, slot, limit)]
+        return [
+            _with_change_ids(dict(r))
+            for r in await self._conn.fetch(self._q.ready_pending, slot, limit)
+        ]
+
+    @translated
+    async def pending_changes_of(
+        self, slot: str, batch_ids: list[int]
+    ) -> list[tuple[int, dict[str, Any]]]:
+        """(batch_id, what it changed) per transaction, as `record_pending_changes` took it."""
+        records = await self._conn.fetch(self._q.pending_changes_of, slot, batch_ids)
+        return [(r["batch_id"], json.loads(r["changes"])) for r in records]
 
     @translated
     async def pending_of(self, slot: str, batch_ids: list[int]) -> list[dict[str, Any]]:
@@ -192,7 +215,8 @@ class VerifySession:
 
     @translated
     async def drop_pending(self, slot: str, batch_ids: list[int]) -> None:
-        await self._conn.execute(self._q.drop_pending, slot, batch_ids)
+        for statement in self._q.drop_pending:
+            await self._conn.execute(statement, slot, batch_ids)
 
     @translated
     async def record_verdict(
@@ -205,9 +229,20 @@ class VerifySession:
         xid: int | None,
         commit_lsn: int | None,
         reason: str | None,
+        changes: tuple[int, int, int, int] = (0, 0, 0, 0),
     ) -> None:
+        """`changes`: updated, deleted, unchanged and resolved TOAST values (the change mix)."""
         await self._conn.execute(
-            self._q.record_verdict, slot, batch_id, status, result, rows, xid, commit_lsn, reason
+            self._q.record_verdict,
+            slot,
+            batch_id,
+            status,
+            result,
+            rows,
+            xid,
+            commit_lsn,
+            reason,
+            *changes,
         )
 
     @translated
@@ -217,12 +252,18 @@ class VerifySession:
     @translated
     async def unobserved(
         self, slot: str, scope: int, checked: int, waiting: list[int], position: int, limit: int
-    ) -> list[tuple[int, str, int, int | None]]:
-        """Settled batches the stream did not carry: (batch_id, status, row_count, end_lsn)."""
+    ) -> list[tuple[int, str, int, int | None, int | None]]:
+        """Settled batches the stream did not carry: (batch_id, status, row_count, end_lsn,
+        updates and deletes of a batch of the change mix, None for an insert-only one)."""
         records = await self._conn.fetch(
             self._q.unobserved, slot, scope, checked, waiting, position, limit
         )
-        return [(r[0], r[1], r[2], r[3]) for r in records]
+        out = []
+        for r in records:
+            mixed = r["updated_ids"] is not None or r["deleted_ids"] is not None
+            changes = (r["updated"] or 0) + (r["deleted"] or 0) if mixed else None
+            out.append((r[0], r[1], r[2], r[3], changes))
+        return out
 
     @translated
     async def set_checked(self, slot: str, position: int, waiting: list[int]) -> None:
@@ -242,6 +283,19 @@ class VerifySession:
         return count
 
     @translated
+    async def changed_batches(self, slot: str, limit: int) -> list[dict[str, Any]]:
+        """The latest verdicts of batches that updated or deleted, newest first."""
+        return [dict(r) for r in await self._conn.fetch(self._q.changed_batches, slot, limit)]
+
+    @translated
     async def violations(self, slot: str, limit: int) -> list[tuple[int | None, str]]:
         records = await self._conn.fetch(self._q.violations, slot, limit)
         return [(r["batch_id"], r["reason"]) for r in records]
+
+
+def _with_change_ids(row: dict[str, Any]) -> dict[str, Any]:
+    """The ledger's updated_ids and deleted_ids (JSON, see `_CHANGE_COLUMNS`) as lists."""
+    for key in ("updated_ids", "deleted_ids"):
+        value = row.get(key)
+        row[key] = None if value is None else json.loads(value)
+    return row

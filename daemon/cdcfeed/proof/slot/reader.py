@@ -109,6 +109,13 @@ class SlotSource:
                 f"publication {self.publication} does not cover {orders}: no batch can reach "
                 "the stream, so every COMPLETED batch will be reported missing"
             )
+        ledger = ".".join(self.db.ledger_relation)
+        if not record[0] and ledger not in record[1]:
+            logger.warning(
+                f"publication {self.publication} does not cover {ledger}: the updates and "
+                "deletes of a change mix cannot be told from their batches' claims, so each "
+                "will be reported as a change no batch made"
+            )
 
     async def confirmed(self) -> int:
         """The slot's confirmed_flush_lsn: how far it has been consumed, by us or others."""
@@ -135,7 +142,7 @@ class SlotSource:
     ) -> tuple[int, bool, list[StreamEvent]]:
         """Reads one chunk from `position`, records it in `state`; (new position, whether the
         chunk was full, the changes cdcfeed never makes that it carried)."""
-        reader = StreamReader(self.db.orders_relation, position)
+        reader = StreamReader(self.db.orders_relation, position, self.db.ledger_relation)
         db = self.db
         try:
             async with (
@@ -149,7 +156,11 @@ class SlotSource:
                 # Not full: every transaction committing before `upto` was read.
                 new_position = max(position, reader.last_end if full else upto, reader.last_end)
                 await state.record(
-                    reader.observations, reader.events, new_position, self.publication
+                    reader.observations,
+                    reader.events,
+                    new_position,
+                    self.publication,
+                    reader.changes,
                 )
         except SlotBusy as exc:
             raise SlotUnavailable(

@@ -1,4 +1,9 @@
-"""What `cdcfeed verify` prints: the totals of the verdicts so far, and this run's."""
+"""What `cdcfeed verify` prints: the totals of the verdicts so far, and this run's.
+
+With the change mix, also what the verified batches updated and deleted, the updates whose
+after image lacked the TOASTed note, and the latest such batches one by one; an insert-only
+load's text report reads as it always did.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,37 @@ class Tally:
     rows: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class ChangedBatch:
+    """A verified batch of the change mix, as the report lists it."""
+
+    batch_id: int
+    result: str
+    rows: int
+    updated: int
+    deleted: int
+    unchanged_toast: int
+    resolved_toast: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "batch_id": self.batch_id,
+            "result": self.result,
+            "inserted": self.rows,
+            "updated": self.updated,
+            "deleted": self.deleted,
+            "unchanged_toast": self.unchanged_toast,
+            "resolved_toast": self.resolved_toast,
+        }
+
+    def line(self) -> str:
+        return (
+            f"batch {self.batch_id}: {self.rows} inserted, {self.updated} updated, "
+            f"{self.deleted} deleted, unchanged TOAST {self.unchanged_toast} "
+            f"({self.resolved_toast} resolved): {self.result}"
+        )
+
+
 @dataclass(frozen=True)
 class Report:
     slot: str
@@ -30,6 +66,11 @@ class Report:
     violation_count: int
     violations: list[Violation]
     run: Tally = field(default_factory=Tally)
+    updated: int = 0
+    deleted: int = 0
+    unchanged_toast: int = 0  # after images without the TOASTed note, as DEFAULT promises
+    resolved_toast: int = 0  # ... whose before image held it (REPLICA IDENTITY FULL)
+    changed_batches: list[ChangedBatch] = field(default_factory=list)  # newest first
 
     @property
     def holds(self) -> bool:
@@ -48,6 +89,14 @@ class Report:
             "waiting": self.waiting,
             "violation_count": self.violation_count,
             "violations": [{"batch_id": v.batch_id, "reason": v.reason} for v in self.violations],
+            "changes": {
+                "inserted": self.rows,
+                "updated": self.updated,
+                "deleted": self.deleted,
+                "unchanged_toast": self.unchanged_toast,
+                "resolved_toast": self.resolved_toast,
+            },
+            "changed_batches": [b.as_dict() for b in self.changed_batches],
             "this_run": {
                 "batches_verified": self.run.batches,
                 "violations": self.run.violations,
@@ -66,4 +115,11 @@ class Report:
             f"this run: {self.run.batches} batches verified, {self.run.rows} rows, "
             f"{self.run.violations} violations",
         ]
+        if self.updated or self.deleted or self.unchanged_toast or self.resolved_toast:
+            lines.append(
+                f"changes: {self.rows} inserted, {self.updated} updated, {self.deleted} "
+                f"deleted; unchanged TOAST values: {self.unchanged_toast} unresolved, "
+                f"{self.resolved_toast} resolved from the before image"
+            )
+            lines += [f"  {b.line()}" for b in self.changed_batches]
         return "\n".join(lines + violation_lines(self.violations, self.violation_count))

@@ -84,6 +84,13 @@ class Verifier:
         if self.metrics is not None:
             for result in judged.verdicts:
                 self.metrics.verified.labels("slot", result).inc()
+            for v in judged.given:
+                self.metrics.verdict_changes(
+                    "slot",
+                    v.result,
+                    (v.rows, v.updated, v.deleted),
+                    (v.unchanged_toast, v.resolved_toast),
+                )
             self.metrics.verified.labels("slot", "violation").inc(judged.amended)
         self._found(judged.found, counted=True)
 

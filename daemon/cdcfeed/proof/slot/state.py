@@ -6,8 +6,9 @@ source (today the slot's). What it keeps:
 - *progress*: every transaction that commits before `position` has been read and recorded;
   `checked` is the position the last verdicts were given at, `waiting` the batches that were
   IN_PROGRESS then (they are looked at again once settled).
-- *pending*: the observations of batches not judged yet. Reading a slot is destructive, so
-  what it carried waits here until the ledger settles the batch.
+- *pending*: the observations of batches not judged yet: their inserts, and the updates and
+  deletes of the transactions that claimed them. Reading a slot is destructive, so what it
+  carried waits here until the ledger settles the batch.
 - *results*: one verdict per judged batch, and the violations no batch owns.
 
 A source records a chunk of observations and its new position in one transaction, so a
@@ -23,13 +24,21 @@ from typing import Any
 from cdcfeed.database import VerifySession
 from cdcfeed.errors import UserError
 from cdcfeed.lsn import int_to_lsn
-from cdcfeed.proof.events import LedgerBatch, Observation, StreamEvent, Violation
+from cdcfeed.proof.events import (
+    ChangeObservation,
+    LedgerBatch,
+    Observation,
+    OrderRanges,
+    StreamEvent,
+    Violation,
+)
 from cdcfeed.proof.judge import Verdict, judge_again, judge_seen, judge_unseen
-from cdcfeed.proof.slot.report import Report, Tally
+from cdcfeed.proof.slot.report import ChangedBatch, Report, Tally
 
 # Batches judged per query: bounds memory when a long outage left many to judge at once.
 _JUDGE_BATCH = 1_000
 REPORT_VIOLATIONS = 1_000
+REPORT_CHANGED_BATCHES = 20  # the latest batches of the change mix the report lists
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +54,7 @@ class Judged:
     """What one judging step decided."""
 
     verdicts: list[str] = field(default_factory=list)  # "ok" / "violation", one per batch
+    given: list[Verdict] = field(default_factory=list)  # the verdicts themselves
     found: list[Violation] = field(default_factory=list)
     amended: int = 0  # judged batches found violated later: violations, not new verdicts
     rows: int = 0
@@ -83,11 +93,21 @@ class VerifyState:
         events: Sequence[StreamEvent],
         position: int,
         publication: str,
+        changes: Sequence[ChangeObservation] = (),
     ) -> None:
         """What a chunk carried, and the position after it; in the caller's transaction."""
         db = self.db
         if observations:
             await db.record_pending(self.source, [_row(o) for o in observations])
+        if changes:
+            await db.record_pending_changes(
+                self.source,
+                [
+                    (c.batch_id, c.commit_lsn, c.commit_end_lsn, c.xid, _stored(c))
+                    for c in changes
+                    if c.batch_id is not None  # a source of the slot's kind always claims
+                ],
+            )
         for event in events:
             await db.record_stream_violation(
                 self.source, event.batch_id, event.xid, event.commit_lsn, event.reason
@@ -119,8 +139,12 @@ class VerifyState:
                 seen: dict[int, list[Observation]] = {i: [] for i in ids}
                 for o in await db.pending_of(self.source, ids):
                     seen[o["batch_id"]].append(_observation(o))
+                changed: dict[int, list[ChangeObservation]] = {i: [] for i in ids}
+                for batch_id, stored in await db.pending_changes_of(self.source, ids):
+                    changed[batch_id].append(_changes(batch_id, stored))
                 for record in ready:
-                    await self._judge_seen(record, seen[record["batch_id"]], judged)
+                    batch_id = record["batch_id"]
+                    await self._judge_seen(record, seen[batch_id], changed[batch_id], judged)
                 await db.drop_pending(self.source, ids)
             while True:
                 unseen = await db.unobserved(
@@ -131,10 +155,11 @@ class VerifyState:
                     position,
                     _JUDGE_BATCH,
                 )
-                for batch_id, status, row_count, end_lsn in unseen:
-                    verdict = judge_unseen(batch_id, status, row_count, end_lsn, hint)
+                for batch_id, status, row_count, end_lsn, changes in unseen:
+                    verdict = judge_unseen(batch_id, status, row_count, end_lsn, hint, changes)
                     await self._store(verdict)
                     judged.verdicts.append(verdict.result)
+                    judged.given.append(verdict)
                     if verdict.violation is not None:
                         judged.found.append(verdict.violation)
                 if len(unseen) < _JUDGE_BATCH:
@@ -143,26 +168,31 @@ class VerifyState:
         return judged
 
     async def _judge_seen(
-        self, record: dict[str, Any], observations: list[Observation], judged: Judged
+        self,
+        record: dict[str, Any],
+        observations: list[Observation],
+        changes: list[ChangeObservation],
+        judged: Judged,
     ) -> None:
         batch_id = record["batch_id"]
         batch = LedgerBatch.from_row(record)
         if record["verdict_id"] is not None:
-            amendment = judge_again(batch_id, batch, observations)
+            amendment = judge_again(batch_id, batch, observations, changes)
             if amendment is not None:
                 await self.db.amend_verdict(record["verdict_id"], amendment.reason)
                 judged.found.append(amendment)
                 judged.amended += 1
             return
-        verdict = judge_seen(batch_id, batch, observations)
+        verdict = judge_seen(batch_id, batch, observations, changes)
         await self._store(verdict)
         judged.rows += verdict.rows
         judged.verdicts.append(verdict.result)
+        judged.given.append(verdict)
         if verdict.violation is not None:
             judged.found.append(verdict.violation)
 
     async def _store(self, verdict: Verdict) -> None:
-        await self.db.record_verdict(self.source, *verdict.stored)
+        await self.db.record_verdict(self.source, *verdict.stored, verdict.stored_changes)
 
     async def lag_bytes(self) -> int:
         """WAL written since the position the source has been read to."""
@@ -179,6 +209,9 @@ class VerifyState:
             Violation(batch_id, reason)
             for batch_id, reason in await db.violations(self.source, limit)
         ]
+        changed = [
+            ChangedBatch(**r) for r in await db.changed_batches(self.source, REPORT_CHANGED_BATCHES)
+        ]
         return Report(
             slot=self.source,
             publication=publication,
@@ -191,6 +224,11 @@ class VerifyState:
             violation_count=totals["violations"],
             violations=violations,
             run=run,
+            updated=totals["updated"],
+            deleted=totals["deleted"],
+            unchanged_toast=totals["unchanged_toast"],
+            resolved_toast=totals["resolved_toast"],
+            changed_batches=changed,
         )
 
 
@@ -218,3 +256,43 @@ def _observation(record: dict[str, Any]) -> Observation:
         max_order_id=record["max_order_id"],
         sum_order_id=int(record["sum_order_id"]),  # numeric: sums outgrow bigint
     )
+
+
+def _stored(c: ChangeObservation) -> dict[str, Any]:
+    """What the state keeps of a transaction's updates and deletes (JSON); its batch, xid and
+    commit are kept in columns of their own."""
+    return {
+        "statuses": [[status, _flat(ranges)] for status, ranges in c.statuses],
+        "deleted": _flat(c.deleted),
+        "key_only": _flat(c.key_only),
+        "identity": c.identity,
+        "unchanged_toast": c.unchanged_toast,
+        "resolved_toast": c.resolved_toast,
+        "twice": _flat(c.twice),
+        "commit": [c.xid, c.commit_lsn, c.commit_end_lsn],
+    }
+
+
+def _changes(batch_id: int, stored: dict[str, Any]) -> ChangeObservation:
+    xid, commit_lsn, commit_end_lsn = stored["commit"]
+    return ChangeObservation(
+        batch_id,
+        xid,
+        commit_lsn,
+        commit_end_lsn,
+        statuses=tuple((status, _ranges(flat)) for status, flat in stored["statuses"]),
+        deleted=_ranges(stored["deleted"]),
+        key_only=_ranges(stored["key_only"]),
+        identity=stored["identity"],
+        unchanged_toast=stored["unchanged_toast"],
+        resolved_toast=stored["resolved_toast"],
+        twice=_ranges(stored["twice"]),
+    )
+
+
+def _flat(ranges: OrderRanges) -> list[int]:
+    return [bound for pair in ranges for bound in pair]
+
+
+def _ranges(flat: list[int]) -> OrderRanges:
+    return tuple(zip(flat[::2], flat[1::2], strict=True))
