@@ -95,7 +95,7 @@ class KafkaReport:
             lines.insert(
                 2,
                 f"changes: {self.rows} inserted, {self.updated} updated, {self.deleted} deleted; "
-                f"unchanged TOAST values: {self.unchanged_toast} (placeholders, as REPLICA "
-                "IDENTITY DEFAULT promises)",
+                f"unchanged TOAST values: {self.unchanged_toast} (Debezium's placeholder for a "
+                "value the update left alone)",
             )
         return "\n".join(lines + violation_lines(self.violations, self.violation_count))
