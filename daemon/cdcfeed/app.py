@@ -231,11 +231,17 @@ async def run_daemon(
                 )
                 for task in cdc_tasks:
                     supervise(task, stop, failures)
+                inserts, updates, deletes = load.change_mix.split(load.batch_size)
                 environment = BatchEnvironment(
                     database=db,
                     # Ids for as many batches as may run at once: about one reservation per
                     # `concurrency` batches, and at most that many ids unused at a stop.
-                    ids=IdReservations(db, load.batch_size, min(load.concurrency, MAX_RESERVATION)),
+                    ids=IdReservations(
+                        db,
+                        inserts,
+                        min(load.concurrency, MAX_RESERVATION),
+                        changes=updates + deletes,
+                    ),
                     feed=feed,
                     metrics=metrics,
                     instance=settings.instance_name,
@@ -246,6 +252,8 @@ async def run_daemon(
                     settle_seconds=settle_reserve(settings.daemon.grace_period),
                     copy_timeout=copy_timeout(settings.database.statement_timeout),
                     readiness=readiness,
+                    mix=load.change_mix,
+                    toast_bytes=load.toast_bytes,
                 )
                 scheduler = LoadScheduler(
                     arrivals=arrivals_of(load),

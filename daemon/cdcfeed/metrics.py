@@ -16,9 +16,8 @@ from cdcfeed import __version__
 PHASES = ("generate", "write", "copy", "total")
 BATCH_STATUSES = ("completed", "failed")
 SKIP_REASONS = ("busy", "database_down", "disk_full")
+CHANGE_OPS = ("insert", "update", "delete")
 VERIFY_RESULTS = ("ok", "violation")
-# The rows a verdict covers, by what the batch did to them (the change mix).
-VERIFY_OPS = ("insert", "update", "delete")
 TOAST_RESOLVED = ("true", "false")
 # What a verifier reads: the replication slot (what PostgreSQL emitted) or Kafka (what the
 # pipeline delivered). Only Kafka has pending batches, duplicates and a delivery latency.
@@ -63,6 +62,12 @@ class Metrics:
             registry=registry,
         )
         self.rows = Counter("cdcfeed_rows", "Order rows committed.", registry=registry)
+        self.changes = Counter(
+            "cdcfeed_changes",
+            "Orders inserted, updated and deleted by COMPLETED batches.",
+            ["op"],
+            registry=registry,
+        )
         self.duration = Histogram(
             "cdcfeed_batch_duration_seconds",
             "Batch duration by phase.",
@@ -214,10 +219,12 @@ class Metrics:
             self.duration.labels(phase)
         for reason in SKIP_REASONS:
             self.skipped.labels(reason)
+        for op in CHANGE_OPS:
+            self.changes.labels(op)
         for source in VERIFY_SOURCES:
             for result in VERIFY_RESULTS:
                 self.verified.labels(source, result)
-                for op in VERIFY_OPS:
+                for op in CHANGE_OPS:
                     self.verified_changes.labels(source, op, result)
             for resolved in TOAST_RESOLVED:
                 self.unchanged_toast.labels(source, resolved)
@@ -237,7 +244,7 @@ class Metrics:
         self, source: str, result: str, counts: tuple[int, int, int], toast: tuple[int, int]
     ) -> None:
         """A verdict's rows: (inserted, updated, deleted), and (unchanged, resolved) TOAST."""
-        for op, n in zip(VERIFY_OPS, counts, strict=True):
+        for op, n in zip(CHANGE_OPS, counts, strict=True):
             if n:
                 self.verified_changes.labels(source, op, result).inc(n)
         unchanged, resolved = toast
@@ -245,6 +252,12 @@ class Metrics:
             self.unchanged_toast.labels(source, "false").inc(unchanged)
         if resolved:
             self.unchanged_toast.labels(source, "true").inc(resolved)
+
+    def count_changes(self, inserted: int, updated: int, deleted: int) -> None:
+        """A COMPLETED batch's changes (`cdcfeed_rows_total` counts its inserts on its own)."""
+        for op, count in zip(CHANGE_OPS, (inserted, updated, deleted), strict=True):
+            if count:
+                self.changes.labels(op).inc(count)
 
     def batch_started(self) -> None:
         self._starts.append(time.monotonic())

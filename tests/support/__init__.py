@@ -8,7 +8,8 @@
 - waiting: `wait_until` (and `wait_until_blocking`), with `at_least` and `equals`
 - observe: `http_get`, `answers_200`, `parse_metrics`, `fetchval`, `count_batches`,
   `wait_for_batches`
-- oracle: `prepare_slot`, `read_stream`, `ledger_rows`, `check_invariant`
+- oracle: `prepare_slot`, `read_stream`, `ledger_rows`, `check_invariant`, and for a load
+  that updates and deletes, `check_changes`
 
 What the harness takes from cdcfeed is imported in `product.py` only.
 """
@@ -37,6 +38,7 @@ from tests.support.observe import (
 from tests.support.oracle import (
     PUBLICATION,
     Transaction,
+    check_changes,
     check_invariant,
     ledger_rows,
     prepare_slot,
@@ -68,6 +70,7 @@ __all__ = [
     "as_role",
     "at_least",
     "cdcfeed_command",
+    "check_changes",
     "check_invariant",
     "clean_environment",
     "count_batches",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 
@@ -34,12 +35,27 @@ async def prepare_slot(dsn: str, slot: str = "test_slot", before_slot: str = "")
     return slot
 
 
+@dataclass(frozen=True)
+class Change:
+    """An update or delete of an order as pgoutput sent it: the order id, the new tuple (an
+    update's; None for a delete) and the old one (None when none was sent), as column ->
+    value, with `UNCHANGED` for a TOASTed value the tuple does not carry (kind 'u'), and the
+    old tuple's kind ('K' key only, 'O' the whole old row)."""
+
+    order_id: int
+    new: dict[str, object] | None
+    old: dict[str, object] | None
+    old_kind: str | None
+
+
 @dataclass
 class Transaction:
     xid: int
     commit_lsn: int = 0
     end_lsn: int = 0
     orders: list[tuple[int, int]] = field(default_factory=list)  # (order_id, batch_id)
+    updates: list[Change] = field(default_factory=list)
+    deletes: list[Change] = field(default_factory=list)
 
 
 async def read_stream(dsn: str, slot: str = "test_slot") -> list[Transaction]:
@@ -69,6 +85,19 @@ async def read_stream(dsn: str, slot: str = "test_slot") -> list[Transaction]:
             if relation.name == "orders":
                 values = relation.as_dict(message.new)
                 current.orders.append((int(str(values["order_id"])), int(str(values["batch_id"]))))
+        elif isinstance(message, pgoutput.Update | pgoutput.Delete):
+            assert current is not None
+            relation = relations[message.relation_id]
+            if relation.name == "orders":
+                old = None if message.old is None else relation.as_dict(message.old)
+                if isinstance(message, pgoutput.Update):
+                    new = relation.as_dict(message.new)
+                    key = new["order_id"]
+                    current.updates.append(Change(int(str(key)), new, old, message.old_kind))
+                else:
+                    assert old is not None
+                    key = old["order_id"]
+                    current.deletes.append(Change(int(str(key)), None, old, message.old_kind))
         elif isinstance(message, pgoutput.Commit):
             assert current is not None
             current.commit_lsn, current.end_lsn = message.commit_lsn, message.end_lsn
@@ -138,3 +167,140 @@ async def check_invariant(dsn: str, stream: list[Transaction] | None = None) -> 
             start, end = lsn_to_int(batch["start_lsn"]), lsn_to_int(batch["end_lsn"])
             assert start < tx.commit_lsn and tx.end_lsn <= end, (batch_id, batch, tx)
     return dict(by_status)
+
+
+def _updated_status(order_id: int) -> str:
+    # The lifecycle as the model states it, written out here rather than imported.
+    return "cancelled" if order_id % 10 == 0 else "paid"
+
+
+@dataclass
+class MixedCounts:
+    """What `check_changes` saw: batches by status, orders inserted, updated, deleted by
+    COMPLETED batches, and updates whose new tuple left the TOASTed note out (kind 'u')."""
+
+    statuses: dict[str, int]
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+    unchanged_toast: int = 0
+    resolved_from_old: int = 0
+
+
+async def check_changes(
+    dsn: str, stream: list[Transaction] | None = None, *, full: bool = False
+) -> MixedCounts:
+    """The invariant of a change mix (a load that updates and deletes), for every batch.
+
+    Table side: every order a COMPLETED batch deleted is gone, every order it updated has the
+    updated status and an updated_at, every other order its block inserted is there untouched;
+    no order was changed twice; FAILED batches left no order and recorded no change; nothing
+    is IN_PROGRESS; no order belongs to a batch the ledger lacks. Stream side (when given):
+    each COMPLETED batch's inserts, updates and deletes are exactly what the ledger records,
+    in the one transaction of its xid, committed inside (start_lsn, end_lsn]; updates carry
+    the updated status; old tuples as the replica identity promises (`full`: the whole old
+    row, status 'created'; else a delete's key only); no other transaction changes orders.
+    """
+    conn = await asyncpg.connect(dsn)
+    try:
+        ledger = await conn.fetch(
+            "SELECT batch_id, status, row_count, first_order_id, start_lsn::text, "
+            "end_lsn::text, xid::text, updated, deleted, updated_ids, deleted_ids "
+            "FROM batch_control ORDER BY batch_id"
+        )
+        orders = {
+            row[0]: row
+            for row in await conn.fetch(
+                "SELECT order_id, batch_id, status, updated_at FROM orders ORDER BY order_id"
+            )
+        }
+    finally:
+        await conn.close()
+    counts = MixedCounts(statuses=defaultdict(int))
+    changed: set[int] = set()
+    expected: dict[int, int] = {}  # order id -> the batch that inserted it
+    completed = {}
+    for batch in ledger:
+        batch_id, status = batch["batch_id"], batch["status"]
+        counts.statuses[status] += 1
+        assert status != "IN_PROGRESS", f"batch {batch_id} is IN_PROGRESS"
+        updated, deleted = list(batch["updated_ids"] or []), list(batch["deleted_ids"] or [])
+        assert (len(updated), len(deleted)) == (batch["updated"], batch["deleted"]), batch
+        if status != "COMPLETED":
+            assert not updated and not deleted, f"FAILED batch {batch_id} recorded changes"
+            continue
+        completed[batch_id] = batch
+        assert updated == sorted(updated) and deleted == sorted(deleted), batch
+        assert lsn_to_int(batch["end_lsn"]) > lsn_to_int(batch["start_lsn"])
+        for order_id in updated + deleted:
+            assert order_id not in changed, f"order {order_id} changed twice"
+            changed.add(order_id)
+        first = batch["first_order_id"]
+        expected.update((i, batch_id) for i in range(first, first + batch["row_count"]))
+        counts.inserted += batch["row_count"]
+        counts.updated += len(updated)
+        counts.deleted += len(deleted)
+    updated_ids = {i for b in completed.values() for i in (b["updated_ids"] or [])}
+    deleted_ids = {i for b in completed.values() for i in (b["deleted_ids"] or [])}
+    for order_id in deleted_ids:
+        assert order_id not in orders, f"deleted order {order_id} is still there"
+        assert order_id in expected, f"deleted order {order_id} no COMPLETED batch inserted"
+    for order_id, batch_id in expected.items():
+        if order_id in deleted_ids:
+            continue
+        row = orders.pop(order_id, None)
+        assert row is not None, f"order {order_id} of batch {batch_id} is missing"
+        assert row["batch_id"] == batch_id, (order_id, row)
+        if order_id in updated_ids:
+            assert row["status"] == _updated_status(order_id) and row["updated_at"], row
+        else:
+            assert row["status"] == "created" and row["updated_at"] is None, row
+    assert not orders, f"orders no COMPLETED batch inserted: {sorted(orders)[:10]}"
+    if stream is not None:
+        _check_stream(stream, completed, counts, full)
+    counts.statuses = dict(counts.statuses)
+    return counts
+
+
+def _check_stream(
+    stream: list[Transaction], completed: dict[int, Any], counts: MixedCounts, full: bool
+) -> None:
+    by_xid = {int(batch["xid"]) & 0xFFFF_FFFF: batch for batch in completed.values()}
+    seen: set[int] = set()
+    for tx in stream:
+        if not (tx.orders or tx.updates or tx.deletes):
+            continue
+        batch = by_xid.get(tx.xid)
+        assert batch is not None, f"transaction {tx.xid} changed orders; no COMPLETED batch's"
+        batch_id = batch["batch_id"]
+        assert batch_id not in seen, f"batch {batch_id} arrived in two transactions"
+        seen.add(batch_id)
+        first = batch["first_order_id"]
+        inserted = sorted(order_id for order_id, _ in tx.orders)
+        assert inserted == list(range(first, first + batch["row_count"])), batch_id
+        assert {b for _, b in tx.orders} <= {batch_id}, (batch_id, tx.orders[:3])
+        assert sorted(c.order_id for c in tx.updates) == list(batch["updated_ids"] or [])
+        assert sorted(c.order_id for c in tx.deletes) == list(batch["deleted_ids"] or [])
+        for change in tx.updates:
+            assert change.new is not None
+            assert change.new["status"] == _updated_status(change.order_id), change
+            if change.new["note"] is pgoutput.UNCHANGED:
+                counts.unchanged_toast += 1
+            if full:
+                assert change.old_kind == "O" and change.old is not None, change
+                assert change.old["status"] == "created", change
+                if change.new["note"] is pgoutput.UNCHANGED and isinstance(change.old["note"], str):
+                    counts.resolved_from_old += 1
+            else:
+                assert change.old is None, change  # the key did not change
+        for change in tx.deletes:
+            assert change.old is not None
+            if full:
+                assert change.old_kind == "O" and change.old["status"] == "created", change
+            else:
+                assert change.old_kind == "K", change
+        start, end = lsn_to_int(batch["start_lsn"]), lsn_to_int(batch["end_lsn"])
+        assert start < tx.commit_lsn and tx.end_lsn <= end, (batch_id, batch, tx.commit_lsn)
+    for batch_id, batch in completed.items():
+        changes = batch["row_count"] + batch["updated"] + batch["deleted"]
+        assert batch_id in seen or not changes, f"batch {batch_id} never reached the stream"

@@ -5,7 +5,9 @@
 2. Write the feed file (temporary name, then rename).
 3. Insert the IN_PROGRESS row, reading start_lsn in the same statement; it commits.
 4. One transaction: record pg_current_xact_id() in the batch row, COPY the file with
-   copy_to_table; commit.
+   copy_to_table; commit. A batch of the change mix that updates or deletes COPies into a
+   staging table and applies it in one more statement, which also records what it changed
+   in the batch row (`changes.py`, `BatchSession.apply`).
 5. Mark COMPLETED with end_lsn = pg_current_wal_insert_lsn(), read after the commit.
 6. A COPY that failed on the server rolled back: FAILED with the error. When the outcome is
    unknown (the connection dropped, or shutdown cut the batch off) the batch is *settled*
@@ -25,11 +27,14 @@ from pathlib import Path
 
 from loguru import logger
 
-from cdcfeed.database import Allocation, Database, Settlement
+from cdcfeed.database import Allocation, Changes, Database, Settlement
+from cdcfeed.database.names import NOTED_ORDER_COLUMNS
 from cdcfeed.endpoint import Readiness
 from cdcfeed.errors import DatabaseRefused, DatabaseUnavailable, FeedError
+from cdcfeed.lifecycle import Mix
+from cdcfeed.load.changes import Plan, plan_batch, render_batch
 from cdcfeed.load.feed import FeedDirectory
-from cdcfeed.load.generate import batch_rng, render_orders
+from cdcfeed.load.generate import batch_rng
 from cdcfeed.load.ids import IdReservations
 from cdcfeed.load.outcome import Action, Outcome, Reached, decide
 from cdcfeed.lsn import lsn_to_int
@@ -64,6 +69,9 @@ class BatchEnvironment:
     readiness: Readiness = field(default_factory=Readiness)
     # Refusals hit every batch alike: one line per kind per interval.
     throttle: Throttle = field(default_factory=Throttle)
+    # The change mix and the size of each insert's note (0: none).
+    mix: Mix = field(default_factory=Mix)
+    toast_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +85,13 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}ms"
 
 
+def _changed(updated: int, deleted: int) -> str:
+    """What a batch updated and deleted, for its log line: nothing for a batch of inserts."""
+    return (f" updated={updated}" if updated else "") + (f" deleted={deleted}" if deleted else "")
+
+
 async def run_batch(env: BatchEnvironment, sequence: int) -> None:
     """Runs one batch through the protocol; never raises except on cancellation (or a bug)."""
-    rows = env.batch_size
     started = time.perf_counter()
 
     # 1. Ids, then the rows.
@@ -94,9 +106,10 @@ async def run_batch(env: BatchEnvironment, sequence: int) -> None:
         _skip_refused(env, "batch ids refused", str(exc), exc.sqlstate)
         return
     batch_id = allocation.batch_id
-    data = await render_orders(
-        batch_id, allocation.first_order_id, rows, batch_rng(env.seed, sequence)
-    )
+    rng = batch_rng(env.seed, sequence)
+    plan = plan_batch(env.mix, env.batch_size, allocation, rng)
+    rows = plan.inserts
+    data = await render_batch(batch_id, allocation, plan, env.toast_bytes, rng)
     generated = time.perf_counter()
     env.metrics.duration.labels("generate").observe(generated - started)
 
@@ -110,7 +123,7 @@ async def run_batch(env: BatchEnvironment, sequence: int) -> None:
     env.metrics.duration.labels("write").observe(written - generated)
 
     try:
-        await _load(env, allocation, path, data, Timings(started, generated, written))
+        await _load(env, allocation, plan, path, data, Timings(started, generated, written))
     finally:
         env.feed.release(path, len(data))
 
@@ -133,12 +146,14 @@ def _skip_database_down(env: BatchEnvironment, reason: str) -> None:
 async def _load(
     env: BatchEnvironment,
     allocation: Allocation,
+    plan: Plan,
     path: Path,
     data: bytes,
     timings: Timings,
 ) -> None:
     batch_id = allocation.batch_id
-    rows = env.batch_size
+    rows = plan.inserts
+    changes = Changes(rows)
     log = logger.bind(batch_id=batch_id)
     reached = Reached.NOTHING
     copy_started: float | None = None
@@ -157,7 +172,12 @@ async def _load(
 
             # 4. The COPY, in the transaction that records its xid in the batch row.
             copy_started = time.perf_counter()
-            await session.copy(batch_id, data, env.copy_timeout)
+            if plan.changes:
+                changes = await session.apply(batch_id, data, env.copy_timeout)
+            elif env.toast_bytes:
+                await session.copy(batch_id, data, env.copy_timeout, NOTED_ORDER_COLUMNS)
+            else:
+                await session.copy(batch_id, data, env.copy_timeout)
             reached = Reached.COMMIT
             copied = time.perf_counter()
 
@@ -185,10 +205,19 @@ async def _load(
     env.readiness.batch_completed()
     env.metrics.batches.labels("completed").inc()
     env.metrics.rows.inc(rows)
+    env.metrics.count_changes(rows, changes.updated, changes.deleted)
     env.metrics.batch_rows.observe(rows)
     env.metrics.last_end_lsn.set(lsn_to_int(end_lsn))
-    log.bind(rows=rows, start_lsn=start_lsn, end_lsn=end_lsn, xid=xid).info(
-        f"batch {batch_id} COMPLETED rows={rows} start_lsn={start_lsn} end_lsn={end_lsn} "
+    log.bind(
+        rows=rows,
+        updated=changes.updated,
+        deleted=changes.deleted,
+        start_lsn=start_lsn,
+        end_lsn=end_lsn,
+        xid=xid,
+    ).info(
+        f"batch {batch_id} COMPLETED rows={rows}{_changed(changes.updated, changes.deleted)} "
+        f"start_lsn={start_lsn} end_lsn={end_lsn} "
         f"xid={xid} generate={_ms(timings.generated - timings.started)} "
         f"write={_ms(timings.written - timings.generated)} copy={_ms(copy_seconds)} "
         f"total={_ms(total)}"
@@ -341,8 +370,10 @@ async def _settle_until_known(
     if settlement.status == "COMPLETED":
         env.metrics.batches.labels("completed").inc()
         env.metrics.rows.inc(settlement.row_count)
+        env.metrics.count_changes(settlement.row_count, settlement.updated, settlement.deleted)
+        changed = _changed(settlement.updated, settlement.deleted)
         log.warning(
-            f"batch {batch_id} COMPLETED (recovered) rows={settlement.row_count} "
+            f"batch {batch_id} COMPLETED (recovered) rows={settlement.row_count}{changed} "
             f"end_lsn={settlement.end_lsn}"
         )
     else:

@@ -78,6 +78,7 @@ _FOUR_DIGITS = _words([f"{n:04d}" for n in range(10_000)])  # "0000" .. "9999"
 _AMOUNT = _amounts(_NUMBER)
 # Rows per matrix: a 10,000-row batch in one go, while the matrix stays in the CPU's cache.
 _BLOCK_ROWS = 16_384
+_BLOCK_WORDS = _BLOCK_ROWS * 16
 
 
 def _constant(text: str) -> _Words:
@@ -104,22 +105,32 @@ def orders_csv(
     count: int,
     rng: np.random.Generator,
     created_at: datetime | None = None,
+    *,
+    suffix: str = "",
+    header: bytes = HEADER,
 ) -> bytes:
-    """`count` orders with ids first_order_id.. as CSV with a header row."""
+    """`count` orders with ids first_order_id.. as CSV with a header row.
+
+    `suffix`: text after created_at on every row (the same for all: a note, the staging
+    columns of a batch that also updates and deletes; see `changes.py`), for `header`.
+    """
     if first_order_id < 0 or count < 0:
         raise ValueError("order ids and counts are never negative")
     customers = rng.integers(CUSTOMER_MIN, CUSTOMER_MAX + 1, count)
     cents = rng.integers(AMOUNT_MIN_CENTS, AMOUNT_MAX_CENTS + 1, count)
     stamp = (created_at or datetime.now(UTC)).isoformat(sep=" ")
     middle = _constant(f",{batch_id},")
-    tail = _constant(f",{stamp}\n")
+    tail = _constant(f",{stamp}{suffix}\n")
     groups = (len(str(max(first_order_id + count - 1, 0))) + 3) // 4  # of four digits
     customer = groups + len(middle)
     amount = customer + 1
-    matrix = np.empty((min(count, _BLOCK_ROWS), amount + 2 + len(tail)), np.uint32)
-    parts = [HEADER]
-    for start in range(0, count, _BLOCK_ROWS):
-        end = min(count, start + _BLOCK_ROWS)
+    width = amount + 2 + len(tail)
+    # Fewer rows per matrix when a long suffix (a note of kilobytes) makes rows wide.
+    block_rows = max(1, min(_BLOCK_ROWS, _BLOCK_WORDS // width))
+    matrix = np.empty((min(count, block_rows), width), np.uint32)
+    parts = [header]
+    for start in range(0, count, block_rows):
+        end = min(count, start + block_rows)
         rows = matrix[: end - start]
         ids = np.arange(first_order_id + start, first_order_id + end, dtype=np.int64)
         _render_order_ids(rows, ids, groups)

@@ -15,9 +15,11 @@ from cdcfeed.database import Allocation, Database
 
 
 class IdReservations:
-    def __init__(self, database: Database, rows: int, batches: int) -> None:
+    def __init__(self, database: Database, rows: int, batches: int, changes: int = 0) -> None:
         self._database = database
         self._rows = rows
+        # Order ids each batch may update or delete (a change mix): a window from the cursor.
+        self._changes = changes
         self._batches = max(1, batches)
         self._free: deque[Allocation] = deque()
         self._refill: asyncio.Task[None] | None = None
@@ -35,7 +37,10 @@ class IdReservations:
         return self._free.popleft()
 
     async def _reserve(self) -> None:
-        reserved = await self._database.reserve_ids(self._rows, self._batches)
+        if self._changes:
+            reserved = await self._database.reserve_ids(self._rows, self._batches, self._changes)
+        else:
+            reserved = await self._database.reserve_ids(self._rows, self._batches)
         self._free.extend(reserved)
 
 
