@@ -16,6 +16,7 @@ from cdcfeed import __version__
 PHASES = ("generate", "write", "copy", "total")
 BATCH_STATUSES = ("completed", "failed")
 SKIP_REASONS = ("busy", "database_down", "disk_full")
+# What a batch does to orders (the change mix): what the load counts, and the verifiers too.
 CHANGE_OPS = ("insert", "update", "delete")
 VERIFY_RESULTS = ("ok", "violation")
 TOAST_RESOLVED = ("true", "false")

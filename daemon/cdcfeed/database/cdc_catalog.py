@@ -118,6 +118,11 @@ class CdcStatements:
                 ON {results} (slot, batch_id) WHERE kind = 'batch';
             CREATE INDEX IF NOT EXISTS {quote_ident(RESULTS_TABLE + "_violation_idx")}
                 ON {results} (slot, id) WHERE result = 'violation';
+            -- The report's latest batches of the change mix: without it, a long insert-only
+            -- run would be read whole to find none.
+            CREATE INDEX IF NOT EXISTS {quote_ident(RESULTS_TABLE + "_changed_idx")}
+                ON {results} (slot, id)
+                WHERE kind = 'batch' AND (updated > 0 OR deleted > 0);
         """
         self.verify_ddl = self.ledger_indexes_ddl + verify_tables
         self.ledger_exists = "SELECT to_regclass($1)"
