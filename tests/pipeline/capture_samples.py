@@ -8,6 +8,12 @@ op r), a batch streamed (op c, and the ledger's updates, op u), one deleted orde
 its tombstone) and the transaction topic. Each sample file holds one record a line:
 `{"topic", "partition", "offset", "timestamp", "key", "value"}` with key and value as the
 record's bytes decoded from UTF-8 (JSON text, so the bytes round-trip exactly) or null.
+
+The `mix_*` samples hold the change mix on an orders table shaped as cdcfeed's with its mix
+columns (status, updated_at, note stored EXTERNAL), under REPLICA IDENTITY DEFAULT and FULL:
+four inserts in one transaction (two with a 4 KB note, TOASTed), then in a second one two
+updates to 'paid' and one to 'cancelled' that leave the note alone, and one delete (and its
+tombstone).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -113,6 +120,74 @@ def capture(cluster: PostgresCluster, root: Path, name: str, form: dict[str, obj
     return lines
 
 
+MIX_FORMS = {
+    "mix_default_schemas_precise": ({"schemas": True, "decimal": "precise"}, "DEFAULT"),
+    "mix_full_plain_string": ({"schemas": False, "decimal": "string"}, "FULL"),
+}
+MIX_SCHEMA = (
+    "CREATE TABLE orders (order_id bigint PRIMARY KEY, batch_id bigint NOT NULL,"
+    " customer_id bigint NOT NULL, amount numeric(10,2) NOT NULL,"
+    " created_at timestamptz NOT NULL DEFAULT now(), status text NOT NULL DEFAULT 'created',"
+    " updated_at timestamptz, note text)",
+    "ALTER TABLE orders ALTER COLUMN note SET STORAGE EXTERNAL",
+    "CREATE TABLE batch_control (batch_id bigint PRIMARY KEY, status text)",
+)
+NOTE = "x" * 4096  # above the ~2 KB a row may hold inline: stored out of line
+MIX_CHANGES = (
+    "INSERT INTO orders (order_id, batch_id, customer_id, amount, note) VALUES"
+    f" (1, 1, 7, 12.34, '{NOTE}'), (2, 1, 8, 5.00, NULL), (3, 1, 9, 1.50, '{NOTE}'),"
+    " (10, 1, 9, 2.50, NULL)",
+    "BEGIN; UPDATE orders SET status = 'paid', updated_at = now() WHERE order_id IN (1, 2);"
+    " UPDATE orders SET status = 'cancelled', updated_at = now() WHERE order_id = 10;"
+    " DELETE FROM orders WHERE order_id = 3; COMMIT",
+)
+
+
+def capture_mix(
+    cluster: PostgresCluster, root: Path, name: str, form: dict[str, object], identity: str
+) -> list[str]:
+    asyncio.run(sql(cluster.dsn(), f'CREATE DATABASE "{name}"'))
+    dsn = cluster.dsn(name)
+    for statement in (*MIX_SCHEMA, f"ALTER TABLE orders REPLICA IDENTITY {identity}"):
+        asyncio.run(sql(dsn, statement))
+    topics = (TOPICS[0], TOPICS[2])
+    lines: list[str] = []
+    with Broker(root / f"{name}-tansu.log") as broker:
+        asyncio.run(broker.create_topics(topics))
+        runner = DebeziumRunner(
+            root / name,
+            dsn,
+            broker.bootstrap,
+            slot=name,
+            publication=name,
+            **form,  # type: ignore[arg-type]
+        )
+        with runner:
+            for statement in MIX_CHANGES:
+                asyncio.run(sql(dsn, statement))
+            # 4 inserts + 3 updates + delete + tombstone
+            asyncio.run(broker.read_topic(TOPICS[0], count=9, timeout=60))
+        for topic in topics:
+            lines += _lines(asyncio.run(broker.read_topic(topic, timeout=10, idle=1.5)))
+    return lines
+
+
+def _lines(records: list[Any]) -> list[str]:
+    return [
+        json.dumps(
+            {
+                "topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
+                "timestamp": record.timestamp,
+                "key": None if record.key is None else record.key.decode(),
+                "value": None if record.value is None else record.value.decode(),
+            }
+        )
+        for record in records
+    ]
+
+
 def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "samples"
     out.mkdir(parents=True, exist_ok=True)
@@ -123,6 +198,10 @@ def main() -> None:
     try:
         for name, form in FORMS.items():
             lines = capture(cluster, root, name, form)
+            (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+            print(f"{name}: {len(lines)} records")
+        for name, (form, identity) in MIX_FORMS.items():
+            lines = capture_mix(cluster, root, name, form, identity)
             (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
             print(f"{name}: {len(lines)} records")
     finally:

@@ -94,6 +94,18 @@ class Record:
         event = self.event()
         return None if event is None else event.get("status")
 
+    @property
+    def op(self) -> str | None:
+        """A change event's op (c, u, d, r, t); None for a tombstone."""
+        event = self.event()
+        return None if event is None else event.get("op")
+
+    @property
+    def key_order_id(self) -> int:
+        """The order id an orders record's key names (a tombstone's: the deleted order)."""
+        assert self.key is not None, self
+        return int(_payload(json.loads(self.key))["order_id"])
+
     # --- altered copies ---------------------------------------------------------------------
 
     def altered(
@@ -110,6 +122,13 @@ class Record:
             key(_payload(document))
             new_key = _encode(document)
         return replace(self, key=new_key, value=_encode(value))
+
+    def rekeyed(self, order_id: int) -> Record:
+        """A copy whose key names another order (a tombstone has nothing else to alter)."""
+        assert self.key is not None
+        document = json.loads(self.key)
+        _payload(document)["order_id"] = order_id
+        return replace(self, key=_encode(document))
 
 
 @dataclass
@@ -153,7 +172,25 @@ class TopicSet:
         return self.records[ORDERS]
 
     def orders_of(self, batch_id: int) -> list[Record]:
-        return [r for r in self.orders if r.value is not None and r.row["batch_id"] == batch_id]
+        """The inserts of a batch (its rows as they were first written)."""
+        return [
+            r
+            for r in self.orders
+            if r.value is not None and r.op in ("c", "r") and r.row["batch_id"] == batch_id
+        ]
+
+    def changes_of(self, tx_id: int, op: str) -> list[Record]:
+        """The orders events of one transaction with one op (u, d), in partition order."""
+        return [r for r in self.orders if r.value is not None and r.op == op and r.tx_id == tx_id]
+
+    def tombstone_of(self, delete: Record) -> Record:
+        """The tombstone following a delete on its partition."""
+        after = [
+            r for r in self.orders if r.partition == delete.partition and r.offset > delete.offset
+        ]
+        assert after and after[0].value is None, f"no tombstone right after {delete}"
+        assert after[0].key_order_id == delete.key_order_id, (delete, after[0])
+        return after[0]
 
     def end_of(self, tx_id: int) -> Record:
         (end,) = [r for r in self.records[TRANSACTION] if r.status == "END" and r.tx_id == tx_id]

@@ -27,6 +27,7 @@ class Rec:
     offset: int
     timestamp: int
     value: bytes | None
+    key: bytes | None = None
 
 
 def order(order_id: int, batch_id: int, xid: int, lsn: int, op: str = "c", amount: str = "1.00"):

@@ -44,6 +44,12 @@ class KafkaStatements:
             ALTER TABLE {progress}
                 ADD COLUMN IF NOT EXISTS topic_prefix text,
                 ADD COLUMN IF NOT EXISTS orders_topic text;
+            -- The change mix: updates and deletes of the batches judged, and the updates
+            -- whose after image lacked the TOASTed note (Debezium's placeholder).
+            ALTER TABLE {progress}
+                ADD COLUMN IF NOT EXISTS updated bigint NOT NULL DEFAULT 0,
+                ADD COLUMN IF NOT EXISTS deleted bigint NOT NULL DEFAULT 0,
+                ADD COLUMN IF NOT EXISTS unchanged_toast bigint NOT NULL DEFAULT 0;
             -- Per partition read: every record before `position` is accounted for by the
             -- stored verdicts (or belongs to a batch not judged yet, whose rows are read
             -- again after a restart); high_lsn: the highest source.lsn it delivered before
@@ -87,7 +93,8 @@ class KafkaStatements:
             INSERT INTO {progress} (source) VALUES ($1) ON CONFLICT (source) DO NOTHING
         """
         self.progress = f"""
-            SELECT scope_lsn, low_water, duplicates, snapshot_events, tombstones
+            SELECT scope_lsn, low_water, duplicates, snapshot_events, tombstones, updated,
+                   deleted, unchanged_toast
             FROM {progress} WHERE source = $1
         """
         self.positions = f"""
@@ -105,12 +112,27 @@ class KafkaStatements:
                                  ELSE scope_lsn END,
                 low_water = greatest(low_water, $3),
                 duplicates = duplicates + $4, snapshot_events = snapshot_events + $5,
-                tombstones = tombstones + $6, updated_at = now()
+                tombstones = tombstones + $6, updated = updated + $7, deleted = deleted + $8,
+                unchanged_toast = unchanged_toast + $9, updated_at = now()
             WHERE source = $1
         """
-        ledger_columns = """
+        # What a batch of the change mix changed, read through the row's JSON: a ledger
+        # older than the change mix (never upgraded by a load) lacks the columns, and its
+        # batches are insert-only (NULL ids, counts 0).
+        mix_columns = """
+            coalesce((to_jsonb(b) ->> 'updated')::int, 0) AS updated,
+            coalesce((to_jsonb(b) ->> 'deleted')::int, 0) AS deleted,
+            CASE WHEN jsonb_typeof(to_jsonb(b) -> 'updated_ids') = 'array' THEN ARRAY(
+                SELECT jsonb_array_elements_text(to_jsonb(b) -> 'updated_ids')::bigint)
+            END AS updated_ids,
+            CASE WHEN jsonb_typeof(to_jsonb(b) -> 'deleted_ids') = 'array' THEN ARRAY(
+                SELECT jsonb_array_elements_text(to_jsonb(b) -> 'deleted_ids')::bigint)
+            END AS deleted_ids
+        """
+        ledger_columns = f"""
             b.batch_id, b.status, b.row_count, b.first_order_id, b.start_lsn, b.end_lsn,
-            b.xid::text AS xid, extract(epoch FROM b.completed_at)::float8 AS completed_at
+            b.xid::text AS xid, extract(epoch FROM b.completed_at)::float8 AS completed_at,
+            {mix_columns}
         """
         # Which of these batch ids were judged before, with their ledger rows and digests.
         self.judged_among = f"""
@@ -120,6 +142,22 @@ class KafkaStatements:
             LEFT JOIN {batches} b ON b.batch_id = r.batch_id
             LEFT JOIN {digests} d ON d.source = r.slot AND d.batch_id = r.batch_id
             WHERE r.slot = $1 AND r.kind = 'batch' AND r.batch_id = ANY($2::bigint[])
+        """
+        # The judged batches whose transactions are among these 32-bit xids (a change of
+        # theirs read again is a redelivery); status NULL for none.
+        self.judged_by_xid = f"""
+            SELECT r.batch_id, {ledger_columns}
+            FROM {results} r
+            JOIN {batches} b ON b.batch_id = r.batch_id
+            WHERE r.slot = $1 AND r.kind = 'batch'
+              AND (b.xid::text::bigint % 4294967296) = ANY($2::bigint[])
+        """
+        # The replica identity of a table ($1 schema, $2 name): d default, f full, n
+        # nothing, i an index.
+        self.replica_identity = """
+            SELECT c.relreplident::text FROM pg_class c
+            JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = $1 AND c.relname = $2
         """
         self.ledger_rows = f"""
             SELECT {ledger_columns} FROM {batches} b WHERE b.batch_id = ANY($1::bigint[])

@@ -62,6 +62,22 @@ class KafkaSession(VerifySession):
         return [dict(r) for r in records]
 
     @translated
+    async def judged_by_xid(self, source: str, xids: Sequence[int]) -> list[dict[str, Any]]:
+        """The batches judged before whose transactions are among these 32-bit xids, with
+        their ledger rows."""
+        records = await self._conn.fetch(self._k.judged_by_xid, source, list(xids))
+        return [dict(r) for r in records]
+
+    @translated
+    async def replica_identity(self) -> str | None:
+        """The replica identity of orders (pg_class.relreplident: d, f, n or i); None when
+        the table is missing."""
+        identity: str | None = await self._conn.fetchval(
+            self._k.replica_identity, *self.names.orders_relation
+        )
+        return identity
+
+    @translated
     async def ledger_rows(self, batch_ids: Sequence[int]) -> list[dict[str, Any]]:
         return [dict(r) for r in await self._conn.fetch(self._k.ledger_rows, list(batch_ids))]
 
@@ -90,9 +106,10 @@ class KafkaSession(VerifySession):
         positions: Iterable[tuple[str, int, int, int | None]],
         scope: int | None,
         low_water: int | None,
-        counts: tuple[int, int, int],
+        counts: tuple[int, int, int, int, int, int],
     ) -> None:
-        """Read positions and counters; in the caller's transaction, with the verdicts."""
+        """Read positions and counters (duplicates, snapshot events, tombstones, updated,
+        deleted, unchanged TOAST); in the caller's transaction, with the verdicts."""
         rows = [(source, *position) for position in positions]
         if rows:
             await self._conn.executemany(self._k.save_position, rows)

@@ -6,7 +6,14 @@ One record value (bytes, as read from Kafka) becomes one small typed record:
 - `LedgerChange` for the ledger topic (`<prefix>.<schema>.<batch_table>`),
 - `TransactionEvent` for the transaction topic (`<prefix>.transaction`),
 - `Truncate` for a truncate event (op `t`) on either table,
-- None for a tombstone (a record without a value, which follows every delete).
+- None for a tombstone (a record without a value, which follows every delete): its key
+  (`decode_order_key`) names the deleted order.
+
+An orders update or delete says what the table's replica identity gave Debezium: the old row
+(`before`) is absent from an update under REPLICA IDENTITY DEFAULT, holds the key alone in a
+delete under DEFAULT (Debezium fills the other columns with their defaults: batch_id 0), and
+the whole old row under FULL. A TOASTed `note` an update left alone arrives as Debezium's
+placeholder (`UNAVAILABLE`) unless the table is FULL: `OrderChange.note_unavailable`.
 
 Both converter forms are accepted: with the schema envelope (`schemas.enable=true`:
 `{"schema": {...}, "payload": {...}}`) and without (`{...}` is the payload). Numeric
@@ -27,7 +34,6 @@ PostgreSQL's `pg_lsn` and `xid8` columns are not among the types Debezium maps: 
 
 from __future__ import annotations
 
-import binascii
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import Final, Literal, TypeAlias
@@ -36,24 +42,33 @@ import msgspec
 
 from cdcfeed.proof.kafka.debezium_wire import (
     NO_SCHEMA,
-    Amount,
+    UNAVAILABLE,
     DebeziumFormatError,
+    DecimalMode,
     LedgerPayload,
     LedgerValue,
+    OrderKeyValue,
     OrderPayload,
+    OrderRow,
     OrderValue,
     Reader,
     Schema,
-    Source,
     TxPayload,
     TxValue,
     amount_scale,
+    decode_amount,
+    is_snapshot,
     lsn_value,
+    op_and_source,
+    row_name,
+    unavailable,
     xid_value,
 )
 
 __all__ = [
     "DEFAULT_SCALE",
+    "UNAVAILABLE",
+    "Before",
     "DebeziumDecoder",
     "DebeziumFormatError",
     "DecimalMode",
@@ -70,9 +85,8 @@ DEFAULT_SCALE: Final = 2
 """The scale of `amount` (numeric(10,2)) when a precise value comes without its schema."""
 
 Op: TypeAlias = Literal["c", "u", "d", "r"]
-DecimalMode: TypeAlias = Literal["precise", "string", "double"]
-
-_NOT_SNAPSHOT: Final = frozenset({"false", ""})
+Before: TypeAlias = Literal["none", "key", "row"]
+"""What an event's old row holds: nothing, the key alone, or the whole row."""
 _STREAMED: Final = frozenset({"false", "", False})  # source.snapshot of a streamed change
 
 
@@ -85,6 +99,10 @@ class OrderChange(msgspec.Struct, frozen=True, gc=False):
     `tx_id` is `source.txId`: PostgreSQL's 32-bit xid (compare with the ledger's xid8 modulo
     2**32). `lsn` is `source.lsn`, the change's WAL position. For a delete only the key
     columns are certain (`before` holds the replica identity); the others are None.
+
+    `status`, `updated_at` and `note_unavailable` are of the row after the change (None and
+    False for a delete); `before` says what the old row held, `before_status` its status
+    when it held the whole row.
     """
 
     op: Op
@@ -97,6 +115,11 @@ class OrderChange(msgspec.Struct, frozen=True, gc=False):
     snapshot: bool
     source_ts_ms: int
     ts_ms: int | None
+    status: str | None = None
+    updated_at: str | None = None
+    note_unavailable: bool = False
+    before: Before = "none"
+    before_status: str | None = None
 
 
 class LedgerChange(msgspec.Struct, frozen=True, gc=False):
@@ -148,25 +171,6 @@ Decoded: TypeAlias = OrderChange | LedgerChange | TransactionEvent | Truncate | 
 # -- Decoding ------------------------------------------------------------------------------
 
 
-def decode_amount(value: Amount, mode: DecimalMode | None, scale: int) -> Decimal | None:
-    """An `amount` in any decimal.handling.mode as a Decimal.
-
-    `mode` None infers it from the value: a number is `double`; a string with a "." is
-    `string` (Debezium writes numeric(p,s>0) as plain text with its scale); any other string
-    is `precise` base64 (its alphabet has no ".").
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if mode == "string" or (mode is None and "." in value):
-            return Decimal(value)
-        raw = binascii.a2b_base64(value, strict_mode=True)
-        return Decimal(int.from_bytes(raw, "big", signed=True)).scaleb(-scale)
-    if isinstance(value, float):
-        return Decimal(repr(value))
-    return Decimal(value)
-
-
 class DebeziumDecoder:
     """Decodes the values of one pipeline's topics.
 
@@ -194,6 +198,7 @@ class DebeziumDecoder:
         self._orders = Reader(OrderValue, OrderPayload)
         self._ledger = Reader(LedgerValue, LedgerPayload)
         self._tx = Reader(TxValue, TxPayload)
+        self._key = msgspec.json.Decoder(OrderKeyValue)
         self._schema = msgspec.json.Decoder(Schema)
         # Embedded schemas repeat on every record: the amount's scale once per distinct one.
         self._scales: dict[bytes, int] = {}
@@ -282,7 +287,8 @@ class DebeziumDecoder:
             append(
                 OrderChange(
                     "c", row.order_id, row.batch_id, row.customer_id, decimal, source.txId,
-                    source.lsn, False, source.ts_ms, payload.ts_ms,
+                    source.lsn, False, source.ts_ms, payload.ts_ms, row.status, row.updated_at,
+                    unavailable(row.note),
                 )
             )  # fmt: skip
         return changes
@@ -290,40 +296,69 @@ class DebeziumDecoder:
     def _order_change(
         self, topic: str, payload: OrderPayload, schema: msgspec.Raw
     ) -> OrderChange | Truncate:
-        op, source = _op_and_source(topic, payload.op, payload.source)
+        op, source = op_and_source(topic, payload.op, payload.source)
         if op == "t":
             return Truncate(self.orders_collection, source.txId, source.lsn, source.ts_ms)
         row = payload.before if op == "d" else payload.after
         if row is None:
-            raise DebeziumFormatError(topic, f"op {op} without its {_row_name(op)} row")
-        if op == "d" and not row.batch_id:
-            # Without REPLICA IDENTITY FULL a delete's before row holds the key alone; Debezium
-            # fills the other columns with defaults (0, "0.00") that are no row's values.
+            raise DebeziumFormatError(topic, f"op {op} without its {row_name(op)} row")
+        snapshot = op == "r" or is_snapshot(source.snapshot)
+        if op == "d":
+            if not row.batch_id:
+                # Without REPLICA IDENTITY FULL a delete's before row holds the key alone;
+                # Debezium fills the other columns with defaults (0, "0.00", the status
+                # column's 'created') that are no row's values.
+                return OrderChange(
+                    op, row.order_id, None, None, None, source.txId, source.lsn, snapshot,
+                    source.ts_ms, payload.ts_ms, before="key",
+                )  # fmt: skip
             return OrderChange(
-                op, row.order_id, None, None, None, source.txId, source.lsn,
-                _is_snapshot(source.snapshot), source.ts_ms, payload.ts_ms,
+                op, row.order_id, row.batch_id, row.customer_id, self._amount(topic, row, schema),
+                source.txId, source.lsn, snapshot, source.ts_ms, payload.ts_ms, before="row",
+                before_status=row.status,
             )  # fmt: skip
+        before: Before = "none"
+        before_status = None
+        old = payload.before
+        if old is not None:
+            before = "row" if old.batch_id else "key"
+            before_status = old.status if old.batch_id else None
+        return OrderChange(
+            op, row.order_id, row.batch_id, row.customer_id, self._amount(topic, row, schema),
+            source.txId, source.lsn, snapshot, source.ts_ms, payload.ts_ms, row.status,
+            row.updated_at, unavailable(row.note), before, before_status,
+        )  # fmt: skip
+
+    def _amount(self, topic: str, row: OrderRow, schema: msgspec.Raw) -> Decimal | None:
         scale = self.default_scale
         if schema and isinstance(row.amount, str):
             scale = self._scale_of(schema)
         try:
-            amount = decode_amount(row.amount, self.decimal_mode, scale)
+            return decode_amount(row.amount, self.decimal_mode, scale)
         except (ValueError, ArithmeticError) as exc:
             raise DebeziumFormatError(
                 topic, f"order {row.order_id}: amount {row.amount!r} is not a decimal ({exc})"
             ) from None
-        return OrderChange(
-            op,
-            row.order_id,
-            row.batch_id,
-            row.customer_id,
-            amount,
-            source.txId,
-            source.lsn,
-            op == "r" or _is_snapshot(source.snapshot),
-            source.ts_ms,
-            payload.ts_ms,
-        )
+
+    def decode_order_key(self, key: bytes | None, topic: str = "") -> int | None:
+        """The order id an orders record's key names (a tombstone's: the deleted order), in
+        either converter form; None without a key."""
+        if key is None:
+            return None
+        try:
+            document = self._key.decode(key)
+        except msgspec.DecodeError as exc:
+            raise DebeziumFormatError(
+                topic or self.orders_topic,
+                f"record key {bytes(key[:40])!r} is not an orders key ({exc})",
+            ) from None
+        if document.payload is not None:
+            return document.payload.order_id
+        if document.order_id is None:
+            raise DebeziumFormatError(
+                topic or self.orders_topic, f"record key {bytes(key[:40])!r} has no order_id"
+            )
+        return document.order_id
 
     def decode_ledger(self, value: bytes | None, topic: str = "") -> LedgerChange | Truncate | None:
         if value is None:
@@ -332,12 +367,12 @@ class DebeziumDecoder:
         payload, _ = self._ledger.read(topic, value)
         if payload is None:
             return None
-        op, source = _op_and_source(topic, payload.op, payload.source)
+        op, source = op_and_source(topic, payload.op, payload.source)
         if op == "t":
             return Truncate(self.ledger_collection, source.txId, source.lsn, source.ts_ms)
         row = payload.before if op == "d" else payload.after
         if row is None:
-            raise DebeziumFormatError(topic, f"op {op} without its {_row_name(op)} row")
+            raise DebeziumFormatError(topic, f"op {op} without its {row_name(op)} row")
         return LedgerChange(
             op,
             row.batch_id,
@@ -349,7 +384,7 @@ class DebeziumDecoder:
             xid_value(topic, row.xid),
             source.txId,
             source.lsn,
-            op == "r" or _is_snapshot(source.snapshot),
+            op == "r" or is_snapshot(source.snapshot),
             source.ts_ms,
             payload.ts_ms,
         )
@@ -392,33 +427,3 @@ class DebeziumDecoder:
             self._scales[key] = scale
         self._last_schema, self._last_scale = schema, scale
         return scale
-
-
-_OPS: Final[dict[str, Literal["c", "u", "d", "r", "t"]]] = {
-    "c": "c", "u": "u", "d": "d", "r": "r", "t": "t"
-}  # fmt: skip
-
-
-def _op_and_source(
-    topic: str, op: str | None, source: Source | None
-) -> tuple[Literal["c", "u", "d", "r", "t"], Source]:
-    if source is None:
-        if op is None:
-            raise DebeziumFormatError(
-                topic, "a JSON value without op or source: not a Debezium change event"
-            )
-        raise DebeziumFormatError(topic, f"op {op} without a source block")
-    known = _OPS.get(op or "")
-    if known is None:
-        raise DebeziumFormatError(topic, f"unknown op {op!r}")
-    return known, source
-
-
-def _row_name(op: str) -> str:
-    return "before" if op == "d" else "after"
-
-
-def _is_snapshot(flag: str | bool | None) -> bool:
-    if flag is None or flag is False:
-        return False
-    return flag is True or flag not in _NOT_SNAPSHOT

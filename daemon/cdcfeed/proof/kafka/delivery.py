@@ -41,23 +41,22 @@ the batch's); otherwise it amends the verdict as a violation.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from itertools import groupby, islice
+from itertools import groupby
 from typing import cast
 
-from cdcfeed.proof.events import LedgerBatch, TransactionEnd
+from cdcfeed.proof.events import LedgerBatch
 from cdcfeed.proof.fold import Fold
 from cdcfeed.proof.judge import judge_seen, judge_unseen
+from cdcfeed.proof.kafka.changes import ChangeBook
 from cdcfeed.proof.kafka.debezium import (
     DebeziumDecoder,
     OrderChange,
-    TransactionEvent,
     Truncate,
 )
 from cdcfeed.proof.kafka.digest import DIGEST_ROWS, Digest, fingerprint
 from cdcfeed.proof.kafka.records import TP, Candidate, Judgement, Lookup, Record
 from cdcfeed.proof.kafka.redelivery import XID_MASK, JudgedBatch, Redeliveries
-
-_MAX_ENDS = 100_000  # END events kept for batches whose rows have not arrived (or never will)
+from cdcfeed.proof.kafka.transactions import Ends
 
 
 class Delivery:
@@ -75,6 +74,7 @@ class Delivery:
         self.transactions = transactions  # the transaction topic is read
         self.due_after = due_after
         self.fold = Fold()
+        self.changes = ChangeBook(self.fold)  # updates, deletes, tombstones (changes.py)
         self.orders_partitions: set[int] = set()
         self.seen: dict[TP, int] = {}  # the stored positions: below, records were read before
         self.position: dict[TP, int] = {}  # the next offset to read
@@ -86,7 +86,8 @@ class Delivery:
         # Per partition: held batch -> (its first record's offset, the highest source.lsn
         # of the records before it).
         self._firsts: dict[TP, dict[int, tuple[int, int]]] = {}
-        self._ends: dict[int, tuple[TransactionEnd, TP, int]] = {}  # xid -> END, where
+        self.ends = Ends()  # the transaction topic's (transactions.py)
+        self._ends = self.ends.by_xid  # xid -> END, where
         self._latest: dict[int, tuple[float, float]] = {}  # batch -> (record ts, arrival)
         self._counts = Judgement()  # counters since the last judgement
 
@@ -126,7 +127,9 @@ class Delivery:
         if topic == self.decoder.orders_topic:
             await self._orders(tp, records, lookup, arrival)
         elif topic == self.decoder.transaction_topic:
-            self._transactions(tp, records)
+            self._counts.tombstones += self.ends.read(
+                self.decoder, tp, records, self.seen.get(tp, -1)
+            )
         else:
             seen = self.seen.get(tp, -1)
             for record in records:
@@ -159,12 +162,15 @@ class Delivery:
         run_judged = False
         last = records[0]  # the run's last record: its timestamp is when the run arrived
         insert, again = fold.insert, self.redeliveries.again
+        book = self.changes
         for record, change in zip(records, changes, strict=True):
             offset = record.offset
             if change is None:
                 if offset >= seen:
                     counts.tombstones += 1
+                book.tombstone(tp, self.decoder.decode_order_key(record.key, tp[0]))
                 continue
+            book.next_record(tp)
             lsn = change.lsn or 0
             below = high
             if lsn > high:
@@ -182,6 +188,9 @@ class Delivery:
                     counts.snapshot_events += 1
                 continue
             batch_id = change.batch_id
+            if change.op in ("u", "d"):
+                book.change(tp, offset, below, change, offset >= seen)
+                continue
             if change.op != "c" or batch_id is None:
                 if offset >= seen:
                     fold.add("orders", change.op, change.order_id, batch_id, xid, lsn)
@@ -233,6 +242,7 @@ class Delivery:
         if ops != {"c"} or True in snapshots or None in ids or not ids.isdisjoint(self.judged):
             return False
         inserts = cast(list[OrderChange], changes)
+        self.changes.next_record(tp)  # a delete ending the last fetch had no tombstone
         lsns = [c.lsn or 0 for c in inserts]
         xids = [c.tx_id or 0 for c in inserts]
         fingerprints = [fingerprint(c.customer_id, c.amount) for c in inserts]
@@ -267,24 +277,6 @@ class Delivery:
         if latest is None or ts > latest[0]:
             self._latest[batch_id] = (ts, arrival)
 
-    def _transactions(self, tp: TP, records: Sequence[Record]) -> None:
-        decode = self.decoder.decode_transaction
-        seen = self.seen.get(tp, -1)
-        orders, ledger = self.decoder.orders_collection, self.decoder.ledger_collection
-        ends = self._ends
-        for record in records:
-            event = decode(record.value, tp[0])
-            if event is None:
-                if record.offset >= seen:
-                    self._counts.tombstones += 1
-                continue
-            if event.status != "END":
-                continue
-            ends[event.tx_id] = (_end(event, orders, ledger), tp, record.offset)
-        if len(ends) > _MAX_ENDS:
-            for xid in list(islice(ends, len(ends) - _MAX_ENDS)):
-                del ends[xid]
-
     def judge(
         self,
         candidates: Iterable[Candidate],
@@ -313,7 +305,9 @@ class Delivery:
                 if batch.xid is not None and batch_id not in self.judged:
                     live.add(batch.xid & XID_MASK)
                 continue
-            held = batch_id in self.held
+            held = batch_id in self.held or (
+                batch.xid is not None and (batch.xid & XID_MASK) in self.changes.xids
+            )
             if not held and (self.scope is None or (batch.start_lsn or 0) < self.scope):
                 continue  # before the pipeline's first change: not ours to judge
             age = None if candidate.completed_at is None else max(0.0, now - candidate.completed_at)
@@ -336,30 +330,31 @@ class Delivery:
                     f"none of its rows reached {hint_topic} in the {self.due_after:g} s "
                     "after it completed (due_after)"
                 )
-            verdict = judge_unseen(batch_id, batch.status, batch.row_count, batch.end_lsn, hint)
+            changes = batch.updated + batch.deleted if batch.mixed else None
+            verdict = judge_unseen(
+                batch_id, batch.status, batch.row_count, batch.end_lsn, hint, changes
+            )
             done.verdicts.append(verdict)
             self.redeliveries.remember(batch_id, JudgedBatch(batch, 0))
         known = {c.batch.xid & XID_MASK for c in ledger.values() if c.batch.xid is not None}
-        self._forget_ends(live, known, complete)
+        self.changes.orphans(known, [c.batch for c in ledger.values()], complete)
+        self.ends.forget(live, known, complete)
         duplicates, amendments = self.redeliveries.take()
+        more, amended = self.changes.take_counts()
+        duplicates += more
+        amendments += amended
         done.duplicates += duplicates
         done.amendments += amendments
         done.events, self.fold.events = self.fold.events, []
         return done
 
-    def _forget_ends(self, live: set[int], known: set[int], complete: bool) -> None:
-        """Keeps the ENDs of the transactions of unjudged batches, and while the candidates
-        may not be all of those, the ENDs of transactions no candidate names: every END kept
-        holds the transaction topic's commit (`commit_offsets`), so that a restart reads it
-        again for its batch's count. An END of a batch judged or out of scope is dropped
-        (and, with `complete`, one of a transaction that is no unjudged batch's)."""
-        ends = self._ends
-        for xid in [x for x in ends if x not in live and (complete or x in known)]:
-            del ends[xid]
+    def unclaimed(self, candidates: Iterable[Candidate]) -> set[int]:
+        """Transactions of updates or deletes held that no candidate ran (changes.py)."""
+        return self.changes.unclaimed(c.batch for c in candidates)
 
     def _whole(self, batch: LedgerBatch) -> bool:
         """Every row arrived (and the END of its transaction, when those are read)."""
-        if self.fold.rows(batch.batch_id) < batch.row_count:
+        if self.fold.rows(batch.batch_id) < batch.row_count or not self.changes.whole(batch):
             return False
         return not self.transactions or (
             batch.xid is not None and (batch.xid & XID_MASK) in self._ends
@@ -368,10 +363,12 @@ class Delivery:
     def _judge_held(
         self, batch_id: int, batch: LedgerBatch | None, completed_at: float | None, done: Judgement
     ) -> None:
+        changed = None
         if batch is not None and batch.xid is not None:
             end = self._ends.pop(batch.xid & XID_MASK, None)
             if end is not None:
                 self.fold.end(end[0])
+            changed = self.changes.take(batch.xid & XID_MASK, batch)
         delivered = self.fold.firsts(batch_id)
         digest = Digest.of(delivered) if delivered else None
         seen = self.fold.take(batch_id)
@@ -379,10 +376,13 @@ class Delivery:
         for firsts in self._firsts.values():
             firsts.pop(batch_id, None)
         latest = self._latest.pop(batch_id, None)
-        if not seen:  # only copies of ids another transaction carried: cannot happen alone
+        if not seen and changed is None:  # only copies of ids another transaction carried
             return
-        verdict = judge_seen(batch_id, batch, seen)
+        verdict = judge_seen(batch_id, batch, seen, () if changed is None else (changed,))
         done.verdicts.append(verdict)
+        done.updated += verdict.updated
+        done.deleted += verdict.deleted
+        done.unchanged_toast += verdict.unchanged_toast
         done.duplicates += sum(o.duplicates for o in seen)
         self.redeliveries.remember(batch_id, JudgedBatch(batch, verdict.rows, digest))
         if digest is not None:
@@ -394,10 +394,10 @@ class Delivery:
 
     def commit_offsets(self) -> dict[TP, int]:
         """Per partition, where a restart must read from: the first record of a batch not
-        yet judged, the END of a transaction that may be an unjudged batch's (`_forget_ends`),
+        yet judged, the END of a transaction that may be an unjudged batch's (`Ends.forget`),
         else the read position."""
         offsets = dict(self.position)
-        for tp, firsts in self._firsts.items():
+        for tp, firsts in [*self._firsts.items(), *self.changes.firsts.items()]:
             if firsts and tp in offsets:
                 offsets[tp] = min(offsets[tp], min(firsts.values())[0])
         for _, tp, offset in self._ends.values():
@@ -427,18 +427,11 @@ class Delivery:
         for (topic, partition), position in sorted(self.position.items()):
             high = None
             if topic == orders:
-                firsts = self._firsts.get((topic, partition))
-                below = min(firsts.values())[1] if firsts else self.high_lsn.get(partition, -1)
+                firsts = [
+                    *self._firsts.get((topic, partition), {}).values(),
+                    *self.changes.firsts.get((topic, partition), {}).values(),
+                ]
+                below = min(firsts)[1] if firsts else self.high_lsn.get(partition, -1)
                 high = None if below < 0 else below
             stored.append((topic, partition, position, high))
         return stored
-
-
-def _end(event: TransactionEvent, orders: str, ledger: str) -> TransactionEnd:
-    return TransactionEnd(
-        event.tx_id,
-        None,
-        None,
-        declared_orders=event.event_counts.get(orders, 0),
-        declared_ledger=event.event_counts.get(ledger),
-    )

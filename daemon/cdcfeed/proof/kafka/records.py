@@ -24,6 +24,8 @@ class Record(Protocol):
     @property
     def timestamp(self) -> int: ...  # milliseconds since the epoch
     @property
+    def key(self) -> bytes | None: ...
+    @property
     def value(self) -> bytes | None: ...
 
 
@@ -50,5 +52,10 @@ class Judgement:
     duplicates: int = 0
     snapshot_events: int = 0
     tombstones: int = 0
+    # Of the verdicts: the updates and deletes their batches made, and the updates whose
+    # after image lacked the TOASTed note.
+    updated: int = 0
+    deleted: int = 0
+    unchanged_toast: int = 0
     # The digests of the batches judged now that delivered rows: stored with their verdicts.
     digests: list[tuple[int, Digest]] = field(default_factory=list)

@@ -16,6 +16,9 @@ class KafkaTally:
     violations: int = 0
     rows: int = 0
     duplicates: int = 0
+    updated: int = 0
+    deleted: int = 0
+    unchanged_toast: int = 0
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,11 @@ class KafkaReport:
     violation_count: int
     violations: list[Violation]
     run: KafkaTally = field(default_factory=KafkaTally)
+    # The change mix: updates and deletes of the batches verified, and the updates whose
+    # after image carried Debezium's placeholder for the TOASTed note.
+    updated: int = 0
+    deleted: int = 0
+    unchanged_toast: int = 0
 
     @property
     def holds(self) -> bool:
@@ -52,6 +60,9 @@ class KafkaReport:
             "oldest_pending_seconds": self.oldest_pending_seconds,
             "duplicates": self.duplicates,
             "snapshot_events": self.snapshot_events,
+            "updated": self.updated,
+            "deleted": self.deleted,
+            "unchanged_toast": self.unchanged_toast,
             "violation_count": self.violation_count,
             "violations": [{"batch_id": v.batch_id, "reason": v.reason} for v in self.violations],
             "this_run": {
@@ -59,6 +70,9 @@ class KafkaReport:
                 "violations": self.run.violations,
                 "rows": self.run.rows,
                 "duplicates": self.run.duplicates,
+                "updated": self.run.updated,
+                "deleted": self.run.deleted,
+                "unchanged_toast": self.run.unchanged_toast,
             },
         }
 
@@ -76,4 +90,12 @@ class KafkaReport:
             f"this run: {self.run.batches} batches verified, {self.run.rows} rows, "
             f"{self.run.duplicates} duplicates, {self.run.violations} violations",
         ]
+        if self.updated or self.deleted or self.unchanged_toast:
+            # Only with the change mix: an insert-only report reads as it always did.
+            lines.insert(
+                2,
+                f"changes: {self.rows} inserted, {self.updated} updated, {self.deleted} deleted; "
+                f"unchanged TOAST values: {self.unchanged_toast} (Debezium's placeholder for a "
+                "value the update left alone)",
+            )
         return "\n".join(lines + violation_lines(self.violations, self.violation_count))

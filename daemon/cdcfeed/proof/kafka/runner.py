@@ -105,6 +105,7 @@ class KafkaVerifier:
         )
         delivery.orders_partitions = set(source.partitions[decoder.orders_topic])
         delivery.resume(positions, self.state.scope)
+        delivery.changes.identity = await self.state.identity()
         await source.assign()
         self._delivery = delivery
 
@@ -191,6 +192,9 @@ class KafkaVerifier:
         """Judges what is due, stores it with the read positions, then commits the offsets."""
         delivery = self.delivery
         candidates = await self.state.candidates(delivery.held, delivery.scope)
+        unclaimed = delivery.unclaimed(candidates)
+        if unclaimed:  # updates or deletes of no candidate: a batch judged before?
+            delivery.changes.learn(await self.state.judged_xids(unclaimed))
         judged = delivery.judge(
             candidates,
             time.time(),
@@ -200,6 +204,8 @@ class KafkaVerifier:
         )
         await self.state.store(judged, delivery.positions(), delivery.scope)
         await self.source.commit(delivery.commit_offsets())
+        # Read once a pass: the changes read from now on are held to it.
+        delivery.changes.identity = await self.state.identity()
         self.pending, self.oldest_pending = judged.pending, judged.oldest_pending
         self._count(judged)
         return judged
@@ -223,6 +229,9 @@ class KafkaVerifier:
         run.batches += sum(1 for v in judged.verdicts if v.status is not None)
         run.rows += sum(v.rows for v in judged.verdicts)
         run.duplicates += judged.duplicates
+        run.updated += judged.updated
+        run.deleted += judged.deleted
+        run.unchanged_toast += judged.unchanged_toast
         run.violations += len(found)
         if self.on_violation is not None:
             for violation in found:
@@ -232,6 +241,12 @@ class KafkaVerifier:
             return
         for verdict in judged.verdicts:
             metrics.verified.labels(SOURCE, verdict.result).inc()
+            metrics.verdict_changes(
+                SOURCE,
+                verdict.result,
+                (verdict.rows, verdict.updated, verdict.deleted),
+                (verdict.unchanged_toast, verdict.resolved_toast),
+            )
         extra = len(judged.amendments) + len(judged.events)
         if extra:
             metrics.verified.labels(SOURCE, "violation").inc(extra)

@@ -15,11 +15,12 @@ positions and low-water mark would pass that pipeline's batches over as judged).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 from cdcfeed.database import KafkaSession
 from cdcfeed.database.kafka_store import UNJUDGED_LIMIT
 from cdcfeed.errors import UserError
-from cdcfeed.proof.events import LedgerBatch, Violation
+from cdcfeed.proof.events import Identity, LedgerBatch, Violation
 from cdcfeed.proof.kafka.digest import DIGEST_ROWS, Digest
 from cdcfeed.proof.kafka.records import Candidate, Judgement
 from cdcfeed.proof.kafka.redelivery import JudgedBatch
@@ -110,6 +111,20 @@ class KafkaState:
             for r in found
         }
 
+    async def judged_xids(self, xids: Iterable[int]) -> dict[int, LedgerBatch | None]:
+        """Which of these transactions ran batches judged before (by an earlier run)."""
+        found = await self.db.judged_by_xid(self.source, sorted(xids))
+        return {
+            batch.xid & 0xFFFF_FFFF: batch
+            for r in found
+            if (batch := LedgerBatch.from_row(r)) is not None and batch.xid is not None
+        }
+
+    async def identity(self) -> Identity:
+        """The replica identity of orders now (DEFAULT when the table is missing)."""
+        found = await self.db.replica_identity()
+        return cast(Identity, found) if found in ("d", "f", "n", "i") else "d"
+
     async def candidates(self, held: Iterable[int], scope: int | None) -> list[Candidate]:
         """The ledger rows of the batches held in memory, and of the batches in scope that
         are not judged yet."""
@@ -155,7 +170,14 @@ class KafkaState:
                 positions,
                 scope,
                 low_water,
-                (judged.duplicates, judged.snapshot_events, judged.tombstones),
+                (
+                    judged.duplicates,
+                    judged.snapshot_events,
+                    judged.tombstones,
+                    judged.updated,
+                    judged.deleted,
+                    judged.unchanged_toast,
+                ),
             )
         self.scope, self.low_water = scope, low_water
 
@@ -184,6 +206,9 @@ class KafkaState:
             oldest_pending_seconds=None if oldest_pending is None else round(oldest_pending, 1),
             duplicates=progress["duplicates"],
             snapshot_events=progress["snapshot_events"],
+            updated=progress["updated"],
+            deleted=progress["deleted"],
+            unchanged_toast=progress["unchanged_toast"],
             violation_count=totals["violations"],
             violations=violations,
             run=run,
