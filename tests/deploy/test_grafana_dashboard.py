@@ -34,6 +34,9 @@ REQUIRED_SERIES = {
     "batch confirm latency": {"cdcfeed_batch_confirm_seconds_bucket"},
     "verified batches": {"cdcfeed_verified_batches_total"},
     "database up": {"cdcfeed_database_up"},
+    "changes by operation": {"cdcfeed_changes_total"},
+    "verified changes by operation": {"cdcfeed_verified_changes_total"},
+    "unchanged TOAST values": {"cdcfeed_unchanged_toast_total"},
 }
 GRAFANA_BUILTINS = {"__rate_interval", "__interval", "__range", "__interval_ms", "__range_s"}
 
