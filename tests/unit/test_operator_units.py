@@ -135,8 +135,8 @@ class RefusingDatabase:
     async def batch_session(self) -> AsyncIterator[Any]:
         yield self
 
-    async def open_batch(self, *args: Any) -> str:
-        return "0/10"
+    async def open_batch(self, *args: Any, **options: Any) -> None:
+        return None
 
     async def copy(self, *args: Any) -> None:
         raise DENIED

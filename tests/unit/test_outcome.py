@@ -39,16 +39,17 @@ class FakeSession:
     def __init__(self, db: FakeDatabase) -> None:
         self.db = db
 
-    async def open_batch(self, allocation: Allocation, *args: Any) -> str:
+    async def open_batch(self, allocation: Allocation, *args: Any, **options: Any) -> None:
         await self.db.step("open")
-        return "0/10"
 
     async def copy(self, batch_id: int, data: bytes, timeout: float | None) -> None:
         await self.db.step("copy")
 
-    async def complete(self, batch_id: int, rows: int, seconds: float) -> tuple[str, str] | None:
+    async def complete(
+        self, batch_id: int, rows: int, seconds: float
+    ) -> tuple[str, str, str] | None:
         await self.db.step("complete")
-        return ("0/20", "777")
+        return ("0/10", "0/20", "777")
 
 
 class FakeDatabase:

@@ -261,7 +261,8 @@ class Database:
 
 
 class BatchSession:
-    """Steps 3 to 5 of one batch on one connection: four round trips in all."""
+    """Steps 3 to 5 of one batch on one connection: four round trips in all (open and
+    claim, COPY, commit, complete), one more for a batch that updates or deletes (apply)."""
 
     def __init__(self, conn: Connection, q: Statements) -> None:
         self._conn = conn
@@ -277,11 +278,37 @@ class BatchSession:
         feed_file: str,
         generate_seconds: float,
         write_seconds: float,
-    ) -> str:
-        """Step 3: the IN_PROGRESS row, committed, with the WAL position before the COPY."""
-        return await self._ledger.open_batch(
-            allocation, instance, rows, feed_file, generate_seconds, write_seconds
+        *,
+        staged: bool = False,
+    ) -> None:
+        """Step 3, and the start of step 4, in one round trip: the IN_PROGRESS row with the
+        WAL position before it, committed; then the transaction of the COPY, opened by the
+        claim of that row (`staged`: for a batch that updates or deletes).
+
+        BatchAborted when a settler decided the batch first: nothing is loaded.
+        """
+        batch_id = allocation.batch_id
+        opened = self._q.open_and_claim(
+            batch_id,
+            instance,
+            rows,
+            allocation.first_order_id,
+            feed_file,
+            generate_seconds,
+            write_seconds,
+            staged=staged,
         )
+        try:
+            claimed = await self._conn.execute(opened)
+        except BaseException:
+            # The claim may have begun its transaction: end it, as after a failed COPY.
+            await asyncio.shield(self._end_transaction())
+            raise
+        if claimed != "UPDATE 1":
+            await asyncio.shield(self._end_transaction())
+            raise BatchAborted(
+                "settled by another instance before its COPY (was this instance's lease lapsing?)"
+            )
 
     @translated
     async def copy(
@@ -291,14 +318,11 @@ class BatchSession:
         timeout: float | None,
         columns: tuple[str, ...] = ORDER_COLUMNS,
     ) -> None:
-        """Step 4: claim the batch row, COPY, commit; rolled back whole on any failure.
-
-        BatchAborted when a settler decided the batch first: nothing is loaded.
-        """
+        """Step 4, in the transaction `open_batch` began: COPY, commit; rolled back whole on
+        any failure."""
         q = self._q
         conn = self._conn
         try:
-            await self._claim(q.claim_batch(batch_id))
             await conn.copy_to_table(
                 q.names.orders,
                 # The bytes just written whole to the feed file: the COPY loads the file's
@@ -320,15 +344,15 @@ class BatchSession:
 
     @translated
     async def apply(self, batch_id: int, data: bytes, timeout: float | None) -> Changes:
-        """Step 4 of a batch that updates or deletes: claim the batch row, COPY the staging
-        file into the session's staging table, apply it and record in the batch row what it
-        changed (one statement), commit; rolled back whole on any failure. One transaction,
-        as a plain batch's COPY: one xid, one commit inside the batch's LSN bracket.
+        """Step 4 of a batch that updates or deletes, in the transaction `open_batch(...,
+        staged=True)` began: COPY the staging file into the session's staging table, apply it
+        and record in the batch row what it changed (one statement), commit; rolled back whole
+        on any failure. One transaction, as a plain batch's COPY: one xid, one commit inside
+        the batch's LSN bracket.
         """
         q = self._q
         conn = self._conn
         try:
-            await self._claim(q.claim_staged_batch(batch_id))
             await conn.copy_to_table(
                 STAGING_TABLE,
                 source=memoryview(data),  # type: ignore[arg-type]  # see `copy`
@@ -345,12 +369,6 @@ class BatchSession:
             raise
         assert record is not None  # the claim found the row; it is locked since
         return Changes(record[0], record[1], record[2])
-
-    async def _claim(self, claim: str) -> None:
-        if await self._conn.execute(claim) != "UPDATE 1":
-            raise BatchAborted(
-                "settled by another instance before its COPY (was this instance's lease lapsing?)"
-            )
 
     async def _end_transaction(self) -> None:
         """Rolls back step 4's transaction after a failure, or closes the connection; never
@@ -374,6 +392,7 @@ class BatchSession:
     @translated
     async def complete(
         self, batch_id: int, rows: int, copy_seconds: float
-    ) -> tuple[str, str] | None:
-        """Step 5: COMPLETED; (end LSN, xid), or None if a settler decided it first."""
+    ) -> tuple[str, str, str] | None:
+        """Step 5: COMPLETED; (start LSN, end LSN, xid), or None if a settler decided it
+        first."""
         return await self._ledger.complete_batch(batch_id, rows, copy_seconds)

@@ -134,10 +134,11 @@ class Ledger:
 
     async def complete_batch(
         self, batch_id: int, rows: int, copy_seconds: float
-    ) -> tuple[str, str] | None:
-        """Marks the batch COMPLETED; its (end LSN, xid), or None if it was settled already."""
+    ) -> tuple[str, str, str] | None:
+        """Marks the batch COMPLETED; its (start LSN, end LSN, xid), or None if it was settled
+        already."""
         record = await self.conn.fetchrow(self.q.complete_batch, batch_id, rows, copy_seconds)
-        return None if record is None else (record[0], record[1])
+        return None if record is None else (record[0], record[1], record[2])
 
     async def fail_batch(self, batch_id: int, error: str, copy_seconds: float | None) -> None:
         await self.conn.execute(self.q.fail_batch, batch_id, error[:2000], copy_seconds)

@@ -37,6 +37,13 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def quote_literal(text: str) -> str:
+    """A string as an SQL literal, whatever `standard_conforming_strings` says: the E'' form,
+    backslashes and quotes doubled. Only for the one statement sent as a simple query, which
+    takes no parameters (see `Statements.open_and_claim`)."""
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
 def derived_name(base: str, suffix: str) -> str:
     """`base` + `suffix`, as the server will keep it: within 63 bytes, deterministically.
 

@@ -155,18 +155,20 @@ async def _load(
     try:
         async with env.database.batch_session() as session:
             reached = Reached.SERVER
-            # 3. IN_PROGRESS, committed before the COPY, with the WAL position before it.
-            start_lsn = await session.open_batch(
+            # 3. IN_PROGRESS, committed before the COPY, with the WAL position before it; and
+            # the transaction of step 4, which records its xid in the batch row first.
+            copy_started = time.perf_counter()
+            await session.open_batch(
                 allocation,
                 env.instance,
                 rows,
                 path.name,
                 timings.generated - timings.started,
                 timings.written - timings.generated,
+                staged=bool(plan.changes),
             )
 
-            # 4. The COPY, in the transaction that records its xid in the batch row.
-            copy_started = time.perf_counter()
+            # 4. The COPY (or the staged changes), and the commit.
             if plan.changes:
                 changes = await session.apply(batch_id, data, env.copy_timeout)
             elif env.toast_bytes:
@@ -196,7 +198,7 @@ async def _load(
     if marked is None:
         log.warning(f"batch {batch_id} was settled by another process before it was marked")
         return
-    end_lsn, xid = marked
+    start_lsn, end_lsn, xid = marked
     env.readiness.batch_completed()
     env.metrics.batches.labels("completed").inc()
     env.metrics.rows.inc(rows)
