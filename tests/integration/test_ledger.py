@@ -140,3 +140,39 @@ async def test_settling_a_batch_already_decided_reports_it(conn: asyncpg.Connect
         "SELECT error FROM batch_control WHERE batch_id = $1", allocation.batch_id
     )
     assert error == "refused"  # the first decision stands
+
+
+async def test_settling_an_older_versions_batch_that_later_batches_changed(
+    conn: asyncpg.Connection,
+) -> None:
+    """A row without an xid: an older cdcfeed's batch, which did not record one."""
+    allocation = await _opened(conn)
+    first = allocation.first_order_id
+    # Its COPY, as older versions ran it: committed, with no claim writing the xid.
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO orders SELECT g, $2, 1, 1.00, now() "
+            "FROM generate_series($1::bigint, $1::bigint + 9) g",
+            first,
+            allocation.batch_id,
+        )
+        loaded_by = await conn.fetchval("SELECT pg_current_xact_id()::text")
+    # Later batches of a mix delete two of its orders and update one. The first delete's
+    # slot in the heap is vacuumed free, so that the update's new row version takes it and a
+    # scan meets the updated row (its xmin the updater's) before any unchanged one.
+    await conn.execute("DELETE FROM orders WHERE order_id = $1", first)
+    await conn.execute("VACUUM (INDEX_CLEANUP ON) orders")
+    await conn.execute(
+        "UPDATE orders SET status = 'paid', updated_at = now() WHERE order_id = $1", first + 4
+    )
+    await conn.execute("DELETE FROM orders WHERE order_id = $1", first + 9)
+
+    settled = await Ledger(conn, NAMES).settle(allocation.batch_id, "lost")
+    # It committed all ten (a COPY commits all or nothing), whatever was deleted since.
+    assert (settled.status, settled.row_count) == ("COMPLETED", 10)
+    row = await conn.fetchrow(
+        "SELECT row_count, recovered, xid::text FROM batch_control WHERE batch_id = $1",
+        allocation.batch_id,
+    )
+    assert (row["row_count"], row["recovered"]) == (10, True)
+    assert row["xid"] == loaded_by  # the loader's, not the updater's

@@ -327,10 +327,14 @@ class Statements:
         """
         # The xid of the transaction that loaded a block, from a row's xmin (32 bits) widened
         # to xid8 against the current snapshot's xmax: a recovered batch keeps a checkable xid.
+        # Only a row still 'created' has the loader's xmin: an updated one has the updater's.
+        # No such row: NULL.
         self.block_xid = f"""
             WITH s AS (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax),
                  o AS (SELECT xmin::text::bigint AS xid32 FROM {orders}
-                       WHERE order_id >= $1 AND order_id < $1 + $2 AND batch_id = $3 LIMIT 1),
+                       WHERE order_id >= $1 AND order_id < $1 + $2 AND batch_id = $3
+                         AND status = 'created'
+                       LIMIT 1),
                  w AS (SELECT (s.xmax >> 32 << 32) | o.xid32 AS xid, s.xmax FROM s, o)
             SELECT (CASE WHEN xid >= xmax THEN xid - 4294967296 ELSE xid END)::text FROM w
         """
