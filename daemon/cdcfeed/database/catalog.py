@@ -36,14 +36,16 @@ MISSING_COLUMNS = """
                       WHERE a.attrelid = c.oid AND a.attname = t.col AND NOT a.attisdropped)
 """
 CURRENT_DATABASE = "SELECT current_database()::text"
+# Of the role $4 (NULL: the connection's own).
 LACKING_PRIVILEGES = """
     SELECT i::int FROM unnest($1::text[], $2::text[], $3::text[])
-        WITH ORDINALITY AS t(kind, name, privilege, i)
+        WITH ORDINALITY AS t(kind, name, privilege, i),
+        LATERAL (SELECT coalesce($4::name, current_user) AS role) r
     WHERE NOT CASE kind
-        WHEN 'SCHEMA' THEN has_schema_privilege(name, privilege)
-        WHEN 'SEQUENCE' THEN has_sequence_privilege(name, privilege)
-        WHEN 'DATABASE' THEN has_database_privilege(name, privilege)
-        ELSE has_table_privilege(name, privilege)
+        WHEN 'SCHEMA' THEN has_schema_privilege(r.role, name, privilege)
+        WHEN 'SEQUENCE' THEN has_sequence_privilege(r.role, name, privilege)
+        WHEN 'DATABASE' THEN has_database_privilege(r.role, name, privilege)
+        ELSE has_table_privilege(r.role, name, privilege)
     END
     ORDER BY i
 """
