@@ -174,8 +174,8 @@ def run(
     "--grant",
     "grant_to",
     metavar="ROLE",
-    help="Also grant ROLE exactly what `cdcfeed run` needs (docs/operations.md lists it); "
-    "run as the schema's owner.",
+    help="Also grant ROLE what `cdcfeed run` needs, a change mix included (docs/operations.md "
+    "lists it); run as the schema's owner.",
 )
 @click.option(
     "--replica-identity",
@@ -196,6 +196,7 @@ def init_db(
     async def main() -> None:
         names = names_of(settings)
         granted: list[str] = []
+        left: str | None = None
         async with (
             resolved_database(settings, dict(os.environ)) as database,
             Database.open(database, names, 1, "cdcfeed init-db") as db,
@@ -205,7 +206,7 @@ def init_db(
                 if publication:
                     await db.ensure_publication(settings.cdc.publication)
                 if grant_to:
-                    granted = await _grant(db, grant_to)
+                    granted, left = await _grant(db, grant_to)
                 if replica_identity:
                     await db.set_replica_identity(replica_identity)
             if publication:
@@ -215,13 +216,15 @@ def init_db(
             logger.info(f"publication {settings.cdc.publication} covers both tables")
         if grant_to:
             logger.info(f"granted {grant_to}: {'; '.join(granted)}")
+            if left:
+                logger.warning(left)
         if replica_identity:
             logger.info(f"{names.schema}.{names.orders}: replica identity {replica_identity}")
 
     _run_async(main)
 
 
-async def _grant(db: Database, role: str) -> list[str]:
+async def _grant(db: Database, role: str) -> tuple[list[str], str | None]:
     try:
         return await db.grant(role)
     except ObjectMissing:

@@ -56,6 +56,7 @@ async def test_init_db_upgrades_an_older_schema_and_keeps_its_data(dsn: str) -> 
     await execute(dsn, *OLD_SCHEMA)
     line = one_error_line(run_cli("status", "--dsn", dsn))
     assert "lacks batch_control.deleted" in line and "orders.status" in line, line
+    assert "upgrade it by running `cdcfeed init-db` once as the schema's owner" in line, line
 
     result = run_cli("init-db", "--dsn", dsn)
     assert result.returncode == 0, result.stderr
@@ -79,6 +80,8 @@ async def test_a_role_that_may_not_create_is_told_to_upgrade(
     args = daemon_args(as_role(dsn, loader), feed_dir, max_batches=1)
     line = one_error_line(await asyncio.to_thread(run_cli, *args, timeout=90))
     assert f"role {loader} may not create" in line and "lacks batch_control.deleted" in line
+    assert "(made by an older cdcfeed)" in line, line
+    assert line.endswith("upgrade it by running `cdcfeed init-db` once as the schema's owner")
     assert await fetchval(dsn, "SELECT count(*) FROM batch_control") == 1
 
 
@@ -110,6 +113,41 @@ async def test_a_mix_needs_update_delete_and_temporary_which_grant_gives(
     assert result.returncode == 0, result.stderr
     assert await fetchval(dsn, "SELECT count(*) FROM batch_control WHERE status = 'COMPLETED'") == 8
     assert await fetchval(dsn, "SELECT sum(deleted) FROM batch_control") > 0
+
+
+async def test_a_grant_of_temporary_the_schema_owner_may_not_give_is_said(
+    dsn: str, loader: str
+) -> None:
+    """A schema owner that does not own the database grants TEMPORARY in vain: the server only
+    warns. `--grant` says so in one line, with the GRANT the database's owner must run."""
+    database = dsn.rsplit("/", 1)[1]
+    owner = f"{loader}_owner"
+    await execute(
+        dsn,
+        f"CREATE ROLE {owner} LOGIN",
+        f"GRANT CREATE ON DATABASE {database} TO {owner}",
+        f"GRANT CREATE ON SCHEMA public TO {owner}",
+        f"REVOKE TEMPORARY ON DATABASE {database} FROM PUBLIC",
+    )
+    try:
+        result = run_cli("init-db", "--dsn", as_role(dsn, owner), "--grant", loader)
+        assert result.returncode == 0, result.stderr
+        assert f"granted {loader}" in result.stderr
+        warnings = [line for line in result.stderr.splitlines() if "still lacks" in line]
+        assert len(warnings) == 1, result.stderr
+        line = warnings[0]
+        assert f"role {loader} still lacks TEMPORARY on database {database}" in line, line
+        assert f"role {owner} may not grant it" in line, line
+        assert f'GRANT TEMPORARY ON DATABASE "{database}" TO "{loader}"' in line, line
+        held = f"SELECT has_database_privilege('{loader}', current_database(), 'TEMPORARY')"
+        assert await fetchval(dsn, held) is False
+        # Once granted as it says, nothing is left to say.
+        await execute(dsn, f"GRANT TEMPORARY ON DATABASE {database} TO {loader}")
+        again = run_cli("init-db", "--dsn", as_role(dsn, owner), "--grant", loader)
+        assert again.returncode == 0, again.stderr
+        assert "still lacks" not in again.stderr
+    finally:
+        await execute(dsn, f"DROP OWNED BY {owner}", f"DROP ROLE {owner}")
 
 
 async def test_init_db_sets_the_replica_identity(dsn: str) -> None:

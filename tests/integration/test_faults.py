@@ -35,6 +35,7 @@ from tests.support import (
     daemon_args,
     equals,
     fetchval,
+    killed_and_restarted,
     names_for,
     prepare_slot,
     read_stream,
@@ -149,32 +150,8 @@ async def test_a_daemon_killed_mid_copy_settles_its_batch_when_it_starts_again(
     dsn: str, tmp_path: Path
 ) -> None:
     big = ("--rate", "2", "--batch-size", "300000", "--concurrency", "1", "--instance", "kenny")
-    log = tmp_path / "first.log"
-    process = spawn(log, *daemon_args(dsn, tmp_path / "feed", *big))
-    try:
-        await _wait_for_copy(dsn)
-        process.kill()
-        process.wait(10)
-    finally:
-        process.kill()
-        process.wait()
-    assert await count_batches(dsn, "status = 'IN_PROGRESS'") == 1, log.read_text()
-
-    again = tmp_path / "again.log"
-    process = spawn(
-        again,
-        *daemon_args(dsn, tmp_path / "feed", *big),
-        "--max-batches",
-        "1",
-    )
-    try:
-        code = await asyncio.to_thread(process.wait, 120)
-    finally:
-        process.kill()
-        process.wait()
-    stderr = again.read_text()
-    assert code == 0, stderr
-    assert "left IN_PROGRESS by an earlier run" in stderr
+    args = daemon_args(dsn, tmp_path / "feed", *big)
+    await killed_and_restarted(dsn, tmp_path, args, lambda: _wait_for_copy(dsn), timeout=120)
     counts = await check_invariant(dsn)
     assert counts.get("COMPLETED", 0) >= 1
     interrupted = await count_batches(dsn, "error = 'interrupted' OR recovered")

@@ -12,12 +12,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
+import numpy as np
 import pytest
 
 from cdcfeed.database import Allocation, Database, Names
 from cdcfeed.database.catalog import statements
-from cdcfeed.database.ledger import Ledger
+from cdcfeed.database.database import BatchSession
+from cdcfeed.database.ledger import Ledger, Settlement
 from cdcfeed.database.schema import init_schema
+from cdcfeed.load.changes import Plan, batch_csv
 from cdcfeed.load.ids import IdReservations
 from tests.support import wait_until
 
@@ -140,3 +143,107 @@ async def test_settling_a_batch_already_decided_reports_it(conn: asyncpg.Connect
         "SELECT error FROM batch_control WHERE batch_id = $1", allocation.batch_id
     )
     assert error == "refused"  # the first decision stands
+
+
+async def _run_to_commit(
+    conn: asyncpg.Connection, allocation: Allocation, plan: Plan
+) -> BatchSession:
+    """Steps 3 and 4 of a batch as the daemon runs them, its transaction committed; step 5
+    (`complete`) is left out, as a daemon killed right after the commit leaves it."""
+    session = BatchSession(conn, Q)
+    data = batch_csv(allocation.batch_id, allocation, plan, "", np.random.default_rng(7))
+    await session.open_batch(allocation, "test", plan.inserts, "f.csv", 0.0, 0.0)
+    if plan.changes:
+        await session.apply(allocation.batch_id, data, None)
+    else:
+        await session.copy(allocation.batch_id, data, None)
+    return session
+
+
+@pytest.mark.parametrize("settler", ["settle", "reconciliation"])
+async def test_settling_a_mixed_batch_that_committed_takes_what_its_row_recorded(
+    conn: asyncpg.Connection, settler: str
+) -> None:
+    ledger = Ledger(conn, NAMES)
+    (first,) = await ledger.reserve(10, 1)
+    session = await _run_to_commit(conn, first, Plan(10))
+    assert await session.complete(first.batch_id, 10, 0.0) is not None
+    # A batch that updates two of the first batch's orders and deletes two, committed, then
+    # cut off before it was marked COMPLETED.
+    (mixed,) = await ledger.reserve(6, 1, changes=4)
+    window = mixed.first_change_id
+    assert (window, mixed.change_count) == (first.first_order_id, 4)
+    plan = Plan(6, updates=(window, window + 1), deletes=(window + 2, window + 3))
+    await _run_to_commit(conn, mixed, plan)
+    claimed = await conn.fetchval(
+        "SELECT xid::text FROM batch_control WHERE batch_id = $1", mixed.batch_id
+    )
+    assert claimed is not None
+    # A later batch deletes some of its inserts: the block no longer counts what it inserted.
+    block = mixed.first_order_id
+    await conn.execute("DELETE FROM orders WHERE order_id = ANY($1::bigint[])", [block, block + 1])
+
+    if settler == "settle":
+        settled = await ledger.settle(mixed.batch_id, "lost")
+    else:
+        started = await conn.fetchval("SELECT clock_timestamp()")
+        (abandoned,) = await ledger.settle_abandoned("test", started, own=True)
+        assert abandoned.batch_id == mixed.batch_id
+        settled = Settlement(
+            abandoned.status,
+            abandoned.end_lsn,
+            abandoned.row_count,
+            abandoned.updated,
+            abandoned.deleted,
+        )
+    assert (settled.status, settled.row_count, settled.updated, settled.deleted) == (
+        "COMPLETED",
+        6,
+        2,
+        2,
+    )
+    row = await conn.fetchrow(
+        "SELECT status, recovered, row_count, updated, deleted, xid::text, end_lsn::text "
+        "FROM batch_control WHERE batch_id = $1",
+        mixed.batch_id,
+    )
+    assert (row["status"], row["recovered"], row["row_count"]) == ("COMPLETED", True, 6)
+    assert (row["updated"], row["deleted"]) == (2, 2)
+    assert row["xid"] == claimed  # the xid its own transaction wrote
+    assert row["end_lsn"] == settled.end_lsn
+
+
+async def test_settling_an_older_versions_batch_that_later_batches_changed(
+    conn: asyncpg.Connection,
+) -> None:
+    """A row without an xid: an older cdcfeed's batch, which did not record one."""
+    allocation = await _opened(conn)
+    first = allocation.first_order_id
+    # Its COPY, as older versions ran it: committed, with no claim writing the xid.
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO orders SELECT g, $2, 1, 1.00, now() "
+            "FROM generate_series($1::bigint, $1::bigint + 9) g",
+            first,
+            allocation.batch_id,
+        )
+        loaded_by = await conn.fetchval("SELECT pg_current_xact_id()::text")
+    # Later batches of a mix delete two of its orders and update one. The first delete's
+    # slot in the heap is vacuumed free, so that the update's new row version takes it and a
+    # scan meets the updated row (its xmin the updater's) before any unchanged one.
+    await conn.execute("DELETE FROM orders WHERE order_id = $1", first)
+    await conn.execute("VACUUM (INDEX_CLEANUP ON) orders")
+    await conn.execute(
+        "UPDATE orders SET status = 'paid', updated_at = now() WHERE order_id = $1", first + 4
+    )
+    await conn.execute("DELETE FROM orders WHERE order_id = $1", first + 9)
+
+    settled = await Ledger(conn, NAMES).settle(allocation.batch_id, "lost")
+    # It committed all ten (a COPY commits all or nothing), whatever was deleted since.
+    assert (settled.status, settled.row_count) == ("COMPLETED", 10)
+    row = await conn.fetchrow(
+        "SELECT row_count, recovered, xid::text FROM batch_control WHERE batch_id = $1",
+        allocation.batch_id,
+    )
+    assert (row["row_count"], row["recovered"]) == (10, True)
+    assert row["xid"] == loaded_by  # the loader's, not the updater's

@@ -4,7 +4,8 @@
 - settings: `settings_for` (presets `QUICK`, `FAULTS`), `names_for`, `create_schema`,
   `as_role` (and the `loader` fixture in conftest.py: a role with no privileges)
 - daemon: `run_in_process`, `running` (in this process), `daemon_args`, `spawn` (a child),
-  `run_cli`, `cdcfeed_command`, `clean_environment`
+  `killed_and_restarted` (a child SIGKILLed, then run again), `run_cli`, `cdcfeed_command`,
+  `clean_environment`
 - waiting: `wait_until` (and `wait_until_blocking`), with `at_least` and `equals`
 - observe: `http_get`, `answers_200`, `parse_metrics`, `fetchval`, `count_batches`,
   `wait_for_batches`
@@ -19,6 +20,7 @@ from tests.support.daemon import (
     cdcfeed_command,
     clean_environment,
     daemon_args,
+    killed_and_restarted,
     one_error_line,
     run_cli,
     run_in_process,
@@ -82,6 +84,7 @@ __all__ = [
     "free_port",
     "fresh_database",
     "http_get",
+    "killed_and_restarted",
     "ledger_rows",
     "names_for",
     "one_error_line",

@@ -6,12 +6,12 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.observe import Scrape, http_get, parse_metrics
+from tests.support.observe import Scrape, count_batches, http_get, parse_metrics
 from tests.support.product import Endpoint, Settings, run_daemon
 from tests.support.waiting import wait_until
 
@@ -124,3 +124,42 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     errors = [line for line in lines if line.startswith("cdcfeed: ")]
     assert errors == lines[-1:], result.stderr
     return lines[-1]
+
+
+async def killed_and_restarted(
+    dsn: str,
+    logs: Path,
+    args: Sequence[str],
+    kill_when: Callable[[], Awaitable[object]],
+    *,
+    after_kill: Callable[[], Awaitable[object]] | None = None,
+    timeout: float = 180,
+) -> str:
+    """`run` (`args`) as a child, SIGKILLed once `kill_when` returns, which must leave one
+    batch IN_PROGRESS (checked after `after_kill`, which undoes what held it there); then the
+    same command line for one more batch, until it exits 0 having settled that batch as an
+    earlier run's. Its output; the logs are `first.log` and `again.log` in `logs`."""
+    first = logs / "first.log"
+    process = spawn(first, *args)
+    try:
+        await kill_when()
+        process.kill()
+        process.wait(10)
+    finally:
+        process.kill()
+        process.wait()
+    if after_kill is not None:
+        await after_kill()
+    assert await count_batches(dsn, "status = 'IN_PROGRESS'") == 1, first.read_text()
+
+    again = logs / "again.log"
+    process = spawn(again, *args, "--max-batches", "1")
+    try:
+        code = await asyncio.to_thread(process.wait, timeout)
+    finally:
+        process.kill()
+        process.wait()
+    output = again.read_text()
+    assert code == 0, output
+    assert "left IN_PROGRESS by an earlier run" in output
+    return output

@@ -38,14 +38,16 @@ MISSING_COLUMNS = """
                       WHERE a.attrelid = c.oid AND a.attname = t.col AND NOT a.attisdropped)
 """
 CURRENT_DATABASE = "SELECT current_database()::text"
+# Of the role $4 (NULL: the connection's own).
 LACKING_PRIVILEGES = """
     SELECT i::int FROM unnest($1::text[], $2::text[], $3::text[])
-        WITH ORDINALITY AS t(kind, name, privilege, i)
+        WITH ORDINALITY AS t(kind, name, privilege, i),
+        LATERAL (SELECT coalesce($4::name, current_user) AS role) r
     WHERE NOT CASE kind
-        WHEN 'SCHEMA' THEN has_schema_privilege(name, privilege)
-        WHEN 'SEQUENCE' THEN has_sequence_privilege(name, privilege)
-        WHEN 'DATABASE' THEN has_database_privilege(name, privilege)
-        ELSE has_table_privilege(name, privilege)
+        WHEN 'SCHEMA' THEN has_schema_privilege(r.role, name, privilege)
+        WHEN 'SEQUENCE' THEN has_sequence_privilege(r.role, name, privilege)
+        WHEN 'DATABASE' THEN has_database_privilege(r.role, name, privilege)
+        ELSE has_table_privilege(r.role, name, privilege)
     END
     ORDER BY i
 """
@@ -334,10 +336,14 @@ class Statements:
         """
         # The xid of the transaction that loaded a block, from a row's xmin (32 bits) widened
         # to xid8 against the current snapshot's xmax: a recovered batch keeps a checkable xid.
+        # Only a row still 'created' has the loader's xmin: an updated one has the updater's.
+        # No such row: NULL.
         self.block_xid = f"""
             WITH s AS (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax),
                  o AS (SELECT xmin::text::bigint AS xid32 FROM {orders}
-                       WHERE order_id >= $1 AND order_id < $1 + $2 AND batch_id = $3 LIMIT 1),
+                       WHERE order_id >= $1 AND order_id < $1 + $2 AND batch_id = $3
+                         AND status = 'created'
+                       LIMIT 1),
                  w AS (SELECT (s.xmax >> 32 << 32) | o.xid32 AS xid, s.xmax FROM s, o)
             SELECT (CASE WHEN xid >= xmax THEN xid - 4294967296 ELSE xid END)::text FROM w
         """

@@ -35,9 +35,11 @@ from cdcfeed.database.privileges import (
     check_privileges,
     current_role,
     grant_statements,
+    lacking,
     missing_relations,
     needs_for,
     schema_relations,
+    ungranted,
 )
 from cdcfeed.database.schema import ensure_publication, init_schema
 from cdcfeed.database.server import ServerSettings, read_server_settings
@@ -176,10 +178,19 @@ class Database:
                 if set(schema_relations(self.names)) <= set(absent)
                 else f"lacks {', '.join(absent)}"
             )
+            # Only columns missing (`table.column`): tables an older cdcfeed made, which their
+            # owner upgrades once; the loading role keeps its grants.
+            upgrade = bool(absent) and all("." in name for name in absent)
+            upgrading = "upgrade it by running `cdcfeed init-db` once as the schema's owner"
+            if upgrade:
+                lacks += " (made by an older cdcfeed)"
             if absent and not create:
+                creating = (
+                    "create it first with `cdcfeed init-db`, as a role that may create in the "
+                    "database"
+                )
                 raise SchemaMissing(
-                    f"schema {self.names.schema} {lacks}: create it first with "
-                    "`cdcfeed init-db`, as a role that may create in the database",
+                    f"schema {self.names.schema} {lacks}: {upgrading if upgrade else creating}",
                     "42P01",
                 )
             if absent:
@@ -187,11 +198,14 @@ class Database:
                     created = await init_schema(conn, self.names)
                 except asyncpg.InsufficientPrivilegeError as exc:
                     role = await current_role(conn)
+                    creating = (
+                        "run `cdcfeed init-db` as the schema's owner (or a role with CREATE on "
+                        f"the database), then `cdcfeed init-db --grant {role}`"
+                    )
                     raise PrivilegeRefused(
                         f"schema {self.names.schema} {lacks}, and role {role} may not create "
-                        f"cdcfeed's tables ({describe_error(exc)}): run `cdcfeed init-db` as the "
-                        f"schema's owner (or a role with CREATE on the database), then "
-                        f"`cdcfeed init-db --grant {role}`"
+                        f"or alter cdcfeed's tables ({describe_error(exc)}): "
+                        f"{upgrading if upgrade else creating}"
                     ) from exc
             refused = await check_privileges(conn, self.names, purpose, changes=changes)
             if refused is not None:
@@ -203,14 +217,18 @@ class Database:
         return await self.prepare("schema", create=True)
 
     @translated
-    async def grant(self, role: str) -> list[str]:
-        """Grants `role` what loading needs, with any change mix, in one transaction; the
-        statements run."""
+    async def grant(self, role: str) -> tuple[list[str], str | None]:
+        """Grants `role` what loading needs, with any change mix, in one transaction: the
+        statements run, and a line naming what `role` still lacks (the server granted
+        nothing where this role may not grant) with the GRANTs to run instead, if anything."""
         async with self._pool.acquire() as conn, conn.transaction():
-            grants = grant_statements(await needs_for(conn, self.names, "load", True), role)
+            needs = await needs_for(conn, self.names, "load", True)
+            grants = grant_statements(needs, role)
             for statement in grants:
                 await conn.execute(statement)
-        return grants
+            missing = await lacking(conn, needs, role)
+            left = ungranted(role, await current_role(conn), missing) if missing else None
+        return grants, left
 
     @translated
     async def set_replica_identity(self, identity: Literal["default", "full"]) -> None:

@@ -168,8 +168,10 @@ class Ledger:
         claim, so an xid says it committed, with the counts as recorded. Counting the block's
         orders would not do: later batches may have deleted some. A row without an xid either
         rolled back (no order of its block exists) or was written by an older cdcfeed, which
-        did not record one: that is what the block's count tells, as it always did (a COPY
-        commits all of its rows or none), and its orders give the xid.
+        did not record one and only inserted: any order of its block left says it committed,
+        and then all of the block did (a COPY commits all of its rows or none), whatever later
+        batches deleted since. Its xid is the xmin of an order nobody updated since (an
+        update's xmin is the updater's); none left, the row keeps no xid, as older ones have.
         """
         q = self.q
         if xid is not None:
@@ -179,10 +181,9 @@ class Ledger:
         if not present:
             await self.fail_batch(batch_id, reason, None)
             return Settlement("FAILED")
-        if xid is None:
-            xid = await self.conn.fetchval(q.block_xid, first_order_id, row_count, batch_id)
-        end_lsn = await self.conn.fetchval(q.recover_batch, batch_id, present, xid)
-        return Settlement("COMPLETED", end_lsn, present)
+        xid = await self.conn.fetchval(q.block_xid, first_order_id, row_count, batch_id)
+        end_lsn = await self.conn.fetchval(q.recover_batch, batch_id, row_count, xid)
+        return Settlement("COMPLETED", end_lsn, row_count)
 
     async def settle(self, batch_id: int, reason: str) -> Settlement:
         """Decides a batch of this process whose COPY outcome was not recorded (connection

@@ -140,15 +140,17 @@ async def current_database(conn: Connection) -> str:
     return str(await conn.fetchval(CURRENT_DATABASE))
 
 
-async def lacking(conn: Connection, needs: tuple[Need, ...]) -> list[tuple[Need, str]]:
-    """Each (object, privilege) of `needs` the connection's role does not hold.
+async def lacking(
+    conn: Connection, needs: tuple[Need, ...], role: str | None = None
+) -> list[tuple[Need, str]]:
+    """Each (object, privilege) of `needs` `role` (default: the connection's) does not hold.
 
     Schemas first: without USAGE on its schema, the server will not even look a relation up
     for the role, so that is all there is to say until it is granted.
     """
     schemas = tuple(need for need in needs if need.kind == "SCHEMA")
     if schemas and len(schemas) < len(needs):
-        missing = await lacking(conn, schemas)
+        missing = await lacking(conn, schemas, role)
         if missing:
             return missing
         needs = tuple(need for need in needs if need.kind != "SCHEMA")
@@ -160,6 +162,7 @@ async def lacking(conn: Connection, needs: tuple[Need, ...]) -> list[tuple[Need,
         [need.kind for need, _ in pairs],
         [need.name for need, _ in pairs],
         [privilege for _, privilege in pairs],
+        role,
     )
     return [pairs[row[0] - 1] for row in rows]
 
@@ -182,6 +185,31 @@ def refusal(role: str, missing: list[tuple[Need, str]], server: str = "") -> Pri
         f"role {role} lacks {what}{said}; as the schema's owner, run "
         f"`cdcfeed init-db --grant {role}` or: {'; '.join(grants)}",
         grants=grants,
+    )
+
+
+def ungranted(role: str, grantor: str, missing: list[tuple[Need, str]]) -> str:
+    """One line: what `init-db --grant` could not give `role`, and the GRANTs to run instead.
+
+    A GRANT by a role that neither owns the object nor holds the privilege WITH GRANT OPTION
+    grants nothing and only warns (TEMPORARY on a database the schema's owner does not own,
+    say): without this line, `--grant` would seem to have done it.
+    """
+    by_object: dict[Need, list[str]] = {}
+    for need, privilege in missing:
+        by_object.setdefault(need, []).append(privilege)
+    what = "; ".join(
+        f"{', '.join(privileges)} on {need.kind.lower()} {need.shown}"
+        for need, privileges in by_object.items()
+    )
+    grants = "; ".join(
+        f"GRANT {', '.join(privileges)} ON {need.granted_on} TO {quote_ident(role)}"
+        for need, privileges in by_object.items()
+    )
+    mix = " (a change mix needs it)" if all(need.kind == "DATABASE" for need in by_object) else ""
+    return (
+        f"role {role} still lacks {what}{mix}: role {grantor} may not grant it; "
+        f"as its owner (or a superuser), run: {grants}"
     )
 
 

@@ -89,6 +89,22 @@ class TransactionEnd:
     declared_ledger: int | None = None  # and for the ledger table
 
 
+def committed_span(
+    end: TransactionEnd | None, low_lsn: int, high_lsn: int
+) -> tuple[int, int, int | None, int | None]:
+    """A transaction's (commit LSN, end LSN, declared orders, declared ledger rows): where its
+    END says, since the end knows where the commit record lies; else the span of the changes
+    seen (`low_lsn`, `high_lsn`) and no declared counts."""
+    if end is None:
+        return low_lsn, high_lsn, None, None
+    return (
+        low_lsn if end.commit_lsn is None else end.commit_lsn,
+        high_lsn if end.end_lsn is None else end.end_lsn,
+        end.declared_orders,
+        end.declared_ledger,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Violation:
     batch_id: int | None

@@ -37,6 +37,7 @@ from cdcfeed.proof.events import (
     StreamEvent,
     Table,
     TransactionEnd,
+    committed_span,
 )
 from cdcfeed.proof.held import Changes, Part
 
@@ -369,16 +370,9 @@ class Fold:
         for part in parts:
             if not part.lows:
                 continue  # it only brought copies of ids another transaction delivered
-            end = self._ends.get(part.xid)
-            commit_lsn, end_lsn = part.low_lsn, part.high_lsn
-            declared = declared_ledger = None
-            if end is not None:
-                # The end knows where the commit record lies; the changes lie before it.
-                if end.commit_lsn is not None:
-                    commit_lsn = end.commit_lsn
-                if end.end_lsn is not None:
-                    end_lsn = end.end_lsn
-                declared, declared_ledger = end.declared_orders, end.declared_ledger
+            commit_lsn, end_lsn, declared, declared_ledger = committed_span(
+                self._ends.get(part.xid), part.low_lsn, part.high_lsn
+            )
             ranges = tuple(zip(part.lows, part.highs, strict=True))
             rows = total = 0
             for low, high in ranges:

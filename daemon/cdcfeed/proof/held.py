@@ -18,6 +18,7 @@ from cdcfeed.proof.events import (
     OrderRanges,
     TransactionEnd,
     as_ranges,
+    committed_span,
 )
 
 _WHAT = {"u": "UPDATE", "d": "DELETE"}
@@ -136,14 +137,9 @@ class Changes:
                 unchanged += 1
             elif change.note == "resolved":
                 resolved += 1
-        commit_lsn, end_lsn = self.low_lsn, self.high_lsn
-        declared = declared_ledger = None
-        if end is not None:
-            if end.commit_lsn is not None:
-                commit_lsn = end.commit_lsn
-            if end.end_lsn is not None:
-                end_lsn = end.end_lsn
-            declared, declared_ledger = end.declared_orders, end.declared_ledger
+        commit_lsn, end_lsn, declared, declared_ledger = committed_span(
+            end, self.low_lsn, self.high_lsn
+        )
         ordered: list[tuple[str | None, OrderRanges]] = sorted(
             ((status, as_ranges(ids)) for status, ids in statuses.items()),
             key=lambda item: (item[0] is None, item[0] or ""),
