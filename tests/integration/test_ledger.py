@@ -152,7 +152,9 @@ async def _run_to_commit(
     (`complete`) is left out, as a daemon killed right after the commit leaves it."""
     session = BatchSession(conn, Q)
     data = batch_csv(allocation.batch_id, allocation, plan, "", np.random.default_rng(7))
-    await session.open_batch(allocation, "test", plan.inserts, "f.csv", 0.0, 0.0)
+    await session.open_batch(
+        allocation, "test", plan.inserts, "f.csv", 0.0, 0.0, staged=bool(plan.changes)
+    )
     if plan.changes:
         await session.apply(allocation.batch_id, data, None)
     else:
