@@ -9,7 +9,8 @@ schemas, string decimals), each streamed by its own engine into its own topic pr
   unchanged TOAST values, no violation), FULL's carry the note itself.
 - Copies of the topics with one change each (faults.py): a dropped update, a stale after
   image, a dropped tombstone, a forged delete in a batch's transaction, and under FULL a
-  placeholder where the value is promised: each caught and named by batch (exit 1).
+  placeholder where the value is promised, and a before image with the key only where the
+  whole old row is: each caught and named by batch (exit 1).
 """
 
 from __future__ import annotations
@@ -243,7 +244,19 @@ def faults(mix: Mix) -> dict[str, tuple[str, TopicSet]]:
         "full",
         full.topics.replacing(update, update.altered(_set("after.note", UNAVAILABLE))),
     )
+    delete = full.topics.changes_of(full_batch.tx_id, "d")[0]
+    out["key-only before under FULL"] = (
+        "full",
+        full.topics.replacing(delete, delete.altered(_key_only)),
+    )
     return out
+
+
+def _key_only(event: Json) -> None:
+    """The before image as REPLICA IDENTITY DEFAULT gives it: the key, and Debezium's
+    defaults (no row's values) for the other columns."""
+    before = event["before"]
+    before.update(batch_id=0, customer_id=0, amount="0.00", status="created")
 
 
 SAYS = {
@@ -252,6 +265,7 @@ SAYS = {
     "dropped tombstone": "missing tombstone",
     "forged delete": "which it did not delete",
     "placeholder under FULL": "TOAST",
+    "key-only before under FULL": "carry the key only",
 }
 
 

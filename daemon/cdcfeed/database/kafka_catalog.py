@@ -143,21 +143,32 @@ class KafkaStatements:
             LEFT JOIN {digests} d ON d.source = r.slot AND d.batch_id = r.batch_id
             WHERE r.slot = $1 AND r.kind = 'batch' AND r.batch_id = ANY($2::bigint[])
         """
-        # The judged batches whose transactions are among these 32-bit xids (a change of
-        # theirs read again is a redelivery); status NULL for none.
+        # The judged batches that ran these transactions ($2: 32-bit xids, $3: the LSN of a
+        # change of each). A batch's changes follow its start_lsn, so its row is the latest
+        # started before the change with that xid: a backward walk of the start_lsn index
+        # from the change, past the few batches started since (and never an older batch of
+        # the same 32-bit xid, an epoch earlier). Status NULL for none.
         self.judged_by_xid = f"""
-            SELECT r.batch_id, {ledger_columns}
-            FROM {results} r
-            JOIN {batches} b ON b.batch_id = r.batch_id
-            WHERE r.slot = $1 AND r.kind = 'batch'
-              AND (b.xid::text::bigint % 4294967296) = ANY($2::bigint[])
+            SELECT {ledger_columns}
+            FROM unnest($2::bigint[], $3::pg_lsn[]) AS h (xid, lsn)
+            CROSS JOIN LATERAL (
+                SELECT * FROM {batches} s
+                WHERE s.start_lsn < h.lsn AND (s.xid::text::bigint % 4294967296) = h.xid
+                ORDER BY s.start_lsn DESC
+                LIMIT 1
+            ) b
+            WHERE EXISTS (SELECT 1 FROM {results} r
+                          WHERE r.slot = $1 AND r.kind = 'batch' AND r.batch_id = b.batch_id)
         """
         # The replica identity of a table ($1 schema, $2 name): d default, f full, n
-        # nothing, i an index.
+        # nothing, i an index; and the WAL position it was read at (changes below it may
+        # predate an ALTER TABLE that set it; a standby's: the position it replayed).
         self.replica_identity = """
-            SELECT c.relreplident::text FROM pg_class c
-            JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE n.nspname = $1 AND c.relname = $2
+            SELECT (SELECT c.relreplident::text FROM pg_class c
+                    JOIN pg_namespace n ON n.oid = c.relnamespace
+                    WHERE n.nspname = $1 AND c.relname = $2),
+                   CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                        ELSE pg_current_wal_lsn() END
         """
         self.ledger_rows = f"""
             SELECT {ledger_columns} FROM {batches} b WHERE b.batch_id = ANY($1::bigint[])

@@ -62,20 +62,22 @@ class KafkaSession(VerifySession):
         return [dict(r) for r in records]
 
     @translated
-    async def judged_by_xid(self, source: str, xids: Sequence[int]) -> list[dict[str, Any]]:
-        """The batches judged before whose transactions are among these 32-bit xids, with
-        their ledger rows."""
-        records = await self._conn.fetch(self._k.judged_by_xid, source, list(xids))
+    async def judged_by_xid(
+        self, source: str, changes: Sequence[tuple[int, int]]
+    ) -> list[dict[str, Any]]:
+        """The batches judged before that ran these transactions, (32-bit xid, the LSN of
+        one of its changes), with their ledger rows."""
+        xids, lsns = [xid for xid, _ in changes], [lsn for _, lsn in changes]
+        records = await self._conn.fetch(self._k.judged_by_xid, source, xids, lsns)
         return [dict(r) for r in records]
 
     @translated
-    async def replica_identity(self) -> str | None:
-        """The replica identity of orders (pg_class.relreplident: d, f, n or i); None when
-        the table is missing."""
-        identity: str | None = await self._conn.fetchval(
-            self._k.replica_identity, *self.names.orders_relation
-        )
-        return identity
+    async def replica_identity(self) -> tuple[str | None, int]:
+        """The replica identity of orders (pg_class.relreplident: d, f, n or i; None when
+        the table is missing), and the WAL position it was read at."""
+        record = await self._conn.fetchrow(self._k.replica_identity, *self.names.orders_relation)
+        assert record is not None
+        return record[0], record[1]
 
     @translated
     async def ledger_rows(self, batch_ids: Sequence[int]) -> list[dict[str, Any]]:

@@ -284,6 +284,16 @@ class Fold:
         self._release(xid)
         return observation
 
+    def drop_changes(self, xid: int) -> list[OrderChange]:
+        """The updates and deletes of transaction `xid` as first kept, forgotten unjudged: a
+        source that learns late that their batch was judged (by an earlier run) weighs them
+        as redeliveries instead."""
+        held = self._changes.pop(xid, None)
+        if held is None:
+            return []
+        self._release(xid)
+        return list(held.by_id.values())
+
     def orphan(self, xid: int) -> None:
         """The updates and deletes of transaction `xid`, which no batch of the ledger ran,
         become `events`; forgotten."""

@@ -14,13 +14,23 @@ delete waits here (a fetch may end between the two), and its batch is not yet wh
 Redeliveries. A change of a transaction whose batch was judged is a duplicate when the ledger
 accounts for it (the id among the batch's updated or deleted ids, an update's status the one
 the lifecycle gives, inside the batch's bracket), else it amends the verdict as a violation.
+A batch judged by an earlier run is only known once the runner looks its transaction up
+(`learn`): until then its changes are held like any others; then those read before (below the
+stored position) are dropped, being what that run judged, and new ones are redeliveries.
+
+Replica identity. It is read from the database (with the WAL position it was read at) once a
+pass; a change is held to the identity of the last read, except that after a read that found
+another identity than the read before, changes at or below the position of that read may have
+been written under either: they are held to the laxer one (a FULL rule on a change written
+under DEFAULT would be a false violation).
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from itertools import islice
 
 from cdcfeed.lifecycle import updated_status
 from cdcfeed.proof import events
@@ -32,6 +42,28 @@ from cdcfeed.proof.kafka.digest import fingerprint
 TP = tuple[str, int]
 XID_MASK = 0xFFFF_FFFF
 _WHAT = {"u": "UPDATE", "d": "DELETE"}
+# Transactions of judged batches remembered, as Redeliveries' batches: a 32-bit xid comes back
+# after wraparound, and a week-long run must not grow with every batch. One forgotten is looked
+# up again (`learn`) if its changes come again.
+_MAX_JUDGED = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Ran:
+    """What tells a redelivered change of a judged batch from one it did not make: its ledger
+    row's bracket and changed ids (the tuples are the ledger row's own, not copies)."""
+
+    batch_id: int
+    start_lsn: int | None
+    end_lsn: int | None
+    updated_ids: tuple[int, ...] | None
+    deleted_ids: tuple[int, ...] | None
+
+    @classmethod
+    def of(cls, batch: LedgerBatch) -> _Ran:
+        return cls(
+            batch.batch_id, batch.start_lsn, batch.end_lsn, batch.updated_ids, batch.deleted_ids
+        )
 
 
 @dataclass(slots=True)
@@ -41,6 +73,9 @@ class _Held:
     ids: set[int]  # the orders it changed (copies counted once)
     low_lsn: int
     high_lsn: int
+    # The orders with a copy read for the first time (not below the stored position): if an
+    # earlier run judged the batch, these are redeliveries to check (`learn`).
+    fresh: set[int] = field(default_factory=set)
 
 
 class ChangeBook:
@@ -49,8 +84,12 @@ class ChangeBook:
 
     def __init__(self, fold: Fold) -> None:
         self.fold = fold
-        # The replica identity of orders, read from the database when a pass starts.
+        # The replica identity of orders, read from the database when a pass starts; changes
+        # at or below `_mixed_below` are held to `_laxer` (`read_identity`).
         self.identity: Identity = "d"
+        self._read = False
+        self._mixed_below = -1
+        self._laxer: Identity = "d"
         self._held: dict[int, _Held] = {}  # xid -> its changes folded, not yet judged
         # Per partition: the delete its last record was, awaiting the tombstone that must
         # come next (at most one: the tombstone follows its delete at once).
@@ -58,8 +97,9 @@ class ChangeBook:
         # Per partition: xid -> (its first change's offset, the highest source.lsn before it),
         # to commit no offset past a change of an unjudged transaction.
         self.firsts: dict[TP, dict[int, tuple[int, int]]] = {}
-        # xid -> the judged batch it ran (this run's verdicts, and earlier runs' looked up).
-        self.judged: dict[int, LedgerBatch | None] = {}
+        # xid -> the judged batch it ran (None: no batch), for the transactions with updates
+        # or deletes (this run's verdicts, and earlier runs' looked up); trimmed.
+        self.judged: dict[int, _Ran | None] = {}
         self.duplicates = 0
         self.amendments: list[Violation] = []
 
@@ -95,6 +135,8 @@ class ChangeBook:
         if held is None:
             held = self._held[xid] = _Held(set(), lsn, lsn)
         held.ids.add(change.order_id)
+        if new:
+            held.fresh.add(change.order_id)
         held.low_lsn, held.high_lsn = min(held.low_lsn, lsn), max(held.high_lsn, lsn)
         self.firsts.setdefault(tp, {}).setdefault(xid, (offset, below))
         record = self._record(change, xid, lsn)
@@ -119,15 +161,24 @@ class ChangeBook:
             change.status if change.op == "u" else None,
             "row" if change.before == "row" else "key",
             note,
-            self.identity,
+            self.identity if lsn > self._mixed_below else self._laxer,
             None,
             values,
         )
 
+    def read_identity(self, identity: Identity, at_lsn: int) -> None:
+        """The replica identity of orders as read now, at WAL position `at_lsn`."""
+        if self._read and identity != self.identity:
+            # Written before the read, a change may predate the switch: the laxer identity.
+            self._mixed_below = at_lsn
+            self._laxer = self.identity if identity == "f" else identity
+        self._read = True
+        self.identity = identity
+
     def _give(self, delete: events.OrderChange, *, tombstone: bool) -> None:
         self.fold.order_change(replace(delete, tombstone=tombstone))
 
-    def _again(self, xid: int, change: OrderChange) -> None:
+    def _again(self, xid: int, change: OrderChange | events.OrderChange) -> None:
         """A change of a transaction whose batch was judged: a duplicate when the ledger
         accounts for it, else a violation amending the verdict."""
         batch = self.judged[xid]
@@ -171,18 +222,25 @@ class ChangeBook:
         held = self._held.get(xid)
         if held is None or len(held.ids) < batch.updated + batch.deleted:
             return False
-        return all(d.xid != xid for d in self._awaiting.values())
+        return not self.awaits_tombstone(xid)
 
-    def unclaimed(self, batches: Iterable[LedgerBatch]) -> set[int]:
-        """The transactions held that none of these batches ran: the runner asks the
-        database which of them belong to batches judged before (`learn`)."""
-        return self.xids - {b.xid & XID_MASK for b in batches if b.xid is not None}
+    def awaits_tombstone(self, xid: int) -> bool:
+        """A delete of the transaction is the last record read on its partition: its
+        tombstone may be the next one, so the batch is not complete yet, however late."""
+        return any(d.xid == xid for d in self._awaiting.values())
+
+    def unclaimed(self, batches: Iterable[LedgerBatch]) -> dict[int, int]:
+        """The transactions held that none of these batches ran, each with the lowest LSN of
+        its changes: the runner asks the database which of them belong to batches judged
+        before (`learn`)."""
+        claimed = {b.xid & XID_MASK for b in batches if b.xid is not None}
+        return {xid: held.low_lsn for xid, held in self._held.items() if xid not in claimed}
 
     def orphans(self, known: set[int], candidates: list[LedgerBatch], complete: bool) -> None:
         """Changes of transactions no batch ran (none of `known`) become stream violations
         once the candidates cover them: every unjudged batch, or those starting past them."""
         top = None if complete else max((b.start_lsn or 0 for b in candidates), default=None)
-        for xid in sorted(self.xids - known):
+        for xid in sorted(self.xids - known - self.judged.keys()):
             if top is None or self._held[xid].low_lsn < top:
                 self.orphan(xid)
 
@@ -191,8 +249,12 @@ class ChangeBook:
         deletes still awaiting a tombstone have none. Later copies are redeliveries."""
         self._settle(xid)
         self._forget(xid)
-        self.judged[xid] = batch
-        return self.fold.take_changes(xid, None if batch is None else batch.batch_id)
+        changes = self.fold.take_changes(xid, None if batch is None else batch.batch_id)
+        if batch is None or changes is not None or batch.updated or batch.deleted:
+            # Only a transaction with changes can see them again: an insert-only batch's
+            # inserts are Redeliveries' to tell.
+            self.judged[xid] = None if batch is None else _Ran.of(batch)
+        return changes
 
     def orphan(self, xid: int) -> None:
         """The changes of a transaction no batch of the ledger ran: stream violations."""
@@ -201,14 +263,30 @@ class ChangeBook:
         self.judged[xid] = None
         self.fold.orphan(xid)
 
-    def learn(self, judged: dict[int, LedgerBatch | None]) -> None:
-        """Transactions whose batches an earlier run judged."""
-        self.judged.update(judged)
+    def learn(self, judged: dict[int, LedgerBatch]) -> None:
+        """Transactions whose batches an earlier run judged. Their changes held are dropped:
+        those read before were judged by that run; new ones are redeliveries (`_again`)."""
+        for xid, batch in judged.items():
+            self.judged[xid] = _Ran.of(batch)
+            held = self._held.get(xid)
+            if held is None:
+                continue
+            kept = [d for d in self._awaiting.values() if d.xid == xid]
+            self._awaiting = {tp: d for tp, d in self._awaiting.items() if d.xid != xid}
+            kept += self.fold.drop_changes(xid)
+            self._forget(xid)
+            for change in kept:
+                if change.order_id in held.fresh:
+                    self._again(xid, change)
 
     def take_counts(self) -> tuple[int, list[Violation]]:
         """(duplicates, amendments) since the last call."""
         done = self.duplicates, self.amendments
         self.duplicates, self.amendments = 0, []
+        judged = self.judged
+        if len(judged) > 2 * _MAX_JUDGED:  # the oldest are looked up again if redelivered
+            for xid in list(islice(judged, len(judged) - _MAX_JUDGED)):
+                del judged[xid]
         return done
 
     def _settle(self, xid: int) -> None:

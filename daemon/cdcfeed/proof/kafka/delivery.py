@@ -16,7 +16,8 @@ redelivery). A batch the ledger settled is judged
 - once the pipeline has moved past its end_lsn;
 - once `due_after` seconds have passed since the ledger completed it, whatever the topics
   say (the user's deadline for a pipeline that stalls) - but only while the verifier itself
-  has caught up with the topics: a backlog it has yet to read proves nothing missing.
+  has caught up with the topics: a backlog it has yet to read proves nothing missing; nor
+  does a delete that is the last record read on its partition (its tombstone comes next).
 
 Until then it is *pending*, counted with the age of the oldest. A batch still IN_PROGRESS in
 the ledger waits without being pending.
@@ -313,7 +314,12 @@ class Delivery:
             age = None if candidate.completed_at is None else max(0.0, now - candidate.completed_at)
             passed = batch.end_lsn is not None and moved > batch.end_lsn
             late = deadlines and age is not None and age >= self.due_after
-            if batch.status == "COMPLETED" and not (passed or late or self._whole(batch)):
+            # A delete last read on its partition may be followed by its tombstone in the
+            # next fetch: nothing is missing yet, whatever the deadline says.
+            waits = batch.xid is not None and self.changes.awaits_tombstone(batch.xid & XID_MASK)
+            if batch.status == "COMPLETED" and (
+                waits or not (passed or late or self._whole(batch))
+            ):
                 done.pending += 1
                 if age is not None and (done.oldest_pending is None or age > done.oldest_pending):
                     done.oldest_pending = age
@@ -348,7 +354,7 @@ class Delivery:
         done.events, self.fold.events = self.fold.events, []
         return done
 
-    def unclaimed(self, candidates: Iterable[Candidate]) -> set[int]:
+    def unclaimed(self, candidates: Iterable[Candidate]) -> dict[int, int]:
         """Transactions of updates or deletes held that no candidate ran (changes.py)."""
         return self.changes.unclaimed(c.batch for c in candidates)
 

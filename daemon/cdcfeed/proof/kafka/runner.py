@@ -105,7 +105,7 @@ class KafkaVerifier:
         )
         delivery.orders_partitions = set(source.partitions[decoder.orders_topic])
         delivery.resume(positions, self.state.scope)
-        delivery.changes.identity = await self.state.identity()
+        delivery.changes.read_identity(*await self.state.identity())
         await source.assign()
         self._delivery = delivery
 
@@ -205,7 +205,7 @@ class KafkaVerifier:
         await self.state.store(judged, delivery.positions(), delivery.scope)
         await self.source.commit(delivery.commit_offsets())
         # Read once a pass: the changes read from now on are held to it.
-        delivery.changes.identity = await self.state.identity()
+        delivery.changes.read_identity(*await self.state.identity())
         self.pending, self.oldest_pending = judged.pending, judged.oldest_pending
         self._count(judged)
         return judged

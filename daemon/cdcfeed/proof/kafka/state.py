@@ -111,19 +111,21 @@ class KafkaState:
             for r in found
         }
 
-    async def judged_xids(self, xids: Iterable[int]) -> dict[int, LedgerBatch | None]:
-        """Which of these transactions ran batches judged before (by an earlier run)."""
-        found = await self.db.judged_by_xid(self.source, sorted(xids))
+    async def judged_xids(self, changes: dict[int, int]) -> dict[int, LedgerBatch]:
+        """Which of these transactions (32-bit xid -> the LSN of one of its changes) ran
+        batches judged before (by an earlier run)."""
+        found = await self.db.judged_by_xid(self.source, sorted(changes.items()))
         return {
             batch.xid & 0xFFFF_FFFF: batch
             for r in found
             if (batch := LedgerBatch.from_row(r)) is not None and batch.xid is not None
         }
 
-    async def identity(self) -> Identity:
-        """The replica identity of orders now (DEFAULT when the table is missing)."""
-        found = await self.db.replica_identity()
-        return cast(Identity, found) if found in ("d", "f", "n", "i") else "d"
+    async def identity(self) -> tuple[Identity, int]:
+        """The replica identity of orders now (DEFAULT when the table is missing), and the
+        WAL position it was read at."""
+        found, at_lsn = await self.db.replica_identity()
+        return (cast(Identity, found) if found in ("d", "f", "n", "i") else "d"), at_lsn
 
     async def candidates(self, held: Iterable[int], scope: int | None) -> list[Candidate]:
         """The ledger rows of the batches held in memory, and of the batches in scope that
