@@ -169,17 +169,7 @@ async def lacking(
 
 def refusal(role: str, missing: list[tuple[Need, str]], server: str = "") -> PrivilegeRefused:
     """One line: what the role lacks, on what, and the GRANTs (run by the schema's owner)."""
-    by_object: dict[Need, list[str]] = {}
-    for need, privilege in missing:
-        by_object.setdefault(need, []).append(privilege)
-    what = "; ".join(
-        f"{', '.join(privileges)} on {need.kind.lower()} {need.shown}"
-        for need, privileges in by_object.items()
-    )
-    grants = tuple(
-        f"GRANT {', '.join(privileges)} ON {need.granted_on} TO {quote_ident(role)}"
-        for need, privileges in by_object.items()
-    )
+    what, grants = _lacking(role, missing)
     said = f" ({server})" if server else ""
     return PrivilegeRefused(
         f"role {role} lacks {what}{said}; as the schema's owner, run "
@@ -195,6 +185,17 @@ def ungranted(role: str, grantor: str, missing: list[tuple[Need, str]]) -> str:
     grants nothing and only warns (TEMPORARY on a database the schema's owner does not own,
     say): without this line, `--grant` would seem to have done it.
     """
+    what, grants = _lacking(role, missing)
+    databases_only = all(need.kind == "DATABASE" for need, _ in missing)
+    mix = " (a change mix needs it)" if databases_only else ""
+    return (
+        f"role {role} still lacks {what}{mix}: role {grantor} may not grant it; "
+        f"as its owner (or a superuser), run: {'; '.join(grants)}"
+    )
+
+
+def _lacking(role: str, missing: list[tuple[Need, str]]) -> tuple[str, tuple[str, ...]]:
+    """What `role` lacks, object by object, as a user reads it, and the GRANTs that give it."""
     by_object: dict[Need, list[str]] = {}
     for need, privilege in missing:
         by_object.setdefault(need, []).append(privilege)
@@ -202,15 +203,11 @@ def ungranted(role: str, grantor: str, missing: list[tuple[Need, str]]) -> str:
         f"{', '.join(privileges)} on {need.kind.lower()} {need.shown}"
         for need, privileges in by_object.items()
     )
-    grants = "; ".join(
+    grants = tuple(
         f"GRANT {', '.join(privileges)} ON {need.granted_on} TO {quote_ident(role)}"
         for need, privileges in by_object.items()
     )
-    mix = " (a change mix needs it)" if all(need.kind == "DATABASE" for need in by_object) else ""
-    return (
-        f"role {role} still lacks {what}{mix}: role {grantor} may not grant it; "
-        f"as its owner (or a superuser), run: {grants}"
-    )
+    return what, grants
 
 
 async def check_privileges(
