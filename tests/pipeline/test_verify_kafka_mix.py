@@ -153,8 +153,9 @@ async def mix(
             loaded, engine = await _load(broker, module_dsn, work, identity, options)
             engines.append(engine)
             out.loaded[identity] = loaded
-        if not any(b.updated_ids or b.deleted_ids for b in out.loaded["default"].batches.values()):
-            pytest.skip("the load side's mixed batches are not in this tree")
+        for identity, loaded in out.loaded.items():
+            changed = [b for b in loaded.batches.values() if b.updated_ids and b.deleted_ids]
+            assert changed, f"no batch of the {identity} load both updated and deleted"
         runs = await asyncio.gather(
             *(
                 out.verify(i, loaded.prefix, f"clean-{loaded.prefix}")
