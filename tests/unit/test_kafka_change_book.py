@@ -125,16 +125,34 @@ async def test_full_holds_only_the_changes_after_the_switch_was_read() -> None:
     assert verdicts[9] is not None and "carry the key only" in verdicts[9], verdicts
 
 
+async def test_changes_held_across_a_switch_to_default_are_held_to_default() -> None:
+    d = delivery()
+    d.changes.read_identity("f", 500)
+    await feed(d, [*mixed_topic(), LATER])  # batch 7, 700..800: written under DEFAULT
+    d.changes.read_identity("d", 1_000)  # ALTER TABLE ... DEFAULT, read after they were
+    j = d.judge([candidate(MIXED), candidate(BATCH_8)], NOW, ORDERS)
+    verdicts = {v.batch_id: v.reason for v in j.verdicts}
+    assert verdicts[7] is None, verdicts  # key-only before images and placeholders: DEFAULT's
+
+
 # --- a delete whose tombstone may come next ----------------------------------------------------
 
 
-async def test_a_late_batch_whose_delete_awaits_its_tombstone_stays_pending() -> None:
+async def test_a_batch_whose_delete_awaits_its_tombstone_is_pending_until_due() -> None:
     d = delivery(due_after=30)
     records = mixed_topic()
     await feed(d, records[:-1])  # the delete is the last record read on its partition
-    late = candidate(MIXED, NOW - 1_000)
-    j = d.judge([late], NOW, ORDERS, deadlines=True)
+    due_soon = candidate(MIXED, NOW - 10)
+    j = d.judge([due_soon], NOW, ORDERS, deadlines=True)
     assert (j.verdicts, j.pending) == ([], 1), j
     await feed(d, records[-1:], first=len(records) - 1)
-    (verdict,) = d.judge([late], NOW, ORDERS, deadlines=True).verdicts
+    (verdict,) = d.judge([due_soon], NOW, ORDERS, deadlines=True).verdicts
     assert verdict.reason is None, verdict
+
+
+async def test_a_tombstone_still_missing_when_its_batch_is_due_is_a_violation() -> None:
+    d = delivery(due_after=30)
+    records = mixed_topic()
+    await feed(d, records[:-1])  # the tombstone never comes
+    (verdict,) = d.judge([candidate(MIXED, NOW - 1_000)], NOW, ORDERS, deadlines=True).verdicts
+    assert verdict.reason is not None and "missing tombstone" in verdict.reason, verdict

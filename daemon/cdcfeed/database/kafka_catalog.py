@@ -168,7 +168,7 @@ class KafkaStatements:
                     JOIN pg_namespace n ON n.oid = c.relnamespace
                     WHERE n.nspname = $1 AND c.relname = $2),
                    CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
-                        ELSE pg_current_wal_lsn() END
+                        ELSE pg_current_wal_insert_lsn() END
         """
         self.ledger_rows = f"""
             SELECT {ledger_columns} FROM {batches} b WHERE b.batch_id = ANY($1::bigint[])

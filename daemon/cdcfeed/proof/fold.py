@@ -31,6 +31,7 @@ from cdcfeed.lsn import int_to_lsn
 from cdcfeed.proof.events import (
     ChangeEvent,
     ChangeObservation,
+    Identity,
     Observation,
     Op,
     OrderChange,
@@ -263,6 +264,13 @@ class Fold:
                 self._pending.append(_Pending(None, change.xid, change.lsn, ""))
         if held.add(change):
             self.duplicates += 1
+
+    def relax_identity(self, identity: Identity, at_or_below: int) -> None:
+        """The table's replica identity became the laxer `identity`, seen at WAL position
+        `at_or_below`: the transactions held with a change there may predate the switch."""
+        for held in self._changes.values():
+            if held.low_lsn <= at_or_below:
+                held.identity = identity
 
     def claim(self, xid: int, batch_id: int) -> None:
         """Transaction `xid` wrote batch `batch_id`'s ledger row with its own xid: the

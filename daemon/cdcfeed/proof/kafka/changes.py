@@ -169,9 +169,15 @@ class ChangeBook:
     def read_identity(self, identity: Identity, at_lsn: int) -> None:
         """The replica identity of orders as read now, at WAL position `at_lsn`."""
         if self._read and identity != self.identity:
-            # Written before the read, a change may predate the switch: the laxer identity.
+            # Written before the read, a change may predate the switch: the laxer identity,
+            # for those read from now on and for those held already.
             self._mixed_below = at_lsn
             self._laxer = self.identity if identity == "f" else identity
+            self.fold.relax_identity(self._laxer, at_lsn)
+            self._awaiting = {
+                tp: replace(d, identity=self._laxer) if d.lsn <= at_lsn else d
+                for tp, d in self._awaiting.items()
+            }
         self._read = True
         self.identity = identity
 

@@ -315,10 +315,11 @@ class Delivery:
             passed = batch.end_lsn is not None and moved > batch.end_lsn
             late = deadlines and age is not None and age >= self.due_after
             # A delete last read on its partition may be followed by its tombstone in the
-            # next fetch: nothing is missing yet, whatever the deadline says.
+            # next fetch: the batch is not whole yet. Its deadline still judges it, or a lost
+            # tombstone would keep it pending for good.
             waits = batch.xid is not None and self.changes.awaits_tombstone(batch.xid & XID_MASK)
-            if batch.status == "COMPLETED" and (
-                waits or not (passed or late or self._whole(batch))
+            if batch.status == "COMPLETED" and not (
+                late or ((passed or self._whole(batch)) and not waits)
             ):
                 done.pending += 1
                 if age is not None and (done.oldest_pending is None or age > done.oldest_pending):

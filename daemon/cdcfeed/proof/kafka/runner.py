@@ -191,6 +191,9 @@ class KafkaVerifier:
     async def step(self) -> Judgement:
         """Judges what is due, stores it with the read positions, then commits the offsets."""
         delivery = self.delivery
+        # Read before judging: the changes read since the last step are held to what it is
+        # now, or, if it changed, to the laxer of the two (`ChangeBook.read_identity`).
+        delivery.changes.read_identity(*await self.state.identity())
         candidates = await self.state.candidates(delivery.held, delivery.scope)
         unclaimed = delivery.unclaimed(candidates)
         if unclaimed:  # updates or deletes of no candidate: a batch judged before?
@@ -204,8 +207,6 @@ class KafkaVerifier:
         )
         await self.state.store(judged, delivery.positions(), delivery.scope)
         await self.source.commit(delivery.commit_offsets())
-        # Read once a pass: the changes read from now on are held to it.
-        delivery.changes.read_identity(*await self.state.identity())
         self.pending, self.oldest_pending = judged.pending, judged.oldest_pending
         self._count(judged)
         return judged
