@@ -24,7 +24,7 @@ from cdcfeed.config import (
 from cdcfeed.database import Database, names_of, quote_ident
 from cdcfeed.dsn import dsn_password
 from cdcfeed.errors import CdcfeedError, ObjectMissing, UserError
-from cdcfeed.memory import pin_mmap_threshold
+from cdcfeed.memory import keep_batch_buffers
 from cdcfeed.proof.kafka.state import source_name
 from cdcfeed.runtime import run_async as _run_async
 from cdcfeed.runtime import stop_on_signals as _stop_on_signals
@@ -156,7 +156,9 @@ def run(
     async def main() -> int:
         return await run_daemon(settings, _stop_on_signals(), dict(os.environ))
 
-    pin_mmap_threshold()  # a long run's heap would otherwise fragment and grow (memory.py)
+    # A long run's heap would otherwise fragment and grow, and each large batch fault its
+    # buffers in again (memory.py).
+    keep_batch_buffers()
     code = _run_async(main)
     if code:
         raise click.exceptions.Exit(code)

@@ -15,6 +15,12 @@ COPY message, 0.5-0.8 MB each at 10,000 rows) then come from the heap and reuse 
 mapped, where served by mmap each one was a fresh mapping, page-faulted in and zeroed: about
 0.8 ms of CPU per 10,000-row batch, a fifth of what the daemon spends on it.
 
+`cdcfeed run` also raises the trim threshold, to 16 MiB: those buffers are freed at the top
+of the heap at the end of each batch, and above the default trim threshold (128 KiB) glibc
+handed that memory back to the kernel, so the next batch faulted it in again, zeroed: about
+0.3 ms of CPU per 10,000-row batch, 7 % of the daemon's (bench/compare.py). Kept, the next
+batch reuses it; the heap keeps at most that much free memory, it does not grow.
+
 `verify --kafka` also raises the trim threshold. Each fetch response (up to
 `max_partition_fetch_bytes`, 4 MiB, a partition) is read into a buffer, copied out whole and
 cut into records, and then all of it is freed at once at the top of the heap; above the trim
@@ -34,6 +40,7 @@ M_MMAP_THRESHOLD = -3
 # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems: the highest value sliding could reach.
 MMAP_THRESHOLD = 32 * 1024 * 1024
 FETCH_TRIM_THRESHOLD = 64 * 1024 * 1024  # free heap kept for the next Kafka fetch
+BATCH_TRIM_THRESHOLD = 16 * 1024 * 1024  # free heap kept for the next batch's buffers
 
 
 def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD, trim: int | None = None) -> bool:
@@ -51,6 +58,12 @@ def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD, trim: int | None = None)
     if trim is not None:
         pinned = bool(mallopt(M_TRIM_THRESHOLD, trim)) and pinned
     return pinned
+
+
+def keep_batch_buffers() -> bool:
+    """What `cdcfeed run` runs with: the threshold pinned, a batch's buffers kept for the
+    next (see above)."""
+    return pin_mmap_threshold(trim=BATCH_TRIM_THRESHOLD)
 
 
 def keep_fetch_buffers() -> bool:

@@ -14,8 +14,9 @@
    from what the database holds, once it answers again. Which of these applies is decided
    in one place, `outcome.decide`.
 
-Steps 3 to 5 run on one pooled connection, four round trips in all: at 100 rows a batch,
-round trips are most of what a batch costs, on the client and on the server alike.
+Steps 3 to 5 run on one pooled connection, four round trips in all (step 3 and the claim
+that opens step 4 share one): at 100 rows a batch, round trips are most of what a batch
+costs, on the client and on the server alike.
 """
 
 from __future__ import annotations
@@ -157,7 +158,6 @@ async def _load(
             reached = Reached.SERVER
             # 3. IN_PROGRESS, committed before the COPY, with the WAL position before it; and
             # the transaction of step 4, which records its xid in the batch row first.
-            copy_started = time.perf_counter()
             await session.open_batch(
                 allocation,
                 env.instance,
@@ -169,6 +169,7 @@ async def _load(
             )
 
             # 4. The COPY (or the staged changes), and the commit.
+            copy_started = time.perf_counter()
             if plan.changes:
                 changes = await session.apply(batch_id, data, env.copy_timeout)
             elif env.toast_bytes:
