@@ -87,14 +87,7 @@ def capture(cluster: PostgresCluster, root: Path, name: str, form: dict[str, obj
     lines: list[str] = []
     with Broker(root / f"{name}-tansu.log") as broker:
         asyncio.run(broker.create_topics(TOPICS))
-        runner = DebeziumRunner(
-            root / name,
-            dsn,
-            broker.bootstrap,
-            slot=name,
-            publication=name,
-            **form,  # type: ignore[arg-type]
-        )
+        runner = _runner(root, name, dsn, broker, form)
         runner.extra = {"snapshot.mode": "initial"}
         with runner:
             load(dsn, root / "feed", 3)
@@ -104,19 +97,7 @@ def capture(cluster: PostgresCluster, root: Path, name: str, form: dict[str, obj
             # 3 snapshot + 3 streamed + delete + tombstone
             asyncio.run(broker.read_topic(TOPICS[0], count=8, timeout=60))
         for topic in TOPICS:
-            for record in asyncio.run(broker.read_topic(topic, timeout=10, idle=1.5)):
-                lines.append(
-                    json.dumps(
-                        {
-                            "topic": record.topic,
-                            "partition": record.partition,
-                            "offset": record.offset,
-                            "timestamp": record.timestamp,
-                            "key": None if record.key is None else record.key.decode(),
-                            "value": None if record.value is None else record.value.decode(),
-                        }
-                    )
-                )
+            lines += _lines(asyncio.run(broker.read_topic(topic, timeout=10, idle=1.5)))
     return lines
 
 
@@ -154,14 +135,7 @@ def capture_mix(
     lines: list[str] = []
     with Broker(root / f"{name}-tansu.log") as broker:
         asyncio.run(broker.create_topics(topics))
-        runner = DebeziumRunner(
-            root / name,
-            dsn,
-            broker.bootstrap,
-            slot=name,
-            publication=name,
-            **form,  # type: ignore[arg-type]
-        )
+        runner = _runner(root, name, dsn, broker, form)
         with runner:
             for statement in MIX_CHANGES:
                 asyncio.run(sql(dsn, statement))
@@ -170,6 +144,20 @@ def capture_mix(
         for topic in topics:
             lines += _lines(asyncio.run(broker.read_topic(topic, timeout=10, idle=1.5)))
     return lines
+
+
+def _runner(
+    root: Path, name: str, dsn: str, broker: Broker, form: dict[str, object]
+) -> DebeziumRunner:
+    """An engine of its own (slot and publication named after the capture) for one form."""
+    return DebeziumRunner(
+        root / name,
+        dsn,
+        broker.bootstrap,
+        slot=name,
+        publication=name,
+        **form,  # type: ignore[arg-type]
+    )
 
 
 def _lines(records: list[Any]) -> list[str]:
