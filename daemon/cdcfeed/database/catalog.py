@@ -191,18 +191,17 @@ class Statements:
                    (SELECT first_change_id FROM block)
         """
         self.sequence_regclass = sequence
-        # Step 3: start_lsn is read in the same statement that opens the batch.
-        self.open_batch = f"""
-            INSERT INTO {batches} (batch_id, instance, status, row_count, first_order_id,
-                                   start_lsn, feed_file, generate_seconds, write_seconds)
-            VALUES ($1, $2, 'IN_PROGRESS', $3, $4, pg_current_wal_insert_lsn(), $5, $6, $7)
-            RETURNING start_lsn::text
-        """
-        # The same as the head of a simple query (see `open_and_claim`).
+        # Step 3: start_lsn is read in the same statement that opens the batch. A batch sends
+        # it with the claim, its values rendered (`open_and_claim`); this parameterised form
+        # records a batch that failed before its COPY (`Ledger.record_unstarted_failure`).
         self._open_head = f"""
             INSERT INTO {batches} (batch_id, instance, status, row_count, first_order_id,
                                    start_lsn, feed_file, generate_seconds, write_seconds)
             VALUES """
+        self.open_batch = (
+            f"{self._open_head}($1, $2, 'IN_PROGRESS', $3, $4, pg_current_wal_insert_lsn(), "
+            "$5, $6, $7) RETURNING start_lsn::text"
+        )
         # The claim, around its batch id (see `claim_batch`).
         self._claim_head = (
             f"BEGIN; UPDATE {batches} SET xid = pg_current_xact_id() WHERE batch_id = "
