@@ -157,12 +157,14 @@ async def _run_above_capacity(
 async def test_far_above_capacity_batches_go_on_and_the_loop_stays_free(rate: float) -> None:
     # Batches keep completing, the skipped runs are counted, and a heartbeat on the same loop
     # keeps beating meanwhile. Waking the loop per missed arrival (as before) starves both.
+    # Capacity is at most 400/s (10 ms, 4 at once): at 4,000/s asked, a scheduler that keeps
+    # every slot busy skips 9 runs a batch, so 5 leaves room for the sleeps' overshoot.
     await _run_above_capacity(
         rate,
         [None],
         lambda seen: (
             seen["completed"] >= 300
-            and seen["skipped_busy"] >= 10 * seen["completed"]
+            and seen["skipped_busy"] >= 5 * seen["completed"]
             and seen["beats"] >= 20
         ),
     )
