@@ -15,7 +15,7 @@ from cdcfeed import __version__
 
 PHASES = ("generate", "write", "copy", "total")
 BATCH_STATUSES = ("completed", "failed")
-SKIP_REASONS = ("busy", "database_down", "disk_full")
+SKIP_REASONS = ("busy", "database_down", "database_refused", "disk_full")
 # What a batch does to orders (the change mix): what the load counts, and the verifiers too.
 CHANGE_OPS = ("insert", "update", "delete")
 VERIFY_RESULTS = ("ok", "violation")
@@ -214,14 +214,12 @@ class Metrics:
             registry=registry,
         )
 
-        for status in BATCH_STATUSES:
-            self.batches.labels(status)
-        for phase in PHASES:
-            self.duration.labels(phase)
-        for reason in SKIP_REASONS:
-            self.skipped.labels(reason)
-        for op in CHANGE_OPS:
-            self.changes.labels(op)
+        # The series every batch touches, bound once: `labels()` takes a lock and builds its
+        # key on each call, a few percent of the daemon's CPU at 100-row batches flat out.
+        self.batch_status = {status: self.batches.labels(status) for status in BATCH_STATUSES}
+        self.phase = {phase: self.duration.labels(phase) for phase in PHASES}
+        self.skipped_reason = {reason: self.skipped.labels(reason) for reason in SKIP_REASONS}
+        self.change_op = {op: self.changes.labels(op) for op in CHANGE_OPS}
         for source in VERIFY_SOURCES:
             for result in VERIFY_RESULTS:
                 self.verified.labels(source, result)
@@ -258,7 +256,7 @@ class Metrics:
         """A COMPLETED batch's changes (`cdcfeed_rows_total` counts its inserts on its own)."""
         for op, count in zip(CHANGE_OPS, (inserted, updated, deleted), strict=True):
             if count:
-                self.changes.labels(op).inc(count)
+                self.change_op[op].inc(count)
 
     def batch_started(self) -> None:
         self._starts.append(time.monotonic())

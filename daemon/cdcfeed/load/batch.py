@@ -107,7 +107,7 @@ async def run_batch(env: BatchEnvironment, sequence: int) -> None:
     rows = plan.inserts
     data = await render_batch(batch_id, allocation, plan, env.toast_bytes, rng)
     generated = time.perf_counter()
-    env.metrics.duration.labels("generate").observe(generated - started)
+    env.metrics.phase["generate"].observe(generated - started)
 
     # 2. The feed file.
     try:
@@ -116,7 +116,7 @@ async def run_batch(env: BatchEnvironment, sequence: int) -> None:
         await _record_unstarted_failure(env, allocation, rows, str(exc))
         return
     written = time.perf_counter()
-    env.metrics.duration.labels("write").observe(written - generated)
+    env.metrics.phase["write"].observe(written - generated)
 
     try:
         await _load(env, allocation, plan, path, data, Timings(started, generated, written))
@@ -127,7 +127,7 @@ async def run_batch(env: BatchEnvironment, sequence: int) -> None:
 def _skip_refused(env: BatchEnvironment, what: str, reason: str, sqlstate: str) -> None:
     """A run the server refused before it started: counted, and logged once in a while."""
     env.readiness.batch_refused()
-    env.metrics.skipped.labels("database_refused").inc()
+    env.metrics.skipped_reason["database_refused"].inc()
     held_back = env.throttle.due(f"{what}:{sqlstate}")
     if held_back is not None:
         logger.error(f"batch run skipped: {what} ({reason}){env.throttle.suffix(held_back)}")
@@ -135,7 +135,7 @@ def _skip_refused(env: BatchEnvironment, what: str, reason: str, sqlstate: str) 
 
 def _skip_database_down(env: BatchEnvironment, reason: str) -> None:
     env.on_database_down.set()
-    env.metrics.skipped.labels("database_down").inc()
+    env.metrics.skipped_reason["database_down"].inc()
     logger.warning(f"batch run skipped: database unavailable ({reason})")
 
 
@@ -150,7 +150,6 @@ async def _load(
     batch_id = allocation.batch_id
     rows = plan.inserts
     changes = Changes(rows)
-    log = logger.bind(batch_id=batch_id)
     reached = Reached.NOTHING
     copy_started: float | None = None
     try:
@@ -194,19 +193,22 @@ async def _load(
     finished = time.perf_counter()
     copy_seconds = copied - copy_started
     total = finished - timings.started
-    env.metrics.duration.labels("copy").observe(copy_seconds)
-    env.metrics.duration.labels("total").observe(total)
+    env.metrics.phase["copy"].observe(copy_seconds)
+    env.metrics.phase["total"].observe(total)
     if marked is None:
-        log.warning(f"batch {batch_id} was settled by another process before it was marked")
+        logger.bind(batch_id=batch_id).warning(
+            f"batch {batch_id} was settled by another process before it was marked"
+        )
         return
     start_lsn, end_lsn, xid = marked
     env.readiness.batch_completed()
-    env.metrics.batches.labels("completed").inc()
+    env.metrics.batch_status["completed"].inc()
     env.metrics.rows.inc(rows)
     env.metrics.count_changes(rows, changes.updated, changes.deleted)
     env.metrics.batch_rows.observe(rows)
     env.metrics.last_end_lsn.set(lsn_to_int(end_lsn))
-    log.bind(
+    logger.bind(
+        batch_id=batch_id,
         rows=rows,
         updated=changes.updated,
         deleted=changes.deleted,
@@ -262,7 +264,7 @@ async def _conclude(
             "instance once this one's lease lapses, marks it FAILED"
         )
         return
-    env.metrics.batches.labels("failed").inc()
+    env.metrics.batch_status["failed"].inc()
     held_back = env.throttle.due(f"failed:{outcome.sqlstate}")
     if held_back is not None:
         log.error(
@@ -311,7 +313,7 @@ async def _record_unstarted_failure(
     except DatabaseRefused as exc:
         # Nothing of it was loaded and its ids are never used again: only the row is missing.
         error = f"{error}; its ledger row was refused ({exc})"
-    env.metrics.batches.labels("failed").inc()
+    env.metrics.batch_status["failed"].inc()
     logger.bind(batch_id=batch_id).error(f"batch {batch_id} FAILED rows=0 error={error}")
 
 
@@ -366,7 +368,7 @@ async def _settle_until_known(
             _skip_database_down(env, reason)
         return
     if settlement.status == "COMPLETED":
-        env.metrics.batches.labels("completed").inc()
+        env.metrics.batch_status["completed"].inc()
         env.metrics.rows.inc(settlement.row_count)
         env.metrics.count_changes(settlement.row_count, settlement.updated, settlement.deleted)
         changes = changed(settlement.updated, settlement.deleted)
@@ -375,5 +377,5 @@ async def _settle_until_known(
             f"end_lsn={settlement.end_lsn}"
         )
     else:
-        env.metrics.batches.labels("failed").inc()
+        env.metrics.batch_status["failed"].inc()
         log.error(f"batch {batch_id} FAILED rows=0 error={reason}")

@@ -162,7 +162,7 @@ class SkipLog:
         self._last_log = float("-inf")
 
     def skipped(self, reason: str, count: int = 1) -> None:
-        self._metrics.skipped.labels(reason).inc(count)
+        self._metrics.skipped_reason[reason].inc(count)
         self._pending[reason] += count
         self.tick()
 
