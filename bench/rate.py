@@ -3,7 +3,9 @@
 Goals, 100 orders per batch:
 - small batches: at least 600 batches/s sustained against one database, and at concurrency
   8 and 16 at least 0.8x what pgbench completes running the same ledger protocol on the same
-  server, side by side (bench/pgbench_runner.py; concurrency 4 is shown for reference);
+  server, side by side (bench/pgbench_runner.py; concurrency 4 is shown for reference),
+  with cdcfeed's database layer alone between them (bench/driver_floor.py: the same
+  statements and COPY through the same code, nothing else);
 - fidelity: at 1, 50 and 300 batches/s over 60 s the achieved rate is within 1% of the
   target, schedule lag p99 at most 5 ms, no skipped run;
 - above capacity: the daemon holds its capacity, counts the skipped runs, logs no error;
@@ -39,6 +41,7 @@ from cdcfeed.endpoint import Readiness
 from cdcfeed.load.profiles import arrivals_of
 from cdcfeed.load.scheduler import LoadScheduler
 from cdcfeed.metrics import Metrics
+from driver_floor import floor_batches_per_second
 from harness import (
     CpuMeter,
     Daemon,
@@ -292,6 +295,8 @@ async def small_batches(
     references: dict[int, list[float]] = {c: [] for c in args.concurrency}
     cpu_per_batch: dict[int, list[tuple[float, float]]] = {c: [] for c in args.concurrency}
     reference_cpu: dict[int, list[tuple[float, float]]] = {c: [] for c in args.concurrency}
+    floors: dict[int, list[float]] = {c: [] for c in args.concurrency}
+    floor_cpu: dict[int, list[tuple[float, float]]] = {c: [] for c in args.concurrency}
     for repetition in range(args.repeat):
         for concurrency in args.concurrency:
             # The reference first, on the same server and empty tables, then cdcfeed: side by
@@ -307,6 +312,16 @@ async def small_batches(
             references[concurrency].append(reference)
             done = reference * wall
             reference_cpu[concurrency].append((server / done, client / done))
+            # cdcfeed's database layer alone (bench/driver_floor.py): the driver's share.
+            await empty_tables(dsn)
+            meter.start()
+            floor = await asyncio.to_thread(
+                floor_batches_per_second, dsn, concurrency, args.window, BATCH_SIZE
+            )
+            wall, server, client = meter.stop()
+            floors[concurrency].append(floor)
+            done = floor * wall
+            floor_cpu[concurrency].append((server / done, client / done))
             window, daemon = await run_window(
                 cluster,
                 dsn,
@@ -324,7 +339,8 @@ async def small_batches(
             errors = daemon.error_lines()
             print(
                 f"  repetition {repetition + 1} concurrency {concurrency}: pgbench "
-                f"{reference:.0f} batches/s, cdcfeed {window.rate:.0f} batches/s "
+                f"{reference:.0f} batches/s, database layer alone {floor:.0f} (ratio "
+                f"{floor / reference:.2f}), cdcfeed {window.rate:.0f} batches/s "
                 f"(ratio {window.rate / reference:.2f}), skipped {window.skips:.0f}, "
                 f"error lines {len(errors)}",
                 flush=True,
@@ -348,6 +364,16 @@ async def small_batches(
         print(
             f"    CPU per batch: server {server:.2f} ms (pgbench's {ref_server:.2f} ms), "
             f"client: cdcfeed {client:.2f} ms, pgbench {ref_client:.2f} ms"
+        )
+        floor_ratios = [
+            f / r for f, r in zip(floors[concurrency], references[concurrency], strict=True)
+        ]
+        print(
+            f"    cdcfeed's database layer alone (bench/driver_floor.py): median "
+            f"{median(floors[concurrency]):.0f} batches/s, / pgbench {median(floor_ratios):.2f} "
+            f"{spread(floor_ratios, 1, 2)}; CPU per batch: server "
+            f"{median([s for s, _ in floor_cpu[concurrency]]) * 1e3:.2f} ms, client "
+            f"{median([c for _, c in floor_cpu[concurrency]]) * 1e3:.2f} ms"
         )
     best = max(capacities, key=lambda c: median(capacities[c]))
     capacity = median(capacities[best])

@@ -15,8 +15,9 @@ That run starts straight from the hold, and the job stays paused while runs star
 keep every slot busy: flat out, a batch costs no APScheduler wake-up of its own.
 
 Schedule lag is measured when a run really starts, against its planned time: it includes
-APScheduler's own wake-up delay and any time the event loop was busy, which is what a soak
-test needs to know. Runs that start late, and skipped runs, are logged as a warning summary.
+APScheduler's own wake-up delay (for the runs it fires) and any time the event loop was busy,
+which is what a soak test needs to know. Runs that start late, and skipped runs, are logged
+as a warning summary.
 """
 
 from __future__ import annotations
@@ -346,13 +347,14 @@ class LoadScheduler:
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
         self._metrics.in_flight.set(len(self._in_flight))
-        if self._held == "busy":
-            self._release()
         if not task.cancelled() and task.exception() is not None:
-            # run_batch handles every failure itself: an escape here is a bug, so stop loudly.
+            # run_batch handles every failure itself: an escape here is a bug, so stop loudly,
+            # before the freed slot could start another batch.
             self._job_failure = task.exception()
             logger.opt(exception=task.exception()).error(f"{task.get_name()} crashed")
             self._stop.set()
+        elif self._held == "busy":
+            self._release()
 
     def _on_submitted(self, event: Any) -> None:
         # Runs execute in the order submitted, each taking its arrival time in `_fire`.
