@@ -5,7 +5,8 @@ through `cdcfeed.database` as a batch does: ids from `IdReservations`, the rows 
 memory, `open_batch` (the IN_PROGRESS row and the claim), `copy` (COPY and commit) and
 `complete`. No scheduler, feed file, log line or metrics: what separates this from pgbench on
 the same protocol is the driver's (asyncpg's) own cost and the COPY's; what separates the
-daemon from this is everything else a batch does. Prints `batches/s <rate>`. Usage:
+daemon from this is everything else a batch does. After a warm-up, prints the batches per
+second and this process's CPU per batch. Usage:
 
     python bench/driver_floor.py DSN CLIENTS SECONDS ROWS
 """
@@ -17,24 +18,37 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvloop
 
+from cdcfeed.app import copy_timeout
 from cdcfeed.config import load_settings
 from cdcfeed.database import Database
 from cdcfeed.database.names import names_of
 from cdcfeed.load.generate import batch_rng, orders_csv
 from cdcfeed.load.ids import IdReservations
 
+WARMUP_SECONDS = 2.0
 
-async def batches_per_second(dsn: str, clients: int, seconds: float, rows: int) -> float:
+
+@dataclass(frozen=True)
+class Floor:
+    batches_per_second: float
+    cpu_per_batch: float  # seconds of this process's CPU a batch
+
+
+async def run_flat_out(dsn: str, clients: int, seconds: float, rows: int) -> Floor:
+    """Batches back to back for WARMUP_SECONDS, then `seconds` counted."""
     settings = load_settings(None, {"database": {"dsn": dsn}}, {})
+    timeout = copy_timeout(settings.database.statement_timeout)
     async with Database.open(settings.database, names_of(settings), clients + 1, "floor") as db:
         ids = IdReservations(db, rows, clients)
         rng = batch_rng(None, 0)
         done = 0
-        end = time.monotonic() + seconds
+        counting = time.monotonic() + WARMUP_SECONDS
+        end = counting + seconds
 
         async def client() -> None:
             nonlocal done
@@ -44,18 +58,23 @@ async def batches_per_second(dsn: str, clients: int, seconds: float, rows: int) 
                 async with db.batch_session() as session:
                     await session.open_batch(allocation, "floor", rows, "", 0.0, 0.0)
                     started = time.perf_counter()
-                    await session.copy(allocation.batch_id, data, None)
+                    await session.copy(allocation.batch_id, data, timeout)
                     await session.complete(allocation.batch_id, rows, time.perf_counter() - started)
-                done += 1
+                if time.monotonic() >= counting:
+                    done += 1
 
-        started = time.monotonic()
+        async def meter() -> float:
+            await asyncio.sleep(max(0.0, counting - time.monotonic()))
+            return time.process_time()
+
+        cpu_at_counting = asyncio.ensure_future(meter())
         await asyncio.gather(*(client() for _ in range(clients)))
-        return done / (time.monotonic() - started)
+        cpu = time.process_time() - await cpu_at_counting
+        return Floor(done / seconds, cpu / max(done, 1))
 
 
-def floor_batches_per_second(dsn: str, clients: int, seconds: float, rows: int) -> float:
-    """This module in a child process (so that its CPU counts as a child's), as bench/rate.py
-    runs it beside pgbench and the daemon."""
+def flat_out_floor(dsn: str, clients: int, seconds: float, rows: int) -> Floor:
+    """This module in a child process, as bench/rate.py runs it beside pgbench and the daemon."""
     daemon_dir = Path(__file__).resolve().parent.parent / "daemon"
     result = subprocess.run(
         [sys.executable, __file__, dsn, str(clients), str(seconds), str(rows)],
@@ -65,12 +84,13 @@ def floor_batches_per_second(dsn: str, clients: int, seconds: float, rows: int) 
         check=False,
         env={**os.environ, "PYTHONPATH": str(daemon_dir)},
     )
-    if result.returncode != 0 or not result.stdout.startswith("batches/s "):
+    words = result.stdout.split()
+    if result.returncode != 0 or words[:1] != ["batches/s"]:
         raise RuntimeError(f"driver_floor failed ({result.returncode}): {result.stderr.strip()}")
-    return float(result.stdout.split()[1])
+    return Floor(float(words[1]), float(words[3]) / 1e3)
 
 
 if __name__ == "__main__":
     dsn, clients, seconds, rows = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-    rate = uvloop.run(batches_per_second(dsn, clients, seconds, int(rows)))
-    print(f"batches/s {rate:.1f}")
+    floor = uvloop.run(run_flat_out(dsn, clients, seconds, int(rows)))
+    print(f"batches/s {floor.batches_per_second:.1f} cpu_ms/batch {floor.cpu_per_batch * 1e3:.4f}")

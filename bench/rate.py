@@ -40,8 +40,8 @@ from cdcfeed.embedded import PostgresCluster
 from cdcfeed.endpoint import Readiness
 from cdcfeed.load.profiles import arrivals_of
 from cdcfeed.load.scheduler import LoadScheduler
-from cdcfeed.metrics import Metrics
-from driver_floor import floor_batches_per_second
+from cdcfeed.metrics import SKIP_REASONS, Metrics
+from driver_floor import flat_out_floor
 from harness import (
     CpuMeter,
     Daemon,
@@ -228,13 +228,12 @@ async def run_window(
         daemon.stop()
         stop_seconds = time.perf_counter() - stopping
     _, server_cpu, client_cpu = meter.stop()
-    reasons = ("busy", "database_down", "disk_full", "shutdown")
     window = Window(
         seconds=elapsed,
         completed=_delta(after, before, 'cdcfeed_batches_total{status="completed"}'),
         skipped={
             reason: _delta(after, before, f'cdcfeed_batches_skipped_total{{reason="{reason}"}}')
-            for reason in reasons
+            for reason in SKIP_REASONS
         },
         lag_buckets={
             bound: after_count - _buckets(before, LAG).get(bound, 0.0)
@@ -315,13 +314,15 @@ async def small_batches(
             # cdcfeed's database layer alone (bench/driver_floor.py): the driver's share.
             await empty_tables(dsn)
             meter.start()
-            floor = await asyncio.to_thread(
-                floor_batches_per_second, dsn, concurrency, args.window, BATCH_SIZE
+            measured = await asyncio.to_thread(
+                flat_out_floor, dsn, concurrency, args.window, BATCH_SIZE
             )
-            wall, server, client = meter.stop()
+            wall, server, _ = meter.stop()
+            floor = measured.batches_per_second
             floors[concurrency].append(floor)
+            # The server's CPU over the child's whole run, warm-up included, per batch.
             done = floor * wall
-            floor_cpu[concurrency].append((server / done, client / done))
+            floor_cpu[concurrency].append((server / done, measured.cpu_per_batch))
             window, daemon = await run_window(
                 cluster,
                 dsn,
