@@ -5,7 +5,7 @@ Goals, 100 orders per batch:
   8 and 16 at least 0.8x what pgbench completes running the same ledger protocol on the same
   server, side by side (bench/pgbench_runner.py; concurrency 4 is shown for reference),
   with cdcfeed's database layer alone between them (bench/driver_floor.py: the same
-  statements and COPY through the same code, nothing else);
+  statements and COPY through the same code, nothing else; then that with feed files);
 - fidelity: at 1, 50 and 300 batches/s over 60 s the achieved rate is within 1% of the
   target, schedule lag p99 at most 5 ms, no skipped run;
 - above capacity: the daemon holds its capacity, counts the skipped runs, logs no error;
@@ -294,8 +294,10 @@ async def small_batches(
     references: dict[int, list[float]] = {c: [] for c in args.concurrency}
     cpu_per_batch: dict[int, list[tuple[float, float]]] = {c: [] for c in args.concurrency}
     reference_cpu: dict[int, list[tuple[float, float]]] = {c: [] for c in args.concurrency}
-    floors: dict[int, list[float]] = {c: [] for c in args.concurrency}
-    floor_cpu: dict[int, list[tuple[float, float]]] = {c: [] for c in args.concurrency}
+    # (batches/s, server CPU per batch, client CPU per batch) of bench/driver_floor.py, without
+    # and with feed files.
+    floors: dict[int, list[tuple[float, float, float]]] = {c: [] for c in args.concurrency}
+    feed_floors: dict[int, list[tuple[float, float, float]]] = {c: [] for c in args.concurrency}
     for repetition in range(args.repeat):
         for concurrency in args.concurrency:
             # The reference first, on the same server and empty tables, then cdcfeed: side by
@@ -311,18 +313,22 @@ async def small_batches(
             references[concurrency].append(reference)
             done = reference * wall
             reference_cpu[concurrency].append((server / done, client / done))
-            # cdcfeed's database layer alone (bench/driver_floor.py): the driver's share.
-            await empty_tables(dsn)
-            meter.start()
-            measured = await asyncio.to_thread(
-                flat_out_floor, dsn, concurrency, args.window, BATCH_SIZE
-            )
-            wall, server, _ = meter.stop()
-            floor = measured.batches_per_second
-            floors[concurrency].append(floor)
-            # The server's CPU over the child's whole run, warm-up included, per batch.
-            done = floor * wall
-            floor_cpu[concurrency].append((server / done, measured.cpu_per_batch))
+            # cdcfeed's database layer alone (bench/driver_floor.py): the driver's share; then
+            # with the feed file written as the daemon writes it: the file's share.
+            for feed_dir, into in ((None, floors), (root / "floor-feed", feed_floors)):
+                await empty_tables(dsn)
+                meter.start()
+                measured = await asyncio.to_thread(
+                    flat_out_floor, dsn, concurrency, args.window, BATCH_SIZE, feed_dir
+                )
+                wall, server, _ = meter.stop()
+                # The server's CPU over the child's whole run, warm-up included, per batch.
+                done = measured.batches_per_second * wall
+                into[concurrency].append(
+                    (measured.batches_per_second, server / done, measured.cpu_per_batch)
+                )
+            floor = floors[concurrency][-1][0]
+            feed_floor = feed_floors[concurrency][-1][0]
             window, daemon = await run_window(
                 cluster,
                 dsn,
@@ -341,7 +347,8 @@ async def small_batches(
             print(
                 f"  repetition {repetition + 1} concurrency {concurrency}: pgbench "
                 f"{reference:.0f} batches/s, database layer alone {floor:.0f} (ratio "
-                f"{floor / reference:.2f}), cdcfeed {window.rate:.0f} batches/s "
+                f"{floor / reference:.2f}), with feed files {feed_floor:.0f} (ratio "
+                f"{feed_floor / reference:.2f}), cdcfeed {window.rate:.0f} batches/s "
                 f"(ratio {window.rate / reference:.2f}), skipped {window.skips:.0f}, "
                 f"error lines {len(errors)}",
                 flush=True,
@@ -366,16 +373,20 @@ async def small_batches(
             f"    CPU per batch: server {server:.2f} ms (pgbench's {ref_server:.2f} ms), "
             f"client: cdcfeed {client:.2f} ms, pgbench {ref_client:.2f} ms"
         )
-        floor_ratios = [
-            f / r for f, r in zip(floors[concurrency], references[concurrency], strict=True)
-        ]
-        print(
-            f"    cdcfeed's database layer alone (bench/driver_floor.py): median "
-            f"{median(floors[concurrency]):.0f} batches/s, / pgbench {median(floor_ratios):.2f} "
-            f"{spread(floor_ratios, 1, 2)}; CPU per batch: server "
-            f"{median([s for s, _ in floor_cpu[concurrency]]) * 1e3:.2f} ms, client "
-            f"{median([c for _, c in floor_cpu[concurrency]]) * 1e3:.2f} ms"
-        )
+        for name, runs in (
+            ("cdcfeed's database layer alone", floors[concurrency]),
+            ("the same with feed files", feed_floors[concurrency]),
+        ):
+            floor_ratios = [
+                run[0] / r for run, r in zip(runs, references[concurrency], strict=True)
+            ]
+            print(
+                f"    {name} (bench/driver_floor.py): median "
+                f"{median([run[0] for run in runs]):.0f} batches/s, / pgbench "
+                f"{median(floor_ratios):.2f} {spread(floor_ratios, 1, 2)}; CPU per batch: server "
+                f"{median([run[1] for run in runs]) * 1e3:.2f} ms, client "
+                f"{median([run[2] for run in runs]) * 1e3:.2f} ms"
+            )
     best = max(capacities, key=lambda c: median(capacities[c]))
     capacity = median(capacities[best])
     met = capacity >= CAPACITY_GOAL
