@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from cdcfeed.proof.kafka.debezium import UNAVAILABLE
@@ -29,7 +28,7 @@ from tests.pipeline.broker import Broker
 from tests.pipeline.debezium_runner import QUICK_START_JVM, DebeziumRunner
 from tests.pipeline.faults import LEDGER, ORDERS, TRANSACTION, Json, TopicSet
 from tests.pipeline.test_rig import wait_for_end
-from tests.pipeline.test_verify_kafka_scenarios import PATIENT, Run, verify
+from tests.pipeline.test_verify_kafka_scenarios import PATIENT, Batch, Run, ledger, verify
 from tests.support import create_schema, execute, run_cli, run_in_process, settings_for
 
 pytestmark = pytest.mark.pipeline
@@ -43,49 +42,11 @@ IDENTITIES = {
 FAULTY = 2  # the batch the fault cases alter: neither the first nor the last
 
 
-@dataclass(frozen=True)
-class MixedBatch:
-    batch_id: int
-    status: str
-    row_count: int
-    xid: int
-    updated_ids: list[int]
-    deleted_ids: list[int]
-
-    @property
-    def tx_id(self) -> int:
-        return self.xid % 2**32
-
-
-async def mixed_ledger(dsn: str) -> dict[int, MixedBatch]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch(
-            "SELECT batch_id, status, row_count, xid::text::bigint AS xid,"
-            " coalesce(updated_ids, '{}') AS updated_ids,"
-            " coalesce(deleted_ids, '{}') AS deleted_ids"
-            " FROM batch_control ORDER BY batch_id"
-        )
-    finally:
-        await conn.close()
-    return {
-        r["batch_id"]: MixedBatch(
-            r["batch_id"],
-            r["status"],
-            r["row_count"],
-            r["xid"],
-            list(r["updated_ids"]),
-            list(r["deleted_ids"]),
-        )
-        for r in rows
-    }
-
-
 @dataclass
 class Loaded:
     dsn: str
     prefix: str
-    batches: dict[int, MixedBatch]
+    batches: dict[int, Batch]
     topics: TopicSet
     clean: Run | None = None
 
@@ -131,7 +92,7 @@ async def _load(
         mix=MIX, toast_bytes=TOAST_BYTES,
     )  # fmt: skip
     assert await run_in_process(settings) == 0
-    batches = await mixed_ledger(dsn)
+    batches = await ledger(dsn)
     assert [b.status for b in batches.values()] == ["COMPLETED"] * BATCHES, batches
     last = batches[max(batches)]
     await wait_for_end(broker.bootstrap, prefix, last.tx_id)

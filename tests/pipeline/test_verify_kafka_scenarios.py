@@ -84,6 +84,8 @@ class Batch:
     xid: int | None  # xid8, epoch included
     start_lsn: int | None
     end_lsn: int | None
+    updated_ids: list[int]  # what the batch updated and deleted (a change mix); empty if none
+    deleted_ids: list[int]
 
     @property
     def tx_id(self) -> int:
@@ -97,7 +99,9 @@ async def ledger(dsn: str) -> dict[int, Batch]:
     try:
         rows = await conn.fetch(
             "SELECT batch_id, status, row_count, first_order_id, xid::text::bigint AS xid,"
-            " (start_lsn - '0/0')::bigint AS start_lsn, (end_lsn - '0/0')::bigint AS end_lsn"
+            " (start_lsn - '0/0')::bigint AS start_lsn, (end_lsn - '0/0')::bigint AS end_lsn,"
+            " coalesce(updated_ids, '{}') AS updated_ids,"
+            " coalesce(deleted_ids, '{}') AS deleted_ids"
             " FROM batch_control ORDER BY batch_id"
         )
     finally:
